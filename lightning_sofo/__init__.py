@@ -1,0 +1,27 @@
+"""lightning-sofo: second-order forward-mode optimisation (SOFO) for PyTorch Lightning.
+
+Importing this package registers the strategy "sofo" with Lightning.
+"""
+
+from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, solve_subspace
+from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
+from lightning_sofo.module import SOFOModule
+from lightning_sofo.optim import SOFO, StepInfo
+from lightning_sofo.strategy import SOFOStrategy, register as _register
+
+_register()
+
+__all__ = [
+    "SOFO",
+    "SOFOModule",
+    "SOFOStrategy",
+    "Sketch",
+    "StepInfo",
+    "SubspaceStep",
+    "MaskedMSE",
+    "MaskedCrossEntropy",
+    "CallableLoss",
+    "resolve_loss",
+    "sample_tangents",
+    "solve_subspace",
+]

@@ -1,0 +1,233 @@
+"""The SOFO math, plain torch (no Lightning): tangents, sketches, subspace solve.
+
+Read top to bottom against DESIGN.md section 2. Notation: parameters theta
+(P numbers in all), K tangents V = [v_1 .. v_K] in R^{P x K} with orthonormal
+columns, model outputs y, output tangents Y_k = J v_k, loss L(y) with gradient
+dL/dy and Hessian H_L with respect to the outputs.
+
+    sketched gradient  g~_k  = dL/dy . Y_k          (K,)    = V^T grad L
+    sketched GGN       G~_kl = Y_k^T H_L Y_l        (K, K)  = V^T J^T H_L J V
+    update             theta <- theta - lr V (G~ + lambda I)^{-1} g~,
+                       lambda = damping * max eig(G~)
+
+Parameters and tangents travel as dicts {name: tensor}; a tangent dict holds
+tensors of shape (K, *parameter.shape).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vmap
+
+Params = Mapping[str, Tensor]
+
+
+# --------------------------------------------------------------------------- #
+# Sketches
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class Sketch:
+    """What one forward pass with K tangents tells about the loss.
+
+    loss: () the loss L at the current parameters.
+    grad: (K,) the sketched gradient g~ = V^T grad L.
+    ggn:  (K, K) the sketched Gauss-Newton matrix G~ = V^T J^T H_L J V.
+    """
+
+    loss: Tensor
+    grad: Tensor
+    ggn: Tensor
+
+    def __add__(self, other: "Sketch") -> "Sketch":
+        return Sketch(self.loss + other.loss, self.grad + other.grad, self.ggn + other.ggn)
+
+    def is_finite(self) -> bool:
+        return bool(
+            torch.isfinite(self.loss).all() & torch.isfinite(self.grad).all() & torch.isfinite(self.ggn).all()
+        )
+
+
+class SketchedLoss(Protocol):
+    """A loss that knows its own sketched gradient and GGN (see lightning_sofo.losses).
+
+    per_step: True when L = (sum of per-element terms) / n with n fixed by the
+        targets and mask, so a sequence can be sketched one step at a time.
+    """
+
+    per_step: bool
+
+    def broadcast_mask(self, targets: Tensor, mask: Tensor | None) -> Tensor | None: ...
+
+    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor: ...
+
+    def sketch(
+        self, outputs: Tensor, output_tangents: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor
+    ) -> Sketch: ...
+
+
+# --------------------------------------------------------------------------- #
+# 1. Tangents
+# --------------------------------------------------------------------------- #
+def tangent_count(params: Params, tangents: int) -> int:
+    """K clamped to P (more than P orthonormal directions do not exist), with a warning."""
+    num_params = sum(p.numel() for p in params.values())
+    if tangents > num_params:
+        warnings.warn(
+            f"SOFO: tangents={tangents} is larger than the number of parameters P={num_params}; "
+            f"using K=P={num_params} (a full-rank Gauss-Newton step).",
+            stacklevel=3,
+        )
+        return num_params
+    return tangents
+
+
+def sample_tangents(params: Params, tangents: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """K orthonormal directions in parameter space, split per parameter.
+
+    Draws a Gaussian P x K matrix from `generator` and orthonormalises its columns
+    (reduced QR), so that V^T V = I_K. Returns {name: (K, *param.shape)}, each
+    contiguous, in the parameters' dtype and on their device.
+    """
+    k = tangent_count(params, tangents)
+    first = next(iter(params.values()))
+    sizes = [p.numel() for p in params.values()]
+    gaussian = torch.randn(sum(sizes), k, generator=generator, device=first.device, dtype=first.dtype)
+    basis, _ = torch.linalg.qr(gaussian)  # (P, K), orthonormal columns
+    chunks = basis.T.split(sizes, dim=1)  # each (K, numel)
+    return {
+        name: chunk.reshape(k, *p.shape).contiguous() for (name, p), chunk in zip(params.items(), chunks)
+    }
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The tangent generator of iteration `step`: a pure function of (seed, step).
+
+    Seeding per step makes the tangents independent of everything but the seed and
+    the step count (resumable from a checkpoint, identical on every process).
+    """
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+# --------------------------------------------------------------------------- #
+# 2. Forward pass with tangents (K tangents at once: vmap over jvp)
+# --------------------------------------------------------------------------- #
+def batched_jvp(fn: Callable[..., Any], primals: tuple, tangents: tuple, batched: tuple[bool, ...]):
+    """(fn(*primals), [J v_k]_k): one primal evaluation, K tangent evaluations.
+
+    tangents[i] has a leading K dimension where batched[i] is True and is shared
+    by all K otherwise. Returns the primal output (no K dimension) and the output
+    tangents (leading K dimension), both pytrees like fn's output.
+    """
+    in_dims = tuple(0 if b else None for b in batched)
+    return vmap(lambda *t: jvp(fn, primals, t), in_dims=in_dims, out_dims=(None, 0))(*tangents)
+
+
+def feedforward_sketch(
+    forward: Callable[[Params], Tensor],
+    params: Params,
+    tangents: Params,
+    loss: SketchedLoss,
+    targets: Tensor,
+    mask: Tensor | None = None,
+) -> Sketch:
+    """Sketch of L(forward(params)) along the K tangents.
+
+    forward(params) -> outputs, e.g. (B, O) or (B, T, O); tangents {name: (K, *shape)}.
+    """
+    outputs, output_tangents = batched_jvp(forward, (dict(params),), (dict(tangents),), (True,))
+    mask = loss.broadcast_mask(targets, mask)
+    return loss.sketch(outputs, output_tangents, targets, mask, loss.normaliser(targets, mask))
+
+
+def recurrent_sketch(
+    initial_state: Callable[[Params], Any],
+    step: Callable[[Params, Any, Tensor], tuple[Any, Tensor]],
+    params: Params,
+    tangents: Params,
+    inputs: Tensor,
+    targets: Tensor,
+    loss: SketchedLoss,
+    mask: Tensor | None = None,
+) -> Sketch:
+    """Sketch of a recurrent model's loss, carrying state tangents through time.
+
+    initial_state(params) -> state h_0 (a tensor or pytree of tensors);
+    step(params, h_{t}, inputs[:, t]) -> (h_{t+1}, outputs_t).
+    inputs (B, T, I) and targets (B, T, ...) are batch-first.
+
+    Forward mode carries dh_t (K, B, N) alongside h_t:
+        dh_{t+1} = dF/dh dh_t + dF/dtheta V,   Y_t = dy_t/dh dh_t + dy_t/dtheta V,
+    and the sketches are sums over steps of the per-step terms, so nothing from
+    earlier steps is kept: memory O(K B N + K^2) whatever T is. A loss that is not
+    a per-step sum (a user callable) gets the stacked outputs (K B T O numbers).
+    """
+    horizon = inputs.shape[1]
+    if targets.shape[1] != horizon:
+        raise ValueError(
+            f"inputs have {horizon} time steps but targets have {targets.shape[1]}: sequences are "
+            "batch-first, inputs (B, T, I) and targets (B, T, O) with the same T."
+        )
+    params, tangents = dict(params), dict(tangents)
+    mask = loss.broadcast_mask(targets, mask)
+    state, state_tangents = batched_jvp(initial_state, (params,), (tangents,), (True,))
+
+    def step_jvp(state, state_tangents, inputs_t):
+        return batched_jvp(
+            lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
+        )
+
+    if not loss.per_step:
+        outputs, output_tangents = [], []
+        for t in range(horizon):
+            (state, y), (state_tangents, dy) = step_jvp(state, state_tangents, inputs[:, t])
+            outputs.append(y)
+            output_tangents.append(dy)
+        outputs, output_tangents = torch.stack(outputs, 1), torch.stack(output_tangents, 2)
+        return loss.sketch(outputs, output_tangents, targets, mask, loss.normaliser(targets, mask))
+
+    normaliser = loss.normaliser(targets, mask)
+    total = None
+    for t in range(horizon):
+        (state, y), (state_tangents, dy) = step_jvp(state, state_tangents, inputs[:, t])
+        term = loss.sketch(y, dy, targets[:, t], None if mask is None else mask[:, t], normaliser)
+        total = term if total is None else total + term
+    return total
+
+
+# --------------------------------------------------------------------------- #
+# 3. Damped solve in the subspace
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class SubspaceStep:
+    """coefficients a (K,) with theta <- theta - lr V a; the top eigenvalue of G~ and the
+    absolute damping lambda that were used."""
+
+    coefficients: Tensor
+    top_eigenvalue: Tensor
+    damping: Tensor
+
+
+def solve_subspace(grad: Tensor, ggn: Tensor, damping: float) -> SubspaceStep:
+    """a = (G~ + lambda I)^{-1} g~ with lambda = damping * max eig(G~).
+
+    Solved by a symmetric eigendecomposition G~ = U diag(s) U^T in float64:
+    a = U diag(1 / (s + lambda)) U^T g~. Eigenvalues made negative by rounding are
+    clamped to 0; directions with s + lambda = 0 (damping 0 on a rank-deficient
+    G~) get coefficient 0, the pseudo-inverse.
+    """
+    g = grad.double()
+    sym = 0.5 * (ggn + ggn.T).double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(sym)
+    eigenvalues = eigenvalues.clamp_min(0.0)
+    top = eigenvalues[-1]
+    lam = damping * top
+    denominator = eigenvalues + lam
+    inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    coefficients = eigenvectors @ (inverse * (eigenvectors.T @ g))
+    return SubspaceStep(coefficients.to(grad.dtype), top.to(grad.dtype), lam.to(grad.dtype))

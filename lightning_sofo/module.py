@@ -1,0 +1,221 @@
+"""SOFOModule: a LightningModule that trains by SOFO or by backpropagation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_sketch
+from lightning_sofo.losses import LossSpec, resolve_loss
+from lightning_sofo.optim import SOFO
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(inputs, targets, mask) from a dict {inputs, targets[, mask]} or a tuple in that order."""
+    if isinstance(batch, dict):
+        missing = {"inputs", "targets"} - set(batch)
+        if missing:
+            raise ValueError(
+                f"a batch dict needs the keys 'inputs' and 'targets' (and optionally 'mask'); "
+                f"missing {sorted(missing)}, got keys {sorted(batch)}."
+            )
+        return batch["inputs"], batch["targets"], batch.get("mask")
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    raise ValueError(
+        "a batch must be a dict {'inputs', 'targets'[, 'mask']} or a tuple (inputs, targets[, mask]); "
+        f"got {type(batch).__name__}{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}."
+    )
+
+
+def check_finite(**tensors: Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"the batch's {name!r} contains NaN or infinite values; clean the data "
+                f"(e.g. torch.nan_to_num) or mask those entries with a finite value and mask=0."
+            )
+
+
+class _Method(nn.Module):
+    """Calls one method of a module, so torch.func.functional_call can swap its parameters."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
+class SOFOModule(L.LightningModule):
+    """Base class of models trained by SOFO (strategy "sofo") or by any torch optimizer.
+
+    Feed-forward models implement `forward(inputs) -> outputs`.
+    Recurrent models implement `initial_state(batch_size) -> state` and
+    `step(state, inputs_t) -> (new_state, outputs_t)`; the default `forward`
+    unrolls them over dim 1: inputs (B, T, I) -> outputs (B, T, O).
+
+    Args:
+        loss: "mse" (masked mean squared error), "cross_entropy" (class-index
+            targets, logits as outputs) or callable(outputs, targets, mask) -> scalar.
+
+    Batches are dicts {"inputs", "targets"[, "mask"]} or tuples in that order,
+    with the mask broadcastable to the targets.
+    """
+
+    def __init__(self, loss: LossSpec = "mse"):
+        super().__init__()
+        self.loss_fn = resolve_loss(loss)
+
+    # ---- the recurrent contract ------------------------------------------------
+    def initial_state(self, batch_size: int) -> Any:
+        """The state h_0 of a batch of `batch_size` trials: a tensor (B, N) or a tuple of tensors."""
+        raise NotImplementedError
+
+    def step(self, state: Any, inputs_t: Tensor) -> tuple[Any, Tensor]:
+        """One time step: (state, inputs_t (B, I)) -> (new_state, outputs_t (B, O))."""
+        raise NotImplementedError
+
+    @property
+    def is_recurrent(self) -> bool:
+        return type(self).step is not SOFOModule.step
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if not self.is_recurrent:
+            raise NotImplementedError(
+                f"{type(self).__name__} implements neither forward(inputs) (feed-forward) nor "
+                "initial_state(batch_size) and step(state, inputs_t) (recurrent); implement one of the two."
+            )
+        return self.unroll(inputs)
+
+    def unroll(self, inputs: Tensor) -> Tensor:
+        """Run `step` over inputs (B, T, I); returns outputs (B, T, O)."""
+        self._check_sequence(inputs)
+        state = self.initial_state(inputs.shape[0])
+        outputs = []
+        for t in range(inputs.shape[1]):
+            state, y = self.step(state, inputs[:, t])
+            outputs.append(y)
+        return torch.stack(outputs, dim=1)
+
+    def _check_sequence(self, inputs: Tensor) -> None:
+        if inputs.dim() < 3:
+            raise ValueError(
+                f"a recurrent module takes batch-first sequences, inputs (B, T, I); got shape {tuple(inputs.shape)}. "
+                "Add the missing dimension (e.g. inputs.unsqueeze(-1) for one input channel)."
+            )
+
+    # ---- backpropagation route (any torch optimizer, default strategy) ---------------
+    def compute_loss(self, batch: Any) -> Tensor:
+        inputs, targets, mask = unpack_batch(batch)
+        check_finite(inputs=inputs, targets=targets, mask=mask)
+        return self.loss_fn(self(inputs), targets, mask)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.log("val_loss", loss, prog_bar=True)
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.log("test_loss", loss)
+        return loss
+
+    def on_fit_start(self) -> None:
+        uses_sofo = any(isinstance(opt, SOFO) for opt in self.trainer.optimizers)
+        if uses_sofo and not getattr(self.trainer.strategy, "runs_sofo", False):
+            raise RuntimeError(
+                "configure_optimizers returned a SOFO optimizer, but the Trainer's strategy "
+                f"({type(self.trainer.strategy).__name__}) trains by backpropagation. "
+                "Use Trainer(strategy='sofo'), or return a torch optimizer such as Adam to train by BPTT."
+            )
+
+    # ---- SOFO route --------------------------------------------------------------
+    def sketch_function(self, batch: Any, optimizer: SOFO) -> Callable[[dict[str, Tensor]], Sketch]:
+        """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step.
+
+        The optimizer's parameters are the primals (tangents keyed as in
+        optimizer.named_params()); parameters the optimizer does not hold, and
+        buffers, stay constant.
+        """
+        inputs, targets, mask = unpack_batch(batch)
+        check_finite(inputs=inputs, targets=targets, mask=mask)
+        names = {id(p): name for name, p in self.named_parameters()}
+        optimized = optimizer.named_params()
+        foreign = [key for key, p in optimized.items() if id(p) not in names]
+        if foreign:
+            raise ValueError(
+                f"the SOFO optimizer holds {len(foreign)} tensor(s) that are not parameters of "
+                f"{type(self).__name__}; build it from self.parameters() in configure_optimizers."
+            )
+        primals = {names[id(p)]: p.detach() for p in optimized.values()}
+        to_module_names = {key: names[id(p)] for key, p in optimized.items()}
+        if self.is_recurrent:
+            self._check_sequence(inputs)
+
+        def closure(tangents: dict[str, Tensor]) -> Sketch:
+            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
+            with _PureFunctionCheck(self, primals):
+                if self.is_recurrent:
+                    init, step = _Method(self, "initial_state"), _Method(self, "step")
+                    batch_size = inputs.shape[0]
+                    return recurrent_sketch(
+                        lambda p: functional_call(init, _prefixed(p), (batch_size,)),
+                        lambda p, h, x: functional_call(step, _prefixed(p), (h, x)),
+                        primals, named_tangents, inputs, targets, self.loss_fn, mask,
+                    )
+                forward = _Method(self, "forward")
+                return feedforward_sketch(
+                    lambda p: functional_call(forward, _prefixed(p), (inputs,)),
+                    primals, named_tangents, self.loss_fn, targets, mask,
+                )
+
+        return closure
+
+
+def _prefixed(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"module.{name}": p for name, p in params.items()}
+
+
+class _PureFunctionCheck:
+    """Turns the symptoms of a module that is not a pure function of its parameters
+    into an error that names the cause: batch norm in train mode, or in-place
+    writes to parameters or buffers during the forward pass."""
+
+    def __init__(self, module: nn.Module, primals: dict[str, Tensor]):
+        self.module = module
+        self.tensors = {**dict(module.named_buffers()), **primals}
+
+    def __enter__(self):
+        for name, sub in self.module.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
+                raise RuntimeError(
+                    f"SOFO needs the loss to be a pure function of the parameters, but {name or 'the module'} is a "
+                    f"{type(sub).__name__} in train mode, which updates its running statistics in place. "
+                    "Use track_running_stats=False, put it in eval mode, or use a normalisation without state "
+                    "(LayerNorm, GroupNorm)."
+                )
+        self.versions = {name: t._version for name, t in self.tensors.items()}
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        changed = [name for name, t in self.tensors.items() if t._version != self.versions[name]]
+        if changed or (exc_type is RuntimeError and "inplace" in str(exc).replace("-", "").lower()):
+            raise RuntimeError(
+                f"SOFO needs the loss to be a pure function of the parameters, but the forward pass of "
+                f"{type(self.module).__name__} wrote in place into {changed or 'a tensor it does not own'}. "
+                "Compute new tensors instead of updating parameters or buffers in place (no .add_(), "
+                ".data[...] = ..., or running statistics) inside forward/step."
+            ) from exc
+        return False
