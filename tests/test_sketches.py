@@ -1,0 +1,132 @@
+"""Sketched gradient and GGN against reverse-mode autograd and explicit Jacobians (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MLP, TinyRNN, explicit_gauss_newton, flat_tangents, module_tangents
+from torch.func import functional_call
+
+from lightning_sofo.functional import feedforward_sketch
+from lightning_sofo.losses import MaskedMSE
+
+
+def masked_logcosh(outputs, targets, mask):
+    """A user loss that is not quadratic, so its H_L is not a multiple of the identity."""
+    weights = torch.ones_like(outputs) if mask is None else mask.expand_as(outputs)
+    return (weights * torch.log(torch.cosh(outputs - targets))).sum() / 7.0
+
+
+def softplus_loss(outputs, targets, mask):
+    return torch.nn.functional.softplus(outputs * targets).mean() + (outputs**4).mean()
+
+
+def feedforward_case(loss):
+    torch.manual_seed(1)
+    model = MLP(loss=loss).double()
+    inputs = torch.randn(6, 3, dtype=torch.float64)
+    if loss == "cross_entropy":
+        targets = torch.tensor([0, 1, 1, 0, -100, 1])  # one ignored
+        mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    else:
+        targets = torch.randn(6, 2, dtype=torch.float64)
+        mask = (torch.rand(6, 1) > 0.3).double()
+    return model, inputs, targets, mask
+
+
+def recurrent_case(loss):
+    torch.manual_seed(2)
+    model = TinyRNN(loss=loss).double()
+    inputs = torch.randn(3, 7, 2, dtype=torch.float64)
+    if loss == "cross_entropy":
+        targets = torch.randint(0, 2, (3, 7))
+        mask = torch.zeros(3, 7, dtype=torch.float64)
+        mask[:, 4:] = 1.0  # a decision period
+    else:
+        targets = torch.randn(3, 7, 2, dtype=torch.float64)
+        mask = torch.zeros(3, 7, 1, dtype=torch.float64)
+        mask[:, 2:] = 1.0
+    return model, inputs, targets, mask
+
+
+CASES = [
+    (feedforward_case, "mse"),
+    (feedforward_case, "cross_entropy"),
+    (feedforward_case, masked_logcosh),
+    (feedforward_case, softplus_loss),
+    (recurrent_case, "mse"),
+    (recurrent_case, "cross_entropy"),
+    (recurrent_case, masked_logcosh),
+]
+
+
+def case_id(case):
+    build, loss = case
+    return f"{build.__name__}-{loss if isinstance(loss, str) else loss.__name__}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_sketches_match_reverse_mode_and_explicit_ggn(case):
+    build, loss = case
+    model, inputs, targets, mask = build(loss)
+    if loss is softplus_loss:
+        mask = None
+    k = 5
+    optimizer, tangents = module_tangents(model, k)
+    sketch = model.sketch_function({"inputs": inputs, "targets": targets, "mask": mask}, optimizer)(tangents)
+
+    V = flat_tangents(tangents)
+    assert torch.allclose(V.T @ V, torch.eye(k, dtype=V.dtype), atol=1e-12)
+
+    # reverse mode through the whole (unrolled) model: the oracle
+    model.zero_grad()
+    reference_loss = model.loss_fn(model(inputs), targets, mask)
+    reference_loss.backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(sketch.loss, reference_loss.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(sketch.grad, V.T @ gradient, rtol=1e-5, atol=1e-12)
+
+    explicit_grad, explicit_ggn = explicit_gauss_newton(model, inputs, targets, mask)
+    torch.testing.assert_close(explicit_grad, gradient, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(sketch.ggn, V.T @ explicit_ggn @ V, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", masked_logcosh], ids=["mse", "cross_entropy", "callable"])
+def test_recurrent_path_equals_unrolled_sequence(loss):
+    """The step-by-step engine gives the sketches of the same computation unrolled as one function."""
+    model, inputs, targets, mask = recurrent_case(loss)
+    optimizer, tangents = module_tangents(model, 6, seed=3)
+    recurrent = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    named = dict(zip(params, tangents.values()))
+    unrolled = feedforward_sketch(
+        lambda p: functional_call(model, p, (inputs,)), params, named, model.loss_fn, targets, mask
+    )
+    for a, b in [(recurrent.loss, unrolled.loss), (recurrent.grad, unrolled.grad), (recurrent.ggn, unrolled.ggn)]:
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_frozen_parameters_are_constants():
+    """Parameters the optimizer does not hold get no tangent; the sketch is that of the others only."""
+    model, inputs, targets, mask = feedforward_case("mse")
+    model.net[0].weight.requires_grad_(False)
+    from lightning_sofo import SOFO
+    from lightning_sofo.functional import sample_tangents, step_generator
+
+    optimizer = SOFO([p for p in model.parameters() if p.requires_grad], tangents=4)
+    tangents = sample_tangents(optimizer.named_params(), 4, step_generator(0, 0, torch.device("cpu")))
+    sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    loss = model.loss_fn(model(inputs), targets, mask)
+    loss.backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(sketch.grad, flat_tangents(tangents).T @ gradient, rtol=1e-6, atol=1e-12)
+
+
+def test_mse_loss_is_masked_mean():
+    outputs = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    targets = torch.zeros(2, 2)
+    mask = torch.tensor([[1.0], [0.0]])
+    assert MaskedMSE()(outputs, targets, mask).item() == pytest.approx((1 + 4) / 2)
+    assert MaskedMSE()(outputs, targets).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    assert MaskedMSE()(outputs, targets, torch.zeros(2, 1)).item() == 0.0  # nothing scored: 0, not NaN
