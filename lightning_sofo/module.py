@@ -214,7 +214,7 @@ class _PureFunctionCheck:
         if changed or (exc_type is RuntimeError and "inplace" in str(exc).replace("-", "").lower()):
             raise RuntimeError(
                 f"SOFO needs the loss to be a pure function of the parameters, but the forward pass of "
-                f"{type(self.module).__name__} wrote in place into {changed or 'a tensor it does not own'}. "
+                f"{type(self.module).__name__} wrote in place into {changed or 'a parameter or buffer'}. "
                 "Compute new tensors instead of updating parameters or buffers in place (no .add_(), "
                 ".data[...] = ..., or running statistics) inside forward/step."
             ) from exc
