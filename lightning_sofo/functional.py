@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
+from torch.utils._pytree import tree_map
 
 Params = Mapping[str, Tensor]
 
@@ -154,6 +155,7 @@ def recurrent_sketch(
     targets: Tensor,
     loss: SketchedLoss,
     mask: Tensor | None = None,
+    compile_steps: int = 0,
 ) -> Sketch:
     """Sketch of a recurrent model's loss, carrying state tangents through time.
 
@@ -166,6 +168,10 @@ def recurrent_sketch(
     and the sketches are sums over steps of the per-step terms, so nothing from
     earlier steps is kept: memory O(K B N + K^2) whatever T is. A loss that is not
     a per-step sum (a user callable) gets the stacked outputs (K B T O numbers).
+
+    compile_steps > 0 runs the time loop in torch.compile'd chunks of that many
+    steps (one compilation, reused while shapes and `step` stay the same), which
+    removes the per-step Python overhead of vmap/jvp; 0 runs eagerly.
     """
     horizon = inputs.shape[1]
     if targets.shape[1] != horizon:
@@ -176,28 +182,57 @@ def recurrent_sketch(
     params, tangents = dict(params), dict(tangents)
     mask = loss.broadcast_mask(targets, mask)
     state, state_tangents = batched_jvp(initial_state, (params,), (tangents,), (True,))
-
-    def step_jvp(state, state_tangents, inputs_t):
-        return batched_jvp(
-            lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
-        )
+    # h_0 is often an expanded view (h0.expand(B, N)); forward mode needs its own memory
+    state, state_tangents = tree_map(torch.Tensor.contiguous, (state, state_tangents))
 
     if not loss.per_step:
         outputs, output_tangents = [], []
         for t in range(horizon):
-            (state, y), (state_tangents, dy) = step_jvp(state, state_tangents, inputs[:, t])
+            (state, y), (state_tangents, dy) = _step_with_tangents(step, params, tangents, state, state_tangents, inputs[:, t])
             outputs.append(y)
             output_tangents.append(dy)
         outputs, output_tangents = torch.stack(outputs, 1), torch.stack(output_tangents, 2)
         return loss.sketch(outputs, output_tangents, targets, mask, loss.normaliser(targets, mask))
 
     normaliser = loss.normaliser(targets, mask)
+    chunk = compile_steps if compile_steps > 0 else horizon
     total = None
-    for t in range(horizon):
-        (state, y), (state_tangents, dy) = step_jvp(state, state_tangents, inputs[:, t])
-        term = loss.sketch(y, dy, targets[:, t], None if mask is None else mask[:, t], normaliser)
+    for start in range(0, horizon, chunk):
+        window = slice(start, min(start + chunk, horizon))
+        run = _compiled_sketch_steps() if compile_steps > 0 and window.stop - window.start == chunk else _sketch_steps
+        state, state_tangents, sums = run(
+            step, loss, params, tangents, state, state_tangents,
+            inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
+        )
+        term = Sketch(*sums)
         total = term if total is None else total + term
     return total
+
+
+def _step_with_tangents(step, params, tangents, state, state_tangents, inputs_t):
+    return batched_jvp(
+        lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
+    )
+
+
+def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser):
+    """Run the inputs.shape[1] steps of a window; returns the new state and its tangents and
+    (loss, g~, G~) summed over the window's steps."""
+    total = None
+    for t in range(inputs.shape[1]):
+        (state, y), (state_tangents, dy) = _step_with_tangents(step, params, tangents, state, state_tangents, inputs[:, t])
+        term = loss.sketch(y, dy, targets[:, t], None if mask is None else mask[:, t], normaliser)
+        total = term if total is None else total + term
+    return state, state_tangents, (total.loss, total.grad, total.ggn)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_sketch_steps() -> Callable:
+    if "sketch_steps" not in _COMPILED:
+        _COMPILED["sketch_steps"] = torch.compile(_sketch_steps, dynamic=False)
+    return _COMPILED["sketch_steps"]
 
 
 # --------------------------------------------------------------------------- #

@@ -69,9 +69,12 @@ class SOFOModule(L.LightningModule):
     with the mask broadcastable to the targets.
     """
 
-    def __init__(self, loss: LossSpec = "mse"):
+    def __init__(self, loss: LossSpec = "mse", compile_steps: int = 0):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
+        if isinstance(compile_steps, bool) or not isinstance(compile_steps, int) or compile_steps < 0:
+            raise ValueError(f"compile_steps must be an integer >= 0 (0: eager), got {compile_steps!r}.")
+        self.compile_steps = compile_steps
 
     # ---- the recurrent contract ------------------------------------------------
     def initial_state(self, batch_size: int) -> Any:
@@ -141,6 +144,21 @@ class SOFOModule(L.LightningModule):
                 "Use Trainer(strategy='sofo'), or return a torch optimizer such as Adam to train by BPTT."
             )
 
+    @property
+    def _functional(self) -> dict[str, Callable[..., Any]]:
+        """f(params, *args) for initial_state, step and forward, built once per module so
+        that torch.compile's guards on them hold from one iteration to the next."""
+        if "_functional_cache" not in self.__dict__:
+            self.__dict__["_functional_cache"] = {
+                name: _functional_method(self, name) for name in ("initial_state", "step", "forward")
+            }
+        return self.__dict__["_functional_cache"]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_functional_cache", None)  # closures over self: rebuilt on use, never copied or pickled
+        return state
+
     # ---- SOFO route --------------------------------------------------------------
     def sketch_function(self, batch: Any, optimizer: SOFO) -> Callable[[dict[str, Tensor]], Sketch]:
         """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step.
@@ -166,26 +184,31 @@ class SOFOModule(L.LightningModule):
 
         def closure(tangents: dict[str, Tensor]) -> Sketch:
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
+            functions = self._functional
             with _PureFunctionCheck(self, primals):
                 if self.is_recurrent:
-                    init, step = _Method(self, "initial_state"), _Method(self, "step")
                     batch_size = inputs.shape[0]
                     return recurrent_sketch(
-                        lambda p: functional_call(init, _prefixed(p), (batch_size,)),
-                        lambda p, h, x: functional_call(step, _prefixed(p), (h, x)),
+                        lambda p: functions["initial_state"](p, batch_size),
+                        functions["step"],
                         primals, named_tangents, inputs, targets, self.loss_fn, mask,
+                        compile_steps=self.compile_steps,
                     )
-                forward = _Method(self, "forward")
                 return feedforward_sketch(
-                    lambda p: functional_call(forward, _prefixed(p), (inputs,)),
-                    primals, named_tangents, self.loss_fn, targets, mask,
+                    lambda p: functions["forward"](p, inputs), primals, named_tangents, self.loss_fn, targets, mask
                 )
 
         return closure
 
 
-def _prefixed(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {f"module.{name}": p for name, p in params.items()}
+def _functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
+    """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`."""
+    wrapper = _Method(module, method)
+
+    def call(params: dict[str, Tensor], *args: Any) -> Any:
+        return functional_call(wrapper, {f"module.{name}": p for name, p in params.items()}, args)
+
+    return call
 
 
 class _PureFunctionCheck:

@@ -72,8 +72,14 @@ class SOFO(torch.optim.Optimizer):
         self.last_step: StepInfo | None = None
 
     def named_params(self) -> dict[str, Tensor]:
-        """{"<group>.<index>": parameter} over all groups, in order."""
-        return {f"{g}.{i}": p for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
+        """{"<group>.<index>": parameter} over all groups, in order; parameters with
+        requires_grad=False are frozen, as under any torch optimizer, and get no tangent."""
+        return {
+            f"{g}.{i}": p
+            for g, group in enumerate(self.param_groups)
+            for i, p in enumerate(group["params"])
+            if p.requires_grad
+        }
 
     def _check_closure(self, closure) -> None:
         if closure is None or not callable(closure):
@@ -114,12 +120,12 @@ class SOFO(torch.optim.Optimizer):
             return sketch.loss
         solution = solve_subspace(sketch.grad, sketch.ggn, self.damping)
         squared_norm = 0.0
-        for g, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                # theta <- theta - lr V a, one parameter's rows of V at a time
-                update = torch.tensordot(solution.coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)
-                p.sub_(update, alpha=group["lr"])
-                squared_norm += float(group["lr"] ** 2 * update.pow(2).sum())
+        learning_rates = {f"{g}.{i}": group["lr"] for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))}
+        for key, p in params.items():
+            # theta <- theta - lr V a, one parameter's rows of V at a time
+            update = torch.tensordot(solution.coefficients.to(p.dtype), tangents[key], dims=1)
+            p.sub_(update, alpha=learning_rates[key])
+            squared_norm += float(learning_rates[key] ** 2 * update.pow(2).sum())
         self.last_step = StepInfo(
             float(sketch.loss), float(solution.top_eigenvalue), float(solution.damping), math.sqrt(squared_norm), k
         )

@@ -63,5 +63,7 @@ class VanillaRNN(SOFOModule):
     def step(self, state: Tensor, inputs_t: Tensor) -> tuple[Tensor, Tensor]:
         """(h_t (B, N), u_t (B, I)) -> (h_{t+1} (B, N), y_t (B, O))."""
         drive = self.phi(state) @ self.recurrent.T + inputs_t @ self.input_weights.T + self.bias
-        state = (1 - self.alpha) * state + self.alpha * drive
+        # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
+        # Python decomposition under torch.func's forward mode (see benchmarks/RESULTS.md)
+        state = torch.lerp(state, drive, self.alpha)
         return state, self.phi(state) @ self.readout.T + self.readout_bias
