@@ -225,3 +225,22 @@ def test_feedforward_cross_entropy_classifier_trains():
     start, end = initial_and_final_loss(model, (inputs, targets), strategy="sofo")
     accuracy = (model(inputs).argmax(-1) == targets).float().mean()
     assert end < 0.5 * start and accuracy > 0.9
+
+
+def test_lightning_logger_and_gradient_free_callbacks(tmp_path):
+    """TensorBoard, LearningRateMonitor, EarlyStopping and ModelCheckpoint run under strategy='sofo'."""
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    batch = sine_task(4, 6)
+    model = TinyRNN(sofo=dict(lr=0.5, tangents=8, damping=1e-3))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)
+    t = L.Trainer(
+        strategy="sofo", max_epochs=5, logger=TensorBoardLogger(tmp_path), log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(), EarlyStopping("val_loss", patience=10), checkpoint],
+        enable_progress_bar=True,
+    )
+    t.fit(model, loader([batch]), loader([batch]))
+    assert (tmp_path / "ckpt" / "last.ckpt").exists() and checkpoint.best_model_score is not None
+    assert list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    assert "lr-SOFO" in t.callback_metrics and "sofo/top_eigenvalue" in t.logged_metrics
