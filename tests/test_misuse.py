@@ -195,3 +195,12 @@ def test_non_finite_loss_leaves_parameters_untouched():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     optimizer = model.trainer.optimizers[0]
     assert optimizer.skipped_steps == 2 and optimizer.last_step.skipped
+
+
+def test_sofo_over_tensors_that_are_not_the_modules_parameters():
+    class Foreign(MLP):
+        def configure_optimizers(self):
+            return SOFO([nn.Parameter(torch.zeros(3))])
+
+    with pytest.raises(ValueError, match="not parameters of Foreign"):
+        trainer(strategy="sofo", max_steps=1).fit(Foreign(), loader([regression_batch()]))

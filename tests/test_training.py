@@ -100,7 +100,6 @@ def test_sofo_iteration_records_no_autograd_graph():
     model = TinyRNN(sofo=dict(tangents=8))
     optimizer = model.configure_optimizers()
     batch = sine_task(batch_size=4, horizon=5)
-    batch["targets"] = batch["targets"]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = optimizer.step(model.sketch_function(batch, optimizer))
