@@ -168,9 +168,10 @@ def main():
         print("matplotlib not installed: no plot written")
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    key, ylabel = ("heap_peak_mib", "live heap of one iteration (MiB)") if heap else ("peak_mib", "peak memory (MiB)")
     for method, label in [("sofo", f"SOFO (K={K})"), ("bptt", "Adam + BPTT")]:
-        ax.plot(args.lengths, [max(by[method, t]["peak_mib"], 0.1) for t in args.lengths], "o-", label=label)
-    ax.set(xscale="log", yscale="log", xlabel="trial length T (steps)", ylabel="peak memory of one iteration (MiB)")
+        ax.plot(args.lengths, [max(by[method, t][key], 0.1) for t in args.lengths], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="trial length T (steps)", ylabel=ylabel)
     ax.set_title(f"Vanilla RNN N={N}, B={B} on {device}")
     ax.legend()
     fig.tight_layout()
