@@ -119,13 +119,15 @@ class SOFO(torch.optim.Optimizer):
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
         solution = solve_subspace(sketch.grad, sketch.ggn, self.damping)
-        squared_norm = 0.0
-        learning_rates = {f"{g}.{i}": group["lr"] for g, group in enumerate(self.param_groups) for i in range(len(group["params"]))}
-        for key, p in params.items():
-            # theta <- theta - lr V a, one parameter's rows of V at a time
-            update = torch.tensordot(solution.coefficients.to(p.dtype), tangents[key], dims=1)
-            p.sub_(update, alpha=learning_rates[key])
-            squared_norm += float(learning_rates[key] ** 2 * update.pow(2).sum())
+        squared_norm = torch.zeros((), dtype=torch.float64, device=device)
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
+                    continue
+                # theta <- theta - lr V a, one parameter's rows of V at a time
+                update = torch.tensordot(solution.coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)
+                p.sub_(update, alpha=group["lr"])
+                squared_norm += group["lr"] ** 2 * update.pow(2).sum()
         self.last_step = StepInfo(
             float(sketch.loss), float(solution.top_eigenvalue), float(solution.damping), math.sqrt(squared_norm), k
         )

@@ -64,6 +64,6 @@ class VanillaRNN(SOFOModule):
         """(h_t (B, N), u_t (B, I)) -> (h_{t+1} (B, N), y_t (B, O))."""
         drive = self.phi(state) @ self.recurrent.T + inputs_t @ self.input_weights.T + self.bias
         # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
-        # Python decomposition under torch.func's forward mode (see benchmarks/RESULTS.md)
+        # Python decomposition under torch.func's forward mode (README, Benchmarks)
         state = torch.lerp(state, drive, self.alpha)
         return state, self.phi(state) @ self.readout.T + self.readout_bias

@@ -243,3 +243,14 @@ def test_lightning_logger_and_gradient_free_callbacks(tmp_path):
     assert (tmp_path / "ckpt" / "last.ckpt").exists() and checkpoint.best_model_score is not None
     assert list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
     assert "lr-SOFO" in t.callback_metrics and "sofo/top_eigenvalue" in t.logged_metrics
+
+
+def test_update_norm_is_the_size_of_the_parameter_change():
+    model = TinyRNN()
+    model.W.requires_grad_(False)  # a frozen parameter stays put and counts for nothing
+    optimizer = SOFO([{"params": [model.W, model.U], "lr": 0.3}, {"params": [model.b, model.C, model.d, model.h0]}])
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step(model.sketch_function(sine_task(2, 3), optimizer))
+    change = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
+    assert torch.equal(model.W, before[0])
+    assert optimizer.last_step.update_norm == pytest.approx(change.norm().item(), rel=1e-5)
