@@ -18,13 +18,13 @@ from lightning_sofo.functional import Sketch
 @torch.no_grad()
 def handwritten_sketch(model, tangents: dict[str, Tensor], inputs: Tensor, targets: Tensor, mask: Tensor) -> Sketch:
     """Sketch of model (a tanh VanillaRNN with h_0 = 0, not learned) on (inputs, targets, mask)."""
-    W, U, b, C, d = model.recurrent, model.input_weights, model.bias, model.readout, model.readout_bias
-    dW, dU, db, dC, dd = (tangents[n] for n in ["recurrent", "input_weights", "bias", "readout", "readout_bias"])
+    W, U, b, C, d = model.cell.recurrent, model.cell.input_weights, model.cell.bias, model.readout, model.readout_bias
+    dW, dU, db, dC, dd = (tangents[n] for n in ["cell.recurrent", "cell.input_weights", "cell.bias", "readout", "readout_bias"])
     k, (batch, horizon, _), n_units = dW.shape[0], inputs.shape, W.shape[0]
-    a = model.alpha
+    a = model.cell.alpha
     mask = torch.broadcast_to(mask, targets.shape)
     normaliser = mask.sum()
-    h = model.h0.detach().expand(batch, n_units)
+    h = model.cell.h0.detach().expand(batch, n_units)
     dh = torch.zeros(k, batch, n_units, dtype=W.dtype)
     grad = torch.zeros(k, dtype=W.dtype)
     ggn = torch.zeros(k, k, dtype=W.dtype)

@@ -126,7 +126,9 @@ def batched_jvp(fn: Callable[..., Any], primals: tuple, tangents: tuple, batched
     tangents (leading K dimension), both pytrees like fn's output.
     """
     in_dims = tuple(0 if b else None for b in batched)
-    return vmap(lambda *t: jvp(fn, primals, t), in_dims=in_dims, out_dims=(None, 0))(*tangents)
+    # randomness="same": random draws inside fn (noise of a noisy RNN) are one draw shared by
+    # the primal and all K tangents, which differentiate that one noisy evaluation
+    return vmap(lambda *t: jvp(fn, primals, t), in_dims=in_dims, out_dims=(None, 0), randomness="same")(*tangents)
 
 
 def feedforward_sketch(

@@ -1,8 +1,12 @@
 """Vanilla leaky rate RNN (DESIGN.md section 6), recurrent SOFOModule contract.
 
-    tau dh/dt = -h + W phi(h) + U u + b,   discretised with alpha = dt / tau:
-    h_{t+1} = (1 - alpha) h_t + alpha (W phi(h_t) + U u_t + b),
-    y_t = C phi(h_{t+1}) + d.
+    tau dh/dt = -h + W phi(h) + U (u + s_in xi) + b + sqrt(2 tau) s_rec zeta,
+discretised with alpha = dt / tau (Euler-Maruyama):
+    h_{t+1} = (1 - alpha) h_t + alpha (W phi(h_t) + U (u_t + s_in xi_t) + b) + sqrt(2 alpha) s_rec zeta_t,
+    y_t = C phi(h_{t+1}) + d + s_out eps_t,
+with xi, zeta, eps standard normal. The noise is drawn in training and, if
+`noise_in_eval`, in validation and test too; the K tangents of one SOFO
+iteration all see the same noise draw (they differentiate one noisy trial).
 """
 
 from __future__ import annotations
@@ -17,16 +21,132 @@ from lightning_sofo import SOFOModule
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus}
 
 
+class LeakyRNNCell(nn.Module):
+    """The recurrent core h_t -> h_{t+1} of a leaky rate network, without readout.
+
+    Args:
+        input_size, hidden_size: I, N.
+        dt, tau: time step and membrane time constant (same unit, e.g. ms).
+        nonlinearity: phi, one of "tanh", "relu", "softplus"; rates are phi(h).
+        gain: g, the initial spectral scale of W (random Gaussian W has its bulk
+            of eigenvalues in the disc of radius g; with Dale's law W is rescaled
+            to spectral radius g exactly).
+        learn_initial_state: make h_0 a parameter (else h_0 = 0).
+        input_noise, recurrent_noise: s_in, s_rec (standard deviations, units of u and h).
+        noise_in_eval: also draw the noise when the module is in eval mode.
+        dale_ratio: fraction of excitatory units (e.g. 0.8) to impose Dale's law:
+            W = |W_raw| diag(s), s_j = +1 for excitatory and -1 for inhibitory
+            presynaptic units j; None leaves the signs free.
+        connectivity: density p in (0, 1] of a fixed random mask on W (drawn once
+            from `connectivity_seed`), or an (N, N) 0/1 tensor; None is all-to-all.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        dt: float = 10.0,
+        tau: float = 100.0,
+        nonlinearity: str = "tanh",
+        gain: float = 0.9,
+        learn_initial_state: bool = False,
+        input_noise: float = 0.0,
+        recurrent_noise: float = 0.0,
+        noise_in_eval: bool = False,
+        dale_ratio: float | None = None,
+        connectivity: float | Tensor | None = None,
+        connectivity_seed: int = 0,
+    ):
+        super().__init__()
+        _check_positive_int(input_size=input_size, hidden_size=hidden_size)
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
+        if not (dt > 0 and tau >= dt):
+            raise ValueError(f"need 0 < dt <= tau for a stable leak, got dt={dt}, tau={tau}.")
+        if input_noise < 0 or recurrent_noise < 0:
+            raise ValueError(f"noise levels are standard deviations >= 0, got input_noise={input_noise}, "
+                             f"recurrent_noise={recurrent_noise}.")
+        if dale_ratio is not None and not 0 < dale_ratio < 1:
+            raise ValueError(f"dale_ratio is the fraction of excitatory units, in (0, 1) (e.g. 0.8); got {dale_ratio}.")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.alpha = dt / tau
+        self.nonlinearity = nonlinearity
+        self.phi = NONLINEARITIES[nonlinearity]
+        self.input_noise, self.recurrent_noise, self.noise_in_eval = input_noise, recurrent_noise, noise_in_eval
+        self.noise_scale = math.sqrt(2 * self.alpha) * recurrent_noise
+
+        n = hidden_size
+        mask = _connectivity_mask(connectivity, n, connectivity_seed)
+        self.register_buffer("connectivity", mask, persistent=mask is not None)
+        density = 1.0 if mask is None else max(mask.float().mean().item(), 1.0 / n)
+        if dale_ratio is None:
+            self.register_buffer("dale_signs", None)
+            recurrent = gain * torch.randn(n, n) / math.sqrt(n * density)
+        else:
+            n_excitatory = min(max(round(dale_ratio * n), 1), n - 1)
+            signs = torch.cat([torch.ones(n_excitatory), -torch.ones(n - n_excitatory)])
+            self.register_buffer("dale_signs", signs)
+            # balanced start: inhibitory weights scaled by n_E / n_I so that each row sums to ~0
+            magnitude = torch.randn(n, n).abs()
+            magnitude[:, n_excitatory:] *= n_excitatory / (n - n_excitatory)
+            effective = magnitude * signs * (1.0 if mask is None else mask)
+            radius = torch.linalg.eigvals(effective).abs().max().clamp_min(1e-12)
+            recurrent = magnitude * (gain / radius)
+        self.recurrent = nn.Parameter(recurrent)
+        self.input_weights = nn.Parameter(torch.randn(n, input_size) / math.sqrt(input_size))
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.h0 = nn.Parameter(torch.zeros(n), requires_grad=learn_initial_state)
+
+    @property
+    def recurrent_weights(self) -> Tensor:
+        """The effective W (N, N): signs of Dale's law and the connectivity mask applied."""
+        weights = self.recurrent
+        if self.dale_signs is not None:
+            weights = weights.abs() * self.dale_signs
+        if self.connectivity is not None:
+            weights = weights * self.connectivity
+        return weights
+
+    @property
+    def noisy(self) -> bool:
+        return (self.training or self.noise_in_eval) and (self.input_noise > 0 or self.recurrent_noise > 0)
+
+    def initial_state(self, batch_size: int) -> Tensor:
+        """h_0, (B, N)."""
+        return self.h0.expand(batch_size, -1)
+
+    def rates(self, state: Tensor) -> Tensor:
+        return self.phi(state)
+
+    def forward(self, state: Tensor, inputs_t: Tensor) -> Tensor:
+        """(h_t (B, N), u_t (B, I)) -> h_{t+1} (B, N)."""
+        if inputs_t.shape[-1] != self.input_size:
+            raise ValueError(
+                f"the network has {self.input_size} input channels but the inputs have {inputs_t.shape[-1]}; "
+                f"set input_size={inputs_t.shape[-1]} (or check the task's input_size)."
+            )
+        if self.noisy and self.input_noise > 0:
+            inputs_t = inputs_t + self.input_noise * torch.randn_like(inputs_t)
+        drive = self.phi(state) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
+        # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
+        # Python decomposition under torch.func's forward mode (README, Benchmarks)
+        state = torch.lerp(state, drive, self.alpha)
+        if self.noisy and self.recurrent_noise > 0:
+            state = state + self.noise_scale * torch.randn_like(state)
+        return state
+
+
 class VanillaRNN(SOFOModule):
-    """Leaky rate RNN with N units, I inputs and O outputs.
+    """Leaky rate RNN with N units, I inputs and O outputs read out from the rates.
 
     Args:
         input_size, hidden_size, output_size: I, N, O.
-        dt, tau: time step and membrane time constant (same unit, e.g. ms).
-        nonlinearity: phi, one of "tanh", "relu", "softplus".
-        gain: g, the recurrent weights start as g * Normal(0, 1/N).
-        learn_initial_state: make h_0 a parameter (else h_0 = 0).
-        loss: as SOFOModule.
+        output_noise: s_out, standard deviation of noise added to the outputs
+            (drawn when the recurrent noise is, see `noise_in_eval`).
+        loss, compile_steps: as SOFOModule.
+        **cell options: dt, tau, nonlinearity, gain, learn_initial_state,
+            input_noise, recurrent_noise, noise_in_eval, dale_ratio,
+            connectivity, connectivity_seed, as LeakyRNNCell.
     """
 
     def __init__(
@@ -39,31 +159,62 @@ class VanillaRNN(SOFOModule):
         nonlinearity: str = "tanh",
         gain: float = 0.9,
         learn_initial_state: bool = False,
-        loss="mse",
+        input_noise: float = 0.0,
+        recurrent_noise: float = 0.0,
+        output_noise: float = 0.0,
+        noise_in_eval: bool = False,
+        dale_ratio: float | None = None,
+        connectivity: float | None = None,
+        connectivity_seed: int = 0,
+        loss: str = "mse",
+        compile_steps: int = 0,
     ):
-        super().__init__(loss=loss)
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
-        if not (dt > 0 and tau >= dt):
-            raise ValueError(f"need 0 < dt <= tau for a stable leak, got dt={dt}, tau={tau}.")
-        self.alpha = dt / tau
-        self.phi = NONLINEARITIES[nonlinearity]
-        n = hidden_size
-        self.recurrent = nn.Parameter(gain * torch.randn(n, n) / math.sqrt(n))
-        self.input_weights = nn.Parameter(torch.randn(n, input_size) / math.sqrt(input_size))
-        self.bias = nn.Parameter(torch.zeros(n))
-        self.readout = nn.Parameter(torch.randn(output_size, n) / math.sqrt(n))
+        super().__init__(loss=loss, compile_steps=compile_steps)
+        self.save_hyperparameters()
+        _check_positive_int(output_size=output_size)
+        if output_noise < 0:
+            raise ValueError(f"output_noise is a standard deviation >= 0, got {output_noise}.")
+        self.input_size, self.output_size, self.output_noise = input_size, output_size, output_noise
+        self.cell = LeakyRNNCell(
+            input_size, hidden_size, dt=dt, tau=tau, nonlinearity=nonlinearity, gain=gain,
+            learn_initial_state=learn_initial_state, input_noise=input_noise, recurrent_noise=recurrent_noise,
+            noise_in_eval=noise_in_eval, dale_ratio=dale_ratio, connectivity=connectivity,
+            connectivity_seed=connectivity_seed,
+        )
+        self.readout = nn.Parameter(torch.randn(output_size, hidden_size) / math.sqrt(hidden_size))
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
-        self.h0 = nn.Parameter(torch.zeros(n), requires_grad=learn_initial_state)
 
     def initial_state(self, batch_size: int) -> Tensor:
         """h_0, (B, N)."""
-        return self.h0.expand(batch_size, -1)
+        return self.cell.initial_state(batch_size)
 
     def step(self, state: Tensor, inputs_t: Tensor) -> tuple[Tensor, Tensor]:
         """(h_t (B, N), u_t (B, I)) -> (h_{t+1} (B, N), y_t (B, O))."""
-        drive = self.phi(state) @ self.recurrent.T + inputs_t @ self.input_weights.T + self.bias
-        # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
-        # Python decomposition under torch.func's forward mode (README, Benchmarks)
-        state = torch.lerp(state, drive, self.alpha)
-        return state, self.phi(state) @ self.readout.T + self.readout_bias
+        state = self.cell(state, inputs_t)
+        outputs = self.cell.rates(state) @ self.readout.T + self.readout_bias
+        if self.output_noise > 0 and (self.training or self.cell.noise_in_eval):
+            outputs = outputs + self.output_noise * torch.randn_like(outputs)
+        return state, outputs
+
+    def hidden_rates(self, state: Tensor) -> Tensor:
+        """The rates phi(h) (B, N) of a state, for plots and analysis."""
+        return self.cell.rates(state)
+
+
+def _check_positive_int(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _connectivity_mask(connectivity: float | Tensor | None, n: int, seed: int) -> Tensor | None:
+    if connectivity is None:
+        return None
+    if isinstance(connectivity, Tensor):
+        if connectivity.shape != (n, n):
+            raise ValueError(f"a connectivity mask must have shape ({n}, {n}), got {tuple(connectivity.shape)}.")
+        return (connectivity != 0).float()
+    if not 0 < connectivity <= 1:
+        raise ValueError(f"connectivity is a density in (0, 1] (fraction of connections kept), got {connectivity}.")
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, n, generator=generator) < connectivity).float()
