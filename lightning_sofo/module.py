@@ -97,15 +97,19 @@ class SOFOModule(L.LightningModule):
             )
         return self.unroll(inputs)
 
-    def unroll(self, inputs: Tensor) -> Tensor:
-        """Run `step` over inputs (B, T, I); returns outputs (B, T, O)."""
+    def unroll(self, inputs: Tensor, return_states: bool = False) -> Tensor | tuple[Tensor, list[Any]]:
+        """Run `step` over inputs (B, T, I); returns outputs (B, T, O), and with
+        return_states also the list of the T states after each step."""
         self._check_sequence(inputs)
         state = self.initial_state(inputs.shape[0])
-        outputs = []
+        outputs, states = [], []
         for t in range(inputs.shape[1]):
             state, y = self.step(state, inputs[:, t])
             outputs.append(y)
-        return torch.stack(outputs, dim=1)
+            if return_states:
+                states.append(state)
+        outputs = torch.stack(outputs, dim=1)
+        return (outputs, states) if return_states else outputs
 
     def _check_sequence(self, inputs: Tensor) -> None:
         if inputs.dim() < 3:
@@ -126,14 +130,50 @@ class SOFOModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.compute_loss(batch)
-        self.log("val_loss", loss, prog_bar=True)
-        return loss
+        return self._evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.compute_loss(batch)
-        self.log("test_loss", loss)
+        return self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, _, _ = unpack_batch(batch)
+        return self(inputs)
+
+    def _evaluate(self, batch: Any, stage: str) -> Tensor:
+        """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
+        inputs, targets, mask = unpack_batch(batch)
+        check_finite(inputs=inputs, targets=targets, mask=mask)
+        outputs = self(inputs)
+        loss = self.loss_fn(outputs, targets, mask)
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
+        metrics = getattr(self, f"{stage}_metrics", None)
+        if metrics is not None and len(metrics) and isinstance(batch, dict):
+            metrics.update(outputs, batch)
+            self.log_dict(metrics, prog_bar=stage == "val")
         return loss
+
+    def setup(self, stage: str) -> None:
+        """Check the model against the task (input and output sizes, loss) and take the
+        task's metrics, when the Trainer runs with a DataModule that declares them."""
+        task = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if task is None:
+            return
+        for size in ("input_size", "output_size"):
+            ours, theirs = getattr(self, size, None), getattr(task, size, None)
+            if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
+                raise ValueError(
+                    f"{type(task).__name__} has {size}={theirs} but {type(self).__name__} was built with "
+                    f"{size}={ours}; build the model with {size}={theirs} (in a config: model.init_args.{size})."
+                )
+        task_loss = getattr(task, "loss", None)
+        if isinstance(task_loss, str) and type(resolve_loss(task_loss)) is not type(self.loss_fn):
+            raise ValueError(
+                f"{type(task).__name__} is scored with loss {task_loss!r} but {type(self).__name__} uses "
+                f"{type(self.loss_fn).__name__}; build the model with loss={task_loss!r}."
+            )
+        if hasattr(task, "metrics"):
+            self.val_metrics = task.metrics().clone(prefix="val/")
+            self.test_metrics = task.metrics().clone(prefix="test/")
 
     def on_fit_start(self) -> None:
         uses_sofo = any(isinstance(opt, SOFO) for opt in self.trainer.optimizers)

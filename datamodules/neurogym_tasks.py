@@ -1,0 +1,124 @@
+"""Every neurogym task as a DataModule (cognitive tasks: PerceptualDecisionMaking,
+ContextDecisionMaking, DelayMatchSample, GoNogo, ReadySetGo, ...).
+
+Trials come from neurogym's own environment (`env.new_trial()`, its `ob` and
+`gt`), one trial per row, zero-padded to the longest trial of the batch (or to
+`n_steps`). Discrete-action tasks give class-index targets for cross-entropy;
+continuous-action tasks give float targets for MSE. The mask scores the
+periods in `score_periods` (default: "decision" where the task has one, every
+step otherwise), plus the fixation period if `score_fixation`. neurogym's own
+Dataset has no seed: here the environment is reseeded from our generator
+before each batch, so batches are reproducible. Time is in ms, as in neurogym.
+Needs the optional extra: pip install "lightning-sofo[neurogym]".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MeanSquaredError, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_sofo.tasks import Scored, TaskDataModule
+
+
+def import_neurogym():
+    try:
+        import neurogym
+    except ImportError as error:
+        raise ImportError(
+            "neurogym tasks need the optional dependency neurogym: pip install \"lightning-sofo[neurogym]\" "
+            "(or pip install neurogym==2.3.1)."
+        ) from error
+    return neurogym
+
+
+def neurogym_task_ids() -> list[str]:
+    from neurogym.envs.registration import all_envs
+
+    import_neurogym()
+    return sorted(all_envs())
+
+
+class NeurogymTask(TaskDataModule):
+    """Args:
+        task: a neurogym task id, e.g. "PerceptualDecisionMaking-v0".
+        task_kwargs: keyword arguments of the task (dt in ms, timing, ...).
+        score_periods: names of the scored periods (None: "decision", or every step).
+        score_fixation: also score the fixation period.
+        n_steps: pad every trial to this length (None: to the longest trial of the batch).
+        and the TaskDataModule arguments.
+    """
+
+    def __init__(self, task: str = "PerceptualDecisionMaking-v0", task_kwargs: dict[str, Any] | None = None,
+                 score_periods: list[str] | None = None, score_fixation: bool = False, n_steps: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        neurogym = import_neurogym()
+        known = neurogym_task_ids()
+        self.require(task in known, f"unknown neurogym task {task!r}; choose one of {known}.")
+        try:
+            self.env = neurogym.make(task, **(task_kwargs or {})).unwrapped
+        except TypeError as error:
+            raise ValueError(f"{type(self).__name__}: task {task!r} rejected task_kwargs={task_kwargs}: {error}") from None
+        self.task, self.task_kwargs, self.n_steps = task, dict(task_kwargs or {}), n_steps
+        self.dt = self.env.dt
+        self.input_size = int(self.env.observation_space.shape[0])
+        self.discrete = hasattr(self.env.action_space, "n")
+        self.output_size = int(self.env.action_space.n if self.discrete else self.env.action_space.shape[0])
+        self.loss = "cross_entropy" if self.discrete else "mse"
+        self.env.seed(0)
+        self.env.new_trial()
+        periods = list(self.env.start_ind)
+        if score_periods is None:
+            score_periods = ["decision"] if "decision" in periods else periods
+        unknown = sorted(set(score_periods) - set(periods))
+        self.require(not unknown, f"{task} has no period(s) {unknown}; its periods are {periods}.")
+        self.score_periods = list(score_periods) + (["fixation"] if score_fixation and "fixation" in periods else [])
+
+    @staticmethod
+    def env_seed(generator: torch.Generator) -> int:
+        """The seed given to the neurogym environment before a batch, drawn from our generator."""
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+
+    def generate(self, n_trials, generator):
+        self.env.seed(self.env_seed(generator))
+        trials = []
+        for _ in range(n_trials):
+            self.env.new_trial()
+            scored = torch.zeros(len(self.env.gt))
+            for period in self.score_periods:
+                scored[self.env.start_ind[period]: self.env.end_ind[period]] = 1.0
+            trials.append((torch.as_tensor(self.env.ob, dtype=torch.float32), torch.as_tensor(self.env.gt), scored))
+        longest = max(len(scored) for _, _, scored in trials)
+        length = self.n_steps or longest
+        self.require(longest <= length, f"a {self.task} trial lasts {longest} steps, longer than n_steps={length}; "
+                                        "raise n_steps (or leave it None to pad to the longest trial).")
+        inputs = torch.zeros(n_trials, length, self.input_size)
+        targets = (torch.zeros(n_trials, length, dtype=torch.long) if self.discrete
+                   else torch.zeros(n_trials, length, self.output_size))
+        mask = torch.zeros(n_trials, length)
+        for i, (observation, truth, scored) in enumerate(trials):
+            steps = len(scored)
+            inputs[i, :steps] = observation
+            targets[i, :steps] = truth.long() if self.discrete else truth.float().reshape(steps, -1)
+            mask[i, :steps] = scored
+        return {"inputs": inputs, "targets": targets, "mask": mask if self.discrete else mask[..., None]}
+
+    def metrics(self):
+        if self.discrete:
+            accuracy = MulticlassAccuracy(num_classes=self.output_size, average="micro")
+            return MetricCollection({"decision_accuracy": Scored(accuracy, scored_choices)})
+        return MetricCollection({"scored_mse": Scored(MeanSquaredError(), scored_values)})
+
+
+def scored_choices(outputs, batch):
+    """(argmax of the logits, true class) at the scored steps."""
+    scored = batch["mask"] > 0
+    return outputs[scored].argmax(-1), batch["targets"][scored]
+
+
+def scored_values(outputs, batch):
+    scored = (batch["mask"] > 0).expand_as(outputs)
+    return outputs[scored], batch["targets"][scored]

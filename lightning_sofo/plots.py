@@ -1,0 +1,99 @@
+"""Figures of trials (matplotlib, Agg backend): what the network saw, what it should
+have done, what it did, and a few of its units. Each function returns a Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+MAX_CHANNELS = 6
+MAX_UNITS = 8
+
+
+def _numpy(tensor: Tensor):
+    return tensor.detach().float().cpu().numpy()
+
+
+def _scored_steps(batch: dict, index: int) -> Tensor | None:
+    mask = batch.get("mask")
+    if mask is None:
+        return None
+    mask = mask[index]
+    return (mask.reshape(mask.shape[0], -1) > 0).any(-1) if mask.dim() > 1 else mask > 0
+
+
+def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, index: int = 0, title: str = ""):
+    """Inputs, targets (dashed) against outputs (solid), and unit rates of trial `index`;
+    grey bands mark the scored steps (mask > 0). Class-index targets are drawn with
+    the softmax of the outputs."""
+    rows = 3 if rates is not None else 2
+    figure, axes = plt.subplots(rows, 1, figsize=(8, 2.2 * rows), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    inputs, targets, outputs = batch["inputs"][index], batch["targets"][index], outputs[index]
+    axes[0].plot(_numpy(inputs[:, :MAX_CHANNELS]))
+    axes[0].set_ylabel("inputs")
+    if targets.dtype in (torch.int64, torch.int32):
+        probabilities = torch.softmax(outputs.float(), dim=-1)
+        for c in range(min(probabilities.shape[-1], MAX_CHANNELS)):
+            line = axes[1].plot(_numpy(probabilities[:, c]), label=f"p(class {c})")[0]
+            axes[1].plot(_numpy((targets == c).float()), "--", color=line.get_color())
+        axes[1].set_ylabel("target / output")
+    else:
+        for c in range(min(targets.shape[-1], MAX_CHANNELS)):
+            line = axes[1].plot(_numpy(outputs[:, c]), label=f"output {c}")[0]
+            axes[1].plot(_numpy(targets[:, c]), "--", color=line.get_color())
+        axes[1].set_ylabel("target (--) / output")
+    scored = _scored_steps(batch, index)
+    if scored is not None:
+        steps = torch.nonzero(scored).flatten()
+        for t in _numpy(steps):
+            axes[1].axvspan(t - 0.5, t + 0.5, color="0.9", lw=0, zorder=-1)
+    if rates is not None:
+        axes[2].plot(_numpy(rates[index][:, :MAX_UNITS]))
+        axes[2].set_ylabel("unit rates")
+    axes[-1].set_xlabel("time step")
+    axes[0].set_title(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: int = 8, title: str = ""):
+    """Hand paths (outputs[..., :2], m) of up to n_trials trials, with their final targets (x) and
+    the start (o); right: hand speed against time."""
+    figure, (paths, speed) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for i in range(min(n_trials, outputs.shape[0])):
+        hand = _numpy(outputs[i])
+        line = paths.plot(hand[:, 0], hand[:, 1], lw=1.2)[0]
+        target = _numpy(endpoints[i])
+        paths.plot(target[..., 0], target[..., 1], "x", color=line.get_color(), ms=9, mew=2)
+        speed.plot((hand[:, 2] ** 2 + hand[:, 3] ** 2) ** 0.5, color=line.get_color(), lw=1)
+    start = _numpy(outputs[0, 0, :2])
+    paths.plot(start[0], start[1], "ko", ms=6)
+    paths.set_aspect("equal")
+    paths.set_xlabel("x (m)")
+    paths.set_ylabel("y (m)")
+    paths.set_title(title)
+    speed.set_xlabel("time step")
+    speed.set_ylabel("hand speed (m/s)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_curves(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str = "",
+                log_y: bool = True):
+    """Several (x, y) curves on one axis, e.g. loss against iterations for several methods."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in curves.items():
+        axis.plot(x, y, label=label)
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,164 @@
+"""TaskDataModule: the Lightning glue every task in datamodules/ builds on.
+
+A task declares its trials, `generate(n_trials, generator) -> batch`, and
+nothing else; this base class turns that into a stream of fresh training
+trials (one seeded generator per batch, so the stream is reproducible and can
+resume where a checkpoint left it), fixed validation and test sets (their own
+seeds), task metrics (torchmetrics) and a figure of a few trials.
+
+Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
+(B, T), mask broadcastable to the targets, ...task extras}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.wrappers.abstract import WrapperMetric
+
+Batch = dict[str, Tensor]
+
+_STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+def stream_seed(seed: int, stream: str, index: int) -> int:
+    """A 63-bit seed for batch `index` of a stream ("train", "val", "test") of a task seeded `seed`."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + _STREAMS[stream] * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    return mixed % (2**63 - 1)
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Base class of the task DataModules.
+
+    Args:
+        batch_size: trials per batch B.
+        batches_per_epoch: training batches between two validations.
+        val_trials, test_trials: sizes of the fixed validation and test sets.
+        seed: the task's seed; the training stream, validation set and test set
+            derive their own seeds from it.
+
+    Subclasses set `input_size`, `output_size` and `loss` ("mse" or
+    "cross_entropy"), and implement `generate`; they may override `metrics`
+    and `plot_trial`.
+    """
+
+    input_size: int
+    output_size: int
+    loss: str = "mse"
+
+    def __init__(self, batch_size: int = 64, batches_per_epoch: int = 100, val_trials: int = 256,
+                 test_trials: int = 256, seed: int = 0):
+        super().__init__()
+        for name, value in {"batch_size": batch_size, "batches_per_epoch": batches_per_epoch,
+                            "val_trials": val_trials, "test_trials": test_trials}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}.")
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.val_trials, self.test_trials, self.seed = val_trials, test_trials, seed
+        self.batches_consumed = 0
+        self._fixed: dict[str, list[Batch]] = {}
+
+    # ---- what a task declares --------------------------------------------------------
+    def generate(self, n_trials: int, generator: torch.Generator) -> Batch:
+        """n_trials fresh trials drawn with `generator` (CPU): a batch dict."""
+        raise NotImplementedError
+
+    def metrics(self) -> MetricCollection:
+        """The task's metrics; each is updated with (outputs, batch). None by default."""
+        return MetricCollection({})
+
+    def plot_trial(self, batch: Batch, outputs: Tensor, rates: Tensor | None = None, index: int = 0):
+        """A matplotlib Figure of trial `index`: inputs, targets against outputs, a few unit rates."""
+        from lightning_sofo.plots import plot_sequences
+
+        return plot_sequences(batch, outputs, rates, index, title=type(self).__name__)
+
+    # ---- Lightning ------------------------------------------------------------------
+    def draw(self, stream: str, index: int, n_trials: int | None = None) -> Batch:
+        """Batch `index` of `stream`, the same every time it is asked for."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, stream, index))
+        return self.generate(n_trials or self.batch_size, generator)
+
+    def fixed_set(self, stream: str) -> list[Batch]:
+        """The validation or test set: batches of at most batch_size trials, drawn once."""
+        if stream not in self._fixed:
+            total = self.val_trials if stream == "val" else self.test_trials
+            sizes = [min(self.batch_size, total - start) for start in range(0, total, self.batch_size)]
+            self._fixed[stream] = [self.draw(stream, i, n) for i, n in enumerate(sizes)]
+        return self._fixed[stream]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_TrialStream(self), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.fixed_set("val"), batch_size=None)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.fixed_set("test"), batch_size=None)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # the stream numbers its batches; count those the training loop has actually taken
+        # (the loader fetches one ahead), so a checkpoint resumes the stream where it was
+        if isinstance(batch, dict) and "stream_index" in batch:
+            index = int(batch.pop("stream_index"))
+            if self.trainer is not None and self.trainer.training:
+                self.batches_consumed = index + 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+        self.batches_consumed = state_dict["batches_consumed"]
+
+    # ---- checks shared by tasks ----------------------------------------------------------
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(f"{type(self).__name__}: {message}")
+
+
+class _TrialStream(IterableDataset):
+    """Training batches batches_per_epoch at a time, batch i drawn from its own seed."""
+
+    def __init__(self, task: TaskDataModule):
+        self.task = task
+
+    def __len__(self) -> int:
+        return self.task.batches_per_epoch
+
+    def __iter__(self):
+        task = self.task
+        epoch_end = (task.batches_consumed // task.batches_per_epoch + 1) * task.batches_per_epoch
+        for index in range(task.batches_consumed, epoch_end):
+            batch = task.draw("train", index)
+            batch["stream_index"] = torch.tensor(index)
+            yield batch
+
+
+class Scored(WrapperMetric):
+    """A torchmetrics metric updated from (outputs, batch): `pick(outputs, batch)` returns
+    the (preds, target) it scores, e.g. the masked entries or the last time step."""
+
+    def __init__(self, metric: Metric, pick: Callable[[Tensor, Batch], tuple[Tensor, ...]]):
+        super().__init__()
+        self.metric = metric
+        self.pick = pick
+
+    def update(self, outputs: Tensor, batch: Batch) -> None:
+        self.metric.update(*self.pick(outputs, batch))
+
+    def compute(self) -> Tensor:
+        return self.metric.compute()
+
+    def reset(self) -> None:
+        self.metric.reset()
+        super().reset()
