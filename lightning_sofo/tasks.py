@@ -12,6 +12,7 @@ Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -22,6 +23,9 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 Batch = dict[str, Tensor]
+
+# the trial stream has a length (batches_per_epoch) and is generated in the main process
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 

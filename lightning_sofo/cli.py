@@ -1,0 +1,89 @@
+"""The `sofo` command: Lightning's CLI (fit, validate, test, predict) over our models and tasks.
+
+    sofo fit --config configs/flipflop_sofo.yaml
+    sofo fit --config flipflop_sofo --trainer.max_steps 50     # a bundled config by name, from any directory
+
+Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
+config; models/ and datamodules/ are imported so their classes are known by name. Every run
+logs to TensorBoard, keeps the last checkpoint, and draws trials at each validation.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+import lightning_sofo  # noqa: F401  (registers strategy "sofo")
+from lightning_sofo.callbacks import TrialFigures
+from lightning_sofo.module import SOFOModule
+
+BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class SOFOCLI(LightningCLI):
+    """LightningCLI with SOFOModule models, any LightningDataModule, persistent checkpoint
+    and figure callbacks, and a closing line that says where the results are."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        import datamodules  # noqa: F401  (so class_path: FlipFlop resolves)
+        import models  # noqa: F401
+
+        super().__init__(
+            model_class=SOFOModule,
+            datamodule_class=L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), TrialFigures()]},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # the model's input size follows the task (e.g. another neurogym task id); the output
+        # size and the loss are checked against the task when fit starts (SOFOModule.setup)
+        parser.link_arguments("data.input_size", "model.init_args.input_size", apply_on="instantiate")
+
+    def after_fit(self) -> None:
+        print(summary(self.trainer))
+
+
+def summary(trainer: L.Trainer) -> str:
+    """One closing line: what was reached, and where the logs and checkpoints are."""
+    metrics = {key: value.item() for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    shown = ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items()) if not key.startswith("sofo/"))
+    where = []
+    if trainer.logger is not None and trainer.logger.log_dir is not None:
+        where.append(f"TensorBoard logs in {trainer.logger.log_dir} (tensorboard --logdir {Path(trainer.logger.log_dir).parent})")
+    checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+        trainer.checkpoint_callback, "best_model_path", "")
+    if checkpoint:
+        where.append(f"last checkpoint {checkpoint}")
+    return f"Done after {trainer.global_step} steps: {shown or 'no metrics logged'}. " + "; ".join(where) + "."
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+    """`--config NAME` that is not a file but names a bundled config (with or without .yaml)
+    becomes that config's path, so the bundled configs work from any directory."""
+    resolved = list(argv)
+    for i, arg in enumerate(resolved[:-1]):
+        if arg in ("--config", "-c") and not Path(resolved[i + 1]).exists():
+            name = Path(resolved[i + 1]).name
+            for candidate in (BUNDLED_CONFIGS / name, BUNDLED_CONFIGS / f"{name}.yaml"):
+                if candidate.is_file():
+                    resolved[i + 1] = str(candidate)
+    return resolved
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `sofo` console script."""
+    SOFOCLI(args=resolve_config_paths(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The `sofo` command: every bundled config runs two steps with its sizes shrunk from the
+command line; the console script works from any directory; bad configs fail clearly."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sofo.cli import BUNDLED_CONFIGS, main, resolve_config_paths
+
+CONFIGS = sorted(path.name for path in BUNDLED_CONFIGS.glob("*.yaml"))
+SHORT_REACH = ["--data.init_args.prep_range", "[0.01, 0.02]", "--data.init_args.movement_time", "0.02",
+               "--data.init_args.second_go_delay", "0.03"]
+SHRINK = {  # per task: trial lengths that keep the task's periods valid
+    "flipflop": ["--data.init_args.n_steps", "20"],
+    "delayed_addition": ["--data.init_args.n_steps", "25", "--data.init_args.second_marker_last", "20"],
+    "kalman": ["--data.init_args.n_steps", "20"],
+    "lorenz": ["--data.init_args.n_steps", "6", "--data.init_args.burn_in", "50"],
+    "single_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
+    "double_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
+    "neurogym": [],
+    "motornet_reach": ["--data.init_args.n_steps", "12", "--data.init_args.prep_range", "[0.02, 0.03]",
+                       "--data.init_args.movement_time", "0.03"],
+}
+
+
+def shrunk(config: str, root: Path) -> list[str]:
+    task, method = config.removesuffix(".yaml").rsplit("_", 1)
+    args = ["fit", "--config", str(BUNDLED_CONFIGS / config), "--trainer.default_root_dir", str(root),
+            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--data.init_args.batch_size", "4", "--data.init_args.val_trials", "4",
+            "--model.init_args.hidden_size", "8"] + SHRINK[task]
+    if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
+        args += ["--model.init_args.compile_steps", "0"]
+    if method == "sofo":
+        args += ["--optimizer.init_args.tangents", "8"]
+    return args
+
+
+def test_every_task_has_a_sofo_and_an_adam_config():
+    tasks = {name.rsplit("_", 1)[0] for name in CONFIGS}
+    assert tasks == set(SHRINK)
+    for task in tasks:
+        assert {f"{task}_sofo.yaml", f"{task}_adam.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_runs_two_steps(config, tmp_path, capsys):
+    if "neurogym" in config:
+        pytest.importorskip("neurogym")
+    if "motornet" in config:
+        pytest.importorskip("motornet")
+    main(shrunk(config, tmp_path))
+    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    assert closing.startswith("Done after 2 steps:") and "val_loss" in closing
+    assert "val/" in closing, "the task's torchmetrics metrics are logged at validation"
+    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    events = list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
+    import yaml
+
+    for sofo in BUNDLED_CONFIGS.glob("*_sofo.yaml"):
+        a = yaml.safe_load(sofo.read_text())
+        b = yaml.safe_load(sofo.with_name(sofo.name.replace("_sofo", "_adam")).read_text())
+        assert a["model"] == b["model"] and a["data"] == b["data"] and a["seed_everything"] == b["seed_everything"]
+        assert a["trainer"]["strategy"] == "sofo" and "strategy" not in b["trainer"]
+        assert a["optimizer"]["class_path"] == "lightning_sofo.SOFO"
+        assert b["optimizer"]["class_path"] == "torch.optim.Adam" and b["trainer"]["gradient_clip_val"] > 0
+
+
+def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_path):
+    script = Path(sys.executable).with_name("sofo")
+    assert script.is_file(), "the package installs a `sofo` console script"
+    args = [arg if not arg.endswith("flipflop_sofo.yaml") else "flipflop_sofo"
+            for arg in shrunk("flipflop_sofo.yaml", tmp_path)]
+    result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Done after 2 steps" in result.stdout
+    figures = [line for line in open(next((tmp_path / "lightning_logs" / "version_0").glob("events.*")), "rb")]
+    assert any(b"trials/0" in line for line in figures), "trial figures are logged to TensorBoard"
+
+
+def test_resolve_config_paths_leaves_real_files_alone(tmp_path):
+    real = tmp_path / "mine.yaml"
+    real.write_text("{}")
+    assert resolve_config_paths(["fit", "--config", str(real)]) == ["fit", "--config", str(real)]
+    assert resolve_config_paths(["fit", "-c", "kalman_adam"]) == ["fit", "-c", str(BUNDLED_CONFIGS / "kalman_adam.yaml")]
+
+
+def test_unknown_task_option_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--data.init_args.n_bitz", "4"])
+    assert "n_bitz" in capsys.readouterr().err
+
+
+def test_model_that_does_not_fit_the_task_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="FlipFlop has output_size=3 but VanillaRNN was built with output_size=2"):
+        main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--model.init_args.output_size", "2"])
+
+
+def test_trial_shorter_than_the_task_periods_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="shorter than the marker period"):
+        main(shrunk("delayed_addition_adam.yaml", tmp_path) + ["--data.init_args.n_steps", "10"])
