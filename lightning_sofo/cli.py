@@ -37,12 +37,18 @@ class SOFOCLI(LightningCLI):
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults={"callbacks": [ModelCheckpoint(save_last=True), TrialFigures()]},
+            trainer_defaults={"callbacks": [TrialFigures()]},
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
             **kwargs,
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # keep the last checkpoint (for --ckpt_path last) unless checkpointing is switched off
+        if config.get("enable_checkpointing") is not False:
+            callbacks = [*callbacks, ModelCheckpoint(save_last=True)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
         # the model's input size follows the task (e.g. another neurogym task id); the output

@@ -34,3 +34,33 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"```bash\n.*?\n(python -m pytest[^\n]*)\n```", readme, re.S).group(1)
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == command
+
+
+def test_main_job_as_the_readme_gives_it_lowers_the_flipflop_loss(tmp_path):
+    """The README's first command, shortened to 30 steps, from another directory."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_sofo.cli import SOFOCLI
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"## Install and run the main job\n\n```bash\n(.*?)\n```", readme, re.S).group(1)
+    fit = command.split("&&")[-1].split()
+    assert fit[:4] == ["sofo", "fit", "--config", "configs/flipflop_sofo.yaml"]
+    config = str(ROOT / fit[3])
+    short = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.default_root_dir", str(tmp_path)]
+    sofo = str(Path(sys.executable).with_name("sofo"))
+    result = subprocess.run([sofo, *fit[1:3], config, *short], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    closing = result.stdout.strip().splitlines()[-1]
+    trained = float(re.search(r"val_loss ([0-9.e-]+)", closing).group(1))
+    assert "lightning_logs" in closing and "last checkpoint" in closing
+
+    import lightning as L
+
+    untrained = SOFOCLI(run=False, args=["--config", config, "--trainer.logger", "false"])  # same seed: same start
+    start = L.Trainer(logger=False, enable_progress_bar=False).validate(untrained.model, untrained.datamodule,
+                                                                       verbose=False)[0]["val_loss"]
+    assert trained < 0.7 * start, (start, trained)
