@@ -35,9 +35,10 @@ def import_neurogym():
 
 
 def neurogym_task_ids() -> list[str]:
+    """The ids of every task neurogym registers."""
+    import_neurogym()
     from neurogym.envs.registration import all_envs
 
-    import_neurogym()
     return sorted(all_envs())
 
 

@@ -4,6 +4,7 @@ reproducibility: same seed, same trials; different streams, different trials."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -210,3 +211,15 @@ def test_metrics_score_what_they_say():
     metrics = reach.metrics()
     metrics.update(outputs, batch)
     assert math.isclose(metrics.compute()["endpoint_error_cm"].item(), 5.0, rel_tol=1e-4)
+
+
+def test_a_missing_optional_extra_is_named(monkeypatch):
+    from datamodules import NeurogymTask
+    from models import MotorNetBody
+
+    monkeypatch.setitem(sys.modules, "neurogym", None)
+    with pytest.raises(ImportError, match=r"pip install \"lightning-sofo\[neurogym\]\""):
+        NeurogymTask()
+    monkeypatch.setitem(sys.modules, "motornet", None)
+    with pytest.raises(ImportError, match=r"pip install \"lightning-sofo\[motornet\]\""):
+        MotorNetBody()
