@@ -70,7 +70,8 @@ def summary(trainer: L.Trainer) -> str:
         trainer.checkpoint_callback, "best_model_path", "")
     if checkpoint:
         where.append(f"last checkpoint {checkpoint}")
-    return f"Done after {trainer.global_step} steps: {shown or 'no metrics logged'}. " + "; ".join(where) + "."
+    return f"Done after {trainer.global_step} steps: {shown or 'no metrics logged'}." + "".join(
+        f" {part[0].upper()}{part[1:]}." for part in where)
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
