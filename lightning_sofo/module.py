@@ -117,12 +117,22 @@ class SOFOModule(L.LightningModule):
                 f"a recurrent module takes batch-first sequences, inputs (B, T, I); got shape {tuple(inputs.shape)}. "
                 "Add the missing dimension (e.g. inputs.unsqueeze(-1) for one input channel)."
             )
+        expected = getattr(self, "input_size", None)
+        if isinstance(expected, int) and inputs.shape[-1] != expected:
+            raise ValueError(
+                f"{type(self).__name__} has {expected} input channels but the inputs have {inputs.shape[-1]}; "
+                f"set input_size={inputs.shape[-1]} (or check the task's input_size)."
+            )
 
     # ---- backpropagation route (any torch optimizer, default strategy) ---------------
     def compute_loss(self, batch: Any) -> Tensor:
+        return self._outputs_and_loss(batch)[1]
+
+    def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         inputs, targets, mask = unpack_batch(batch)
         check_finite(inputs=inputs, targets=targets, mask=mask)
-        return self.loss_fn(self(inputs), targets, mask)
+        outputs = self(inputs)
+        return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.compute_loss(batch)
@@ -141,10 +151,7 @@ class SOFOModule(L.LightningModule):
 
     def _evaluate(self, batch: Any, stage: str) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
-        inputs, targets, mask = unpack_batch(batch)
-        check_finite(inputs=inputs, targets=targets, mask=mask)
-        outputs = self(inputs)
-        loss = self.loss_fn(outputs, targets, mask)
+        outputs, loss = self._outputs_and_loss(batch)
         self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
         metrics = getattr(self, f"{stage}_metrics", None)
         if metrics is not None and len(metrics) and isinstance(batch, dict):
@@ -172,8 +179,9 @@ class SOFOModule(L.LightningModule):
                 f"{type(self.loss_fn).__name__}; build the model with loss={task_loss!r}."
             )
         if hasattr(task, "metrics"):
-            self.val_metrics = task.metrics().clone(prefix="val/")
-            self.test_metrics = task.metrics().clone(prefix="test/")
+            metrics = task.metrics()
+            self.val_metrics = metrics.clone(prefix="val/")
+            self.test_metrics = metrics.clone(prefix="test/")
 
     def on_fit_start(self) -> None:
         uses_sofo = any(isinstance(opt, SOFO) for opt in self.trainer.optimizers)

@@ -49,9 +49,8 @@ def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, in
         axes[1].set_ylabel("target (--) / output")
     scored = _scored_steps(batch, index)
     if scored is not None:
-        steps = torch.nonzero(scored).flatten()
-        for t in _numpy(steps):
-            axes[1].axvspan(t - 0.5, t + 0.5, color="0.9", lw=0, zorder=-1)
+        axes[1].fill_between(range(scored.shape[0]), 0, 1, where=_numpy(scored).astype(bool), step="mid",
+                             transform=axes[1].get_xaxis_transform(), color="0.9", lw=0, zorder=-1)
     if rates is not None:
         axes[2].plot(_numpy(rates[index][:, :MAX_UNITS]))
         axes[2].set_ylabel("unit rates")

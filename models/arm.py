@@ -186,11 +186,6 @@ class ArmController(SOFOModule):
     def step(self, state: tuple[Tensor, Any], inputs_t: Tensor) -> tuple[tuple[Tensor, Any], Tensor]:
         """((h_t, body_t), u_t (B, I)) -> ((h_{t+1}, body_{t+1}), hand_{t+1} (B, 4))."""
         hidden, body_state = state
-        if inputs_t.shape[-1] != self.input_size:
-            raise ValueError(
-                f"the controller takes {self.input_size} task input channels but the inputs have "
-                f"{inputs_t.shape[-1]}; set input_size={inputs_t.shape[-1]}."
-            )
         hidden = self.cell(hidden, torch.cat([inputs_t, self.body.feedback(body_state)], dim=-1))
         action = self.body.motor_command(self.cell.rates(hidden) @ self.motor.T + self.motor_bias)
         body_state = self.body.step(body_state, action)

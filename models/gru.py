@@ -51,11 +51,6 @@ class GRU(SOFOModule):
 
     def step(self, state: Tensor, inputs_t: Tensor) -> tuple[Tensor, Tensor]:
         """(h_t (B, N), u_t (B, I)) -> (h_{t+1} (B, N), y_t (B, O))."""
-        if inputs_t.shape[-1] != self.input_size:
-            raise ValueError(
-                f"the GRU has {self.input_size} input channels but the inputs have {inputs_t.shape[-1]}; "
-                f"set input_size={inputs_t.shape[-1]}."
-            )
         n = state.shape[-1]
         from_input = inputs_t @ self.input_weights.T + self.bias
         w_zr, w_c = self.recurrent[: 2 * n], self.recurrent[2 * n :]

@@ -120,11 +120,6 @@ class LeakyRNNCell(nn.Module):
 
     def forward(self, state: Tensor, inputs_t: Tensor) -> Tensor:
         """(h_t (B, N), u_t (B, I)) -> h_{t+1} (B, N)."""
-        if inputs_t.shape[-1] != self.input_size:
-            raise ValueError(
-                f"the network has {self.input_size} input channels but the inputs have {inputs_t.shape[-1]}; "
-                f"set input_size={inputs_t.shape[-1]} (or check the task's input_size)."
-            )
         if self.noisy and self.input_noise > 0:
             inputs_t = inputs_t + self.input_noise * torch.randn_like(inputs_t)
         drive = self.phi(state) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
