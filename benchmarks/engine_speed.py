@@ -29,6 +29,7 @@ COMPILE_STEPS = 10  # time steps per torch.compile'd call
 SIZES = [  # (N, B, K, T)
     (64, 64, 128, 100),
     (64, 32, 64, 100),
+    (256, 64, 128, 200),
 ]
 
 

@@ -6,13 +6,15 @@ Importing this package registers the strategy "sofo" with Lightning.
 from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, solve_subspace
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
 from lightning_sofo.module import SOFOModule
-from lightning_sofo.optim import SOFO, StepInfo
+from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
 from lightning_sofo.strategy import SOFOStrategy, register as _register
 
 _register()
 
 __all__ = [
     "SOFO",
+    "FGD",
+    "SketchOptimizer",
     "SOFOModule",
     "SOFOStrategy",
     "Sketch",

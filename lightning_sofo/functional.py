@@ -7,8 +7,8 @@ dL/dy and Hessian H_L with respect to the outputs.
 
     sketched gradient  g~_k  = dL/dy . Y_k          (K,)    = V^T grad L
     sketched GGN       G~_kl = Y_k^T H_L Y_l        (K, K)  = V^T J^T H_L J V
-    update             theta <- theta - lr V (G~ + lambda I)^{-1} g~,
-                       lambda = damping * max eig(G~)
+    update             theta <- theta - lr V a,   SOFO: a = (G~ + lambda I)^{-1} g~,
+                       lambda = damping * max eig(G~);   FGD: a = g~ (times P/K if asked)
 
 Parameters and tangents travel as dicts {name: tensor}; a tangent dict holds
 tensors of shape (K, *parameter.shape).
@@ -16,6 +16,7 @@ tensors of shape (K, *parameter.shape).
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
@@ -268,3 +269,60 @@ def solve_subspace(grad: Tensor, ggn: Tensor, damping: float) -> SubspaceStep:
     inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     coefficients = eigenvectors @ (inverse * (eigenvectors.T @ g))
     return SubspaceStep(coefficients.to(grad.dtype), top.to(grad.dtype), lam.to(grad.dtype))
+
+
+# --------------------------------------------------------------------------- #
+# 4. Baselines and options from the same sketches
+# --------------------------------------------------------------------------- #
+def forward_gradient_coefficients(grad: Tensor, num_params: int, scale_by_dimension: bool) -> Tensor:
+    """Forward-gradient descent: a = g~, so theta <- theta - lr V V^T grad L.
+
+    With orthonormal random V, E[V V^T] = (K/P) I, so scale_by_dimension multiplies
+    by P/K to make V V^T grad L an unbiased estimate of grad L.
+    """
+    return grad * (num_params / grad.shape[0]) if scale_by_dimension else grad
+
+
+def predicted_change(grad: Tensor, ggn: Tensor, coefficients: Tensor, lr: float) -> Tensor:
+    """Change of the Gauss-Newton model of L for the step delta = -lr V a:
+    m(delta) = g~^T (-lr a) + 1/2 (lr a)^T G~ (lr a)
+    (exact for a squared error of a model linear in theta)."""
+    g, G, a = grad.double(), ggn.double(), coefficients.double()
+    return -lr * (g @ a) + 0.5 * lr * lr * (a @ (G @ a))
+
+
+@dataclass(frozen=True)
+class LevenbergMarquardt:
+    """Adaptive relative damping from the reduction ratio rho = actual change / predicted change.
+
+    rho > good (the model predicted well): damping *= decrease (trust the model more);
+    rho < poor (or the loss rose, or became non-finite): damping *= increase;
+    in between: unchanged. The result stays within [minimum, maximum].
+    Constants as in Martens (2010), Hessian-free optimisation, section 4.1.
+    """
+
+    good: float = 0.75
+    poor: float = 0.25
+    decrease: float = 2.0 / 3.0
+    increase: float = 1.5
+    minimum: float = 1e-8
+    maximum: float = 1e2
+
+    def __call__(self, damping: float, ratio: float) -> float:
+        if math.isnan(ratio):  # no predicted decrease: nothing to learn from
+            return damping
+        if math.isfinite(ratio) and ratio > self.good:
+            damping *= self.decrease
+        elif ratio < self.poor:
+            damping *= self.increase
+        return min(max(damping, self.minimum), self.maximum)
+
+
+def reduction_ratio(loss_before: float, loss_after: float, predicted: float) -> float:
+    """rho = (L(theta_new) - L(theta)) / m(delta); -inf when the new loss is not finite,
+    nan when the model predicts no decrease (nothing to learn from)."""
+    if not math.isfinite(loss_after):
+        return -math.inf
+    if not predicted < 0:
+        return math.nan
+    return (loss_after - loss_before) / predicted

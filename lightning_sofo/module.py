@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_sketch
 from lightning_sofo.losses import LossSpec, resolve_loss
-from lightning_sofo.optim import SOFO
+from lightning_sofo.optim import SketchOptimizer
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -184,10 +184,10 @@ class SOFOModule(L.LightningModule):
             self.test_metrics = metrics.clone(prefix="test/")
 
     def on_fit_start(self) -> None:
-        uses_sofo = any(isinstance(opt, SOFO) for opt in self.trainer.optimizers)
+        uses_sofo = any(isinstance(opt, SketchOptimizer) for opt in self.trainer.optimizers)
         if uses_sofo and not getattr(self.trainer.strategy, "runs_sofo", False):
             raise RuntimeError(
-                "configure_optimizers returned a SOFO optimizer, but the Trainer's strategy "
+                "configure_optimizers returned a SOFO or FGD optimizer, but the Trainer's strategy "
                 f"({type(self.trainer.strategy).__name__}) trains by backpropagation. "
                 "Use Trainer(strategy='sofo'), or return a torch optimizer such as Adam to train by BPTT."
             )
@@ -208,8 +208,9 @@ class SOFOModule(L.LightningModule):
         return state
 
     # ---- SOFO route --------------------------------------------------------------
-    def sketch_function(self, batch: Any, optimizer: SOFO) -> Callable[[dict[str, Tensor]], Sketch]:
-        """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step.
+    def sketch_function(self, batch: Any, optimizer: SketchOptimizer) -> Callable[[dict[str, Tensor] | None], Any]:
+        """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step (or FGD.step);
+        closure(None) -> the loss alone at the current parameters (no tangents).
 
         The optimizer's parameters are the primals (tangents keyed as in
         optimizer.named_params()); parameters the optimizer does not hold, and
@@ -230,7 +231,10 @@ class SOFOModule(L.LightningModule):
         if self.is_recurrent:
             self._check_sequence(inputs)
 
-        def closure(tangents: dict[str, Tensor]) -> Sketch:
+        def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
+            if tangents is None:
+                with torch.no_grad():
+                    return self.loss_fn(self(inputs), targets, mask)
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             functions = self._functional
             with _PureFunctionCheck(self, primals):

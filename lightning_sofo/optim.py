@@ -1,4 +1,11 @@
-"""SOFO as a torch.optim.Optimizer over the functional core."""
+"""Optimizers over the functional core: SOFO, and forward-gradient descent (FGD) as a baseline.
+
+Both are torch.optim.Optimizers that draw K orthonormal tangents V per step, ask
+`closure(tangents)` for the sketches (loss, g~ = V^T grad L, G~ = V^T GGN V), and
+move along the subspace: theta <- theta - lr V a, where only the coefficients a
+differ (SOFO: the damped Gauss-Newton solve; FGD: a = g~). Optional heavy-ball
+momentum acts on the parameter-space step V a.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +18,30 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lightning_sofo.functional import Sketch, sample_tangents, solve_subspace, step_generator
+from lightning_sofo.functional import (
+    LevenbergMarquardt,
+    Sketch,
+    forward_gradient_coefficients,
+    predicted_change,
+    reduction_ratio,
+    sample_tangents,
+    solve_subspace,
+    step_generator,
+)
 
-SketchFunction = Callable[[dict[str, Tensor]], Sketch]
+SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Diagnostics of the last SOFO iteration (all Python floats).
+    """Diagnostics of the last iteration (all Python floats).
 
-    loss: the loss before the update; top_eigenvalue: max eig of G~;
-    damping: the absolute damping lambda = relative damping * top_eigenvalue;
-    update_norm: ||theta_new - theta_old||; skipped: True if the sketch was not
-    finite and the parameters were left as they were.
+    loss: the loss before the update; top_eigenvalue: max eig of G~ (nan for FGD);
+    damping: the absolute damping lambda = relative_damping * top_eigenvalue;
+    relative_damping: the relative damping this step used; update_norm:
+    ||theta_new - theta_old||; reduction_ratio: actual / predicted loss change on
+    the batch (damping="adaptive" only, else nan); skipped: True if the sketch was
+    not finite and the parameters were left as they were.
     """
 
     loss: float
@@ -32,40 +50,50 @@ class StepInfo:
     update_norm: float
     tangents: int
     skipped: bool = False
+    relative_damping: float = math.nan
+    reduction_ratio: float = math.nan
 
 
-class SOFO(torch.optim.Optimizer):
-    """Second-order forward-mode optimisation: damped Gauss-Newton in a random subspace.
+@dataclass(frozen=True)
+class _Direction:
+    coefficients: Tensor  # a (K,): the step is -lr V a
+    top_eigenvalue: float = math.nan
+    damping: float = math.nan
+    relative_damping: float = math.nan
 
-    Each step draws K orthonormal tangents V (P x K), asks `closure(tangents)` for the
-    sketches (loss, g~ = V^T grad L, G~ = V^T GGN V), and updates
-        theta <- theta - lr V (G~ + damping * max eig(G~) I)^{-1} g~.
 
-    Args:
-        params: parameters or parameter groups; lr may differ per group (schedulers
-            act on it), tangents, damping and seed are global.
-        lr: step size; lr = 1 is the damped Gauss-Newton step.
-        tangents: K, the dimension of the random subspace (clamped to P).
-        damping: relative damping lambda / max eig(G~), > 0 keeps the solve well posed.
-        seed: seed of the tangents; the tangents of step s depend only on (seed, s).
+def _check_number(owner: str, name: str, value, minimum: float, strict: bool, meaning: str = "") -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{owner}: {name} must be a finite number {bound}{meaning}, got {value!r}.")
+    return float(value)
 
+
+class SketchOptimizer(torch.optim.Optimizer):
+    """Base of the optimizers that step from sketches (SOFO, FGD); trained with strategy "sofo".
+
+    Subclasses define `_direction(sketch, num_params) -> _Direction`.
     `step(closure)` takes closure(tangents: {name: (K, *shape)}) -> Sketch, with
     names "<group>.<index>" (see `named_params`); SOFOModule builds it, and
-    Trainer(strategy="sofo") calls step with it.
+    Trainer(strategy="sofo") calls step with it. closure(None) returns the loss at
+    the current parameters (used by damping="adaptive").
     """
 
-    def __init__(self, params, lr: float = 1.0, tangents: int = 128, damping: float = 1e-5, seed: int = 0):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"SOFO: lr must be a positive finite number, got {lr!r}.")
+    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int):
+        name = type(self).__name__
+        lr = _check_number(name, "lr", lr, 0.0, strict=True)
         if isinstance(tangents, bool) or not isinstance(tangents, int) or tangents < 1:
-            raise ValueError(f"SOFO: tangents (K) must be a positive integer, got {tangents!r}.")
-        if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping >= 0):
-            raise ValueError(f"SOFO: damping must be a finite number >= 0 (relative to max eig of G~), got {damping!r}.")
+            raise ValueError(f"{name}: tangents (K) must be a positive integer, got {tangents!r}.")
+        momentum = _check_number(name, "momentum", momentum, 0.0, strict=False, meaning=" and < 1")
+        if momentum >= 1:
+            raise ValueError(f"{name}: momentum must be in [0, 1) (0: off), got {momentum!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"SOFO: seed must be an integer, got {seed!r}.")
-        super().__init__(params, dict(lr=float(lr)))
+            raise ValueError(f"{name}: seed must be an integer, got {seed!r}.")
+        super().__init__(params, dict(lr=lr))
         self.tangents = tangents
-        self.damping = float(damping)
+        self.momentum = momentum
         self.seed = seed
         self.step_count = 0
         self.skipped_steps = 0
@@ -81,9 +109,19 @@ class SOFO(torch.optim.Optimizer):
             if p.requires_grad
         }
 
+    _measures_reduction = False  # True: _after_update evaluates the loss after the step
+
+    def _direction(self, sketch: Sketch, num_params: int) -> _Direction:
+        raise NotImplementedError
+
+    def _after_update(self, sketch: Sketch, direction: _Direction, closure) -> float:
+        """Hook run after the parameters moved; returns the reduction ratio (nan if not measured)."""
+        return math.nan
+
     def _check_closure(self, closure) -> None:
+        name = type(self).__name__
         if closure is None or not callable(closure):
-            raise TypeError("SOFO.step needs closure(tangents) -> Sketch; train with Trainer(strategy='sofo').")
+            raise TypeError(f"{name}.step needs closure(tangents) -> Sketch; train with Trainer(strategy='sofo').")
         try:
             parameters = inspect.signature(closure).parameters.values()
         except (TypeError, ValueError):
@@ -91,47 +129,76 @@ class SOFO(torch.optim.Optimizer):
         positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
         if not positional:
             raise RuntimeError(
-                "SOFO.step was called with a zero-argument closure, as a backpropagation loop does "
-                "(Lightning's default strategy or a plain torch loop). SOFO computes no gradients: train "
+                f"{name}.step was called with a zero-argument closure, as a backpropagation loop does "
+                f"(Lightning's default strategy or a plain torch loop). {name} computes no gradients: train "
                 "with Trainer(strategy='sofo'), or call step(closure) with closure(tangents) -> Sketch "
                 "(see SOFOModule.sketch_function)."
             )
 
     @torch.no_grad()
     def step(self, closure: SketchFunction) -> Tensor:  # type: ignore[override]
-        """One SOFO iteration; returns the loss before the update."""
+        """One iteration; returns the loss before the update."""
         self._check_closure(closure)
         params = self.named_params()
         device = next(iter(params.values())).device
         tangents = sample_tangents(params, self.tangents, step_generator(self.seed, self.step_count, device))
         sketch = closure(tangents)
         if not isinstance(sketch, Sketch):
-            raise TypeError(f"SOFO.step: closure(tangents) must return a Sketch, got {type(sketch).__name__}.")
+            raise TypeError(
+                f"{type(self).__name__}.step: closure(tangents) must return a Sketch, got {type(sketch).__name__}."
+            )
         k = next(iter(tangents.values())).shape[0]
         self.step_count += 1
         if not sketch.is_finite():
             self.skipped_steps += 1
             warnings.warn(
-                f"SOFO step {self.step_count - 1}: the loss or its sketches are not finite "
+                f"{type(self).__name__} step {self.step_count - 1}: the loss or its sketches are not finite "
                 f"(loss={float(sketch.loss)}); parameters left unchanged, step skipped.",
                 stacklevel=2,
             )
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
-        solution = solve_subspace(sketch.grad, sketch.ggn, self.damping)
-        squared_norm = torch.zeros((), dtype=torch.float64, device=device)
+        direction = self._direction(sketch, sum(p.numel() for p in params.values()))
+        backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
+        update_norm = self._move(tangents, direction.coefficients)
+        ratio = self._after_update(sketch, direction, closure)
+        if backup is not None and ratio == -math.inf:  # the step made the loss non-finite: take it back
+            for name, p in params.items():
+                p.copy_(backup[name])
+            update_norm = 0.0
+            warnings.warn(
+                f"{type(self).__name__} step {self.step_count - 1}: the loss after the update was not finite; "
+                "parameters restored, damping raised.",
+                stacklevel=2,
+            )
+        self.last_step = StepInfo(
+            float(sketch.loss), direction.top_eigenvalue, direction.damping, update_norm, k,
+            relative_damping=direction.relative_damping, reduction_ratio=ratio,
+        )
+        return sketch.loss
+
+    def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float:
+        """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
+        returns ||lr s||."""
+        squared_norm = 0.0
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
                     continue
-                # theta <- theta - lr V a, one parameter's rows of V at a time
-                update = torch.tensordot(solution.coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)
-                p.sub_(update, alpha=group["lr"])
-                squared_norm += group["lr"] ** 2 * update.pow(2).sum()
-        self.last_step = StepInfo(
-            float(sketch.loss), float(solution.top_eigenvalue), float(solution.damping), math.sqrt(squared_norm), k
-        )
-        return sketch.loss
+                step = torch.tensordot(coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)  # this parameter's V a
+                if self.momentum > 0:
+                    buffer = self.state[p].get("momentum_buffer")
+                    step = step if buffer is None else buffer.mul_(self.momentum).add_(step)
+                    self.state[p]["momentum_buffer"] = step
+                p.sub_(step, alpha=group["lr"])
+                squared_norm += group["lr"] ** 2 * float(step.double().pow(2).sum())
+        return math.sqrt(squared_norm)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -140,7 +207,8 @@ class SOFO(torch.optim.Optimizer):
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
             tangents=self.tangents,
-            damping=self.damping,
+            momentum=self.momentum,
+            **self._extra_state(),
         )
         return state
 
@@ -149,12 +217,118 @@ class SOFO(torch.optim.Optimizer):
         sofo = state_dict.pop("sofo", None)
         if sofo is None:
             raise ValueError(
-                "SOFO.load_state_dict: this state has no 'sofo' entry (tangent generator seed and step count); "
-                "it was not saved by a SOFO optimizer."
+                f"{type(self).__name__}.load_state_dict: this state has no 'sofo' entry (tangent generator seed and "
+                "step count); it was not saved by a SOFO or FGD optimizer."
             )
         super().load_state_dict(state_dict)
         self.seed = sofo["seed"]
         self.step_count = sofo["step_count"]
         self.skipped_steps = sofo["skipped_steps"]
         self.tangents = sofo["tangents"]
-        self.damping = sofo["damping"]
+        self.momentum = sofo.get("momentum", 0.0)
+        self._load_extra_state(sofo)
+
+
+class SOFO(SketchOptimizer):
+    """Second-order forward-mode optimisation: damped Gauss-Newton in a random subspace.
+
+    Each step: theta <- theta - lr V (G~ + lambda I)^{-1} g~, lambda = damping * max eig(G~).
+
+    Args:
+        params: parameters or parameter groups; lr may differ per group (schedulers
+            act on it); tangents, damping, momentum and seed are global.
+        lr: step size; lr = 1 is the damped Gauss-Newton step.
+        tangents: K, the dimension of the random subspace (clamped to P).
+        damping: relative damping lambda / max eig(G~) (> 0 keeps the solve well
+            posed), or "adaptive": start at `initial_damping` and adjust it each step
+            by the Levenberg-Marquardt rule from the ratio of the actual to the
+            predicted loss change on the batch (one extra forward pass, no tangents).
+        momentum: heavy-ball coefficient beta on the parameter-space step
+            (s <- beta s + V a, theta <- theta - lr s); 0 (the default) is off.
+        seed: seed of the tangents; the tangents of step s depend only on (seed, s).
+        initial_damping: the starting relative damping of damping="adaptive".
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1.0,
+        tangents: int = 128,
+        damping: float | str = 1e-5,
+        momentum: float = 0.0,
+        seed: int = 0,
+        initial_damping: float = 1e-3,
+    ):
+        self.adaptive = damping == "adaptive"
+        if self.adaptive:
+            damping = _check_number("SOFO", "initial_damping", initial_damping, 0.0, strict=True)
+            if momentum:
+                raise ValueError(
+                    "SOFO: damping='adaptive' judges each step by the loss change the Gauss-Newton model "
+                    "predicts in the sketched subspace, and momentum moves the parameters outside it; "
+                    "use one of the two (momentum=0, or a fixed damping)."
+                )
+        else:
+            if isinstance(damping, str):
+                raise ValueError(f"SOFO: damping must be a number >= 0 or 'adaptive', got {damping!r}.")
+            damping = _check_number("SOFO", "damping", damping, 0.0, strict=False, meaning=" (relative to max eig of G~) or 'adaptive'")
+        super().__init__(params, lr, tangents, momentum, seed)
+        self.damping = damping
+        self.damping_rule = LevenbergMarquardt()
+
+    @property
+    def _measures_reduction(self) -> bool:
+        return self.adaptive
+
+    def _direction(self, sketch: Sketch, num_params: int) -> _Direction:
+        solution = solve_subspace(sketch.grad, sketch.ggn, self.damping)
+        return _Direction(solution.coefficients, float(solution.top_eigenvalue), float(solution.damping), self.damping)
+
+    def _after_update(self, sketch: Sketch, direction: _Direction, closure) -> float:
+        if not self.adaptive:
+            return math.nan
+        lrs = {group["lr"] for group in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError(
+                "SOFO: damping='adaptive' needs one lr for all parameter groups (the predicted loss change "
+                f"assumes the step -lr V a), got {sorted(lrs)}."
+            )
+        loss_after = closure(None)
+        predicted = predicted_change(sketch.grad, sketch.ggn, direction.coefficients, lrs.pop())
+        ratio = reduction_ratio(float(sketch.loss), float(loss_after), float(predicted))
+        self.damping = self.damping_rule(self.damping, ratio)
+        return ratio
+
+    def _extra_state(self) -> dict:
+        return dict(damping=self.damping, adaptive=self.adaptive)
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.damping = state["damping"]
+        self.adaptive = state.get("adaptive", False)
+
+
+class FGD(SketchOptimizer):
+    """Forward-gradient descent from the same sketches: theta <- theta - lr V g~ = theta - lr V V^T grad L.
+
+    Args:
+        params, lr, tangents, momentum, seed: as SOFO.
+        scale_by_dimension: multiply the step by P/K, which makes V V^T grad L an
+            unbiased estimate of grad L (E[V V^T] = K/P I); off by default.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        tangents: int = 128,
+        momentum: float = 0.0,
+        seed: int = 0,
+        scale_by_dimension: bool = False,
+    ):
+        if not isinstance(scale_by_dimension, bool):
+            raise ValueError(f"FGD: scale_by_dimension must be True or False, got {scale_by_dimension!r}.")
+        super().__init__(params, lr, tangents, momentum, seed)
+        self.scale_by_dimension = scale_by_dimension
+
+    def _direction(self, sketch: Sketch, num_params: int) -> _Direction:
+        return _Direction(forward_gradient_coefficients(sketch.grad, num_params, self.scale_by_dimension))

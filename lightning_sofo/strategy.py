@@ -11,6 +11,7 @@ records no graph and runs no backward; `optimizer_step` only runs the closure.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 
 from lightning_sofo.module import SOFOModule
-from lightning_sofo.optim import SOFO
+from lightning_sofo.optim import SketchOptimizer
 
 
 class SOFOStrategy(SingleDeviceStrategy):
@@ -76,11 +77,11 @@ class SOFOStrategy(SingleDeviceStrategy):
         if trainer.state.fn == "fit":
             self._sofo_optimizer()
 
-    def _sofo_optimizer(self) -> SOFO:
-        if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], SOFO):
+    def _sofo_optimizer(self) -> SketchOptimizer:
+        if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], SketchOptimizer):
             got = ", ".join(type(o).__name__ for o in self.optimizers) or "no optimizer"
             raise TypeError(
-                f"strategy='sofo' needs configure_optimizers to return one lightning_sofo.SOFO optimizer; got {got}. "
+                f"strategy='sofo' needs configure_optimizers to return one lightning_sofo.SOFO (or FGD) optimizer; got {got}. "
                 "Return SOFO(self.parameters(), ...), or drop strategy='sofo' to train by backpropagation."
             )
         return self.optimizers[0]
@@ -92,14 +93,16 @@ class SOFOStrategy(SingleDeviceStrategy):
             loss = optimizer.step(module.sketch_function(batch, optimizer))
         info = optimizer.last_step
         module.log("train_loss", loss, prog_bar=True)
-        module.log_dict(
-            {
-                "sofo/top_eigenvalue": info.top_eigenvalue,
-                "sofo/damping": info.damping,
-                "sofo/update_norm": info.update_norm,
-                "sofo/skipped_steps": float(optimizer.skipped_steps),
-            }
-        )
+        diagnostics = {
+            "sofo/top_eigenvalue": info.top_eigenvalue,
+            "sofo/damping": info.damping,
+            "sofo/relative_damping": info.relative_damping,
+            "sofo/reduction_ratio": info.reduction_ratio,
+            "sofo/update_norm": info.update_norm,
+            "sofo/skipped_steps": float(optimizer.skipped_steps),
+        }
+        # FGD has no G~ solve and fixed damping measures no ratio: log only what this optimizer has
+        module.log_dict({key: value for key, value in diagnostics.items() if not math.isnan(value)})
         return None
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:

@@ -39,13 +39,14 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
     if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
         args += ["--model.init_args.compile_steps", "0"]
-    if method == "sofo":
+    if method in ("sofo", "fgd"):
         args += ["--optimizer.init_args.tangents", "8"]
     return args
 
 
 def test_every_task_has_a_sofo_and_an_adam_config():
     tasks = {name.rsplit("_", 1)[0] for name in CONFIGS}
+    assert {name.rsplit("_", 1)[1] for name in CONFIGS} == {"sofo.yaml", "adam.yaml", "fgd.yaml"}
     assert tasks == set(SHRINK)
     for task in tasks:
         assert {f"{task}_sofo.yaml", f"{task}_adam.yaml"} <= set(CONFIGS)
@@ -76,6 +77,14 @@ def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
         assert a["trainer"]["strategy"] == "sofo" and "strategy" not in b["trainer"]
         assert a["optimizer"]["class_path"] == "lightning_sofo.SOFO"
         assert b["optimizer"]["class_path"] == "torch.optim.Adam" and b["trainer"]["gradient_clip_val"] > 0
+
+
+def test_adaptive_damping_from_the_command_line(tmp_path, capsys):
+    main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--optimizer.init_args.damping", "adaptive"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Done after 2 steps:")
+    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    state = checkpoint["optimizer_states"][0]["sofo"]
+    assert state["adaptive"] and state["damping"] != 1e-3, "the damping adapted and was checkpointed"
 
 
 def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_path):

@@ -152,8 +152,8 @@ def test_module_without_forward_or_step():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr=0), "lr must be a positive"),
-        (dict(lr=float("nan")), "lr must be a positive"),
+        (dict(lr=0), "lr must be a finite number > 0"),
+        (dict(lr=float("nan")), "lr must be a finite number > 0"),
         (dict(tangents=0), "tangents"),
         (dict(tangents=2.5), "tangents"),
         (dict(damping=-1e-3), "damping must be"),
