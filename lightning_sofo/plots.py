@@ -82,17 +82,24 @@ def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: i
     return figure
 
 
-def plot_curves(curves: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str = "",
-                log_y: bool = True):
-    """Several (x, y) curves on one axis, e.g. loss against iterations for several methods."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label, (x, y) in curves.items():
-        axis.plot(x, y, label=label)
+def plot_curves(curves: dict[str, tuple], xlabel: str, ylabel: str, title: str = "", log_y: bool = True,
+                axis=None):
+    """Several curves on one axis, e.g. loss against iterations for several methods.
+
+    curves: {label: (x, y)} or {label: (x, y, low, high)}, the last two shaded as a band
+    (e.g. the range over seeds). Draws into `axis` if given, else a new figure; returns the figure.
+    """
+    if axis is None:
+        _, axis = plt.subplots(figsize=(6, 4))
+    for label, (x, y, *band) in curves.items():
+        line = axis.plot(x, y, label=label)[0]
+        if band:
+            axis.fill_between(x, band[0], band[1], color=line.get_color(), alpha=0.2, lw=0)
     if log_y:
         axis.set_yscale("log")
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.set_title(title)
-    axis.legend()
-    figure.tight_layout()
-    return figure
+    axis.legend(fontsize="small")
+    axis.figure.tight_layout()
+    return axis.figure
