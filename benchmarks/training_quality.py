@@ -237,7 +237,7 @@ def summarise(runs):
         groups.setdefault((r["method"], r["label"]), []).append(r)
 
     def score(key):
-        losses = [r["final_loss"] for r in groups[key]]
+        losses = [final_loss(r) for r in groups[key]]
         return statistics.mean(losses) if all(math.isfinite(x) for x in losses) else math.inf
 
     best = {}
@@ -247,12 +247,19 @@ def summarise(runs):
     return groups, best
 
 
+def final_loss(run) -> float:
+    """The last validation loss; nan for a run whose training loss became non-finite."""
+    return math.nan if run["diverged"] else run["final_loss"]
+
+
 def mean_sd(values) -> str:
-    values = [v for v in values if math.isfinite(v)]
-    if not values:
+    """mean ± sd of the finite values, saying how many runs diverged."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
         return "diverged"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4g} ± {sd:.2g}"
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    lost = len(values) - len(finite)
+    return f"{statistics.mean(finite):.4g} ± {sd:.2g}" + (f" ({lost} of {len(values)} diverged)" if lost else "")
 
 
 TASK_METRIC = {"flipflop": "bit_accuracy", "delayed_addition": "sum_mse", "kalman": "mse_over_oracle",
@@ -276,7 +283,7 @@ def report_task(task_name) -> str | None:
     for name, group in rows:
         iterations = statistics.mean(r["iterations"] for r in group)
         per_iteration = statistics.median(r["seconds_per_iteration"] for r in group)
-        line = f"| {name} | {mean_sd([r['final_loss'] for r in group])} | {iterations:.0f} | {per_iteration:.3f} |"
+        line = f"| {name} | {mean_sd([final_loss(r) for r in group])} | {iterations:.0f} | {per_iteration:.3f} |"
         if metric:
             line += f" {mean_sd([r['metrics'].get(metric, math.nan) for r in group])} |"
         lines.append(line)
@@ -336,7 +343,7 @@ def summary_table(tasks) -> str:
         _, best = summarise([r for r in runs if r["label"] != "adaptive"])
 
         def cell(method, label):
-            return f"{mean_sd([r['final_loss'] for r in groups[(method, label)]])} ({label})"
+            return f"{mean_sd([final_loss(r) for r in groups[(method, label)]])} ({label})"
 
         floor = ""
         if task_name == "kalman":
@@ -344,7 +351,7 @@ def summary_table(tasks) -> str:
             floor = f" (oracle floor {statistics.mean(oracle):.4g})"
         lines.append(
             f"| {task_name}{floor} | {runs[0]['budget']:g} s | {cell('SOFO', best['SOFO'])} | "
-            f"{mean_sd([r['final_loss'] for r in groups[('SOFO', 'adaptive')]])} | "
+            f"{mean_sd([final_loss(r) for r in groups[('SOFO', 'adaptive')]])} | "
             f"{cell('Adam', best['Adam'])} | {cell('FGD', best['FGD'])} |"
         )
     return "\n".join(lines)

@@ -218,14 +218,31 @@ def _step_with_tangents(step, params, tangents, state, state_tangents, inputs_t)
     )
 
 
+SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
+
+
 def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser):
     """Run the inputs.shape[1] steps of a window; returns the new state and its tangents and
-    (loss, g~, G~) summed over the window's steps."""
-    total = None
-    for t in range(inputs.shape[1]):
+    (loss, g~, G~) summed over the window's steps.
+
+    A per-step loss sketches a block of steps as one: with Y_b the output tangents of
+    the block's steps side by side, sum_t Y_t^T H_t Y_t = Y_b^T H_b Y_b, so the block
+    costs two matrix products instead of two per step (memory K B O per kept step).
+    """
+    total, outputs, output_tangents = None, [], []
+    horizon = inputs.shape[1]
+    for t in range(horizon):
         (state, y), (state_tangents, dy) = _step_with_tangents(step, params, tangents, state, state_tangents, inputs[:, t])
-        term = loss.sketch(y, dy, targets[:, t], None if mask is None else mask[:, t], normaliser)
-        total = term if total is None else total + term
+        outputs.append(y)
+        output_tangents.append(dy)
+        if len(outputs) == SKETCH_BLOCK or t == horizon - 1:
+            block = slice(t + 1 - len(outputs), t + 1)
+            term = loss.sketch(
+                torch.stack(outputs, 1), torch.stack(output_tangents, 2), targets[:, block],
+                None if mask is None else mask[:, block], normaliser,
+            )
+            total = term if total is None else total + term
+            outputs, output_tangents = [], []
     return state, state_tangents, (total.loss, total.grad, total.ggn)
 
 

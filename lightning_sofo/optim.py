@@ -41,7 +41,8 @@ class StepInfo:
     relative_damping: the relative damping this step used; update_norm:
     ||theta_new - theta_old||; reduction_ratio: actual / predicted loss change on
     the batch (damping="adaptive" only, else nan); skipped: True if the sketch was
-    not finite and the parameters were left as they were.
+    not finite and the parameters were left as they were; rejected: True if the
+    step raised the loss on its batch and was taken back (damping="adaptive").
     """
 
     loss: float
@@ -52,6 +53,7 @@ class StepInfo:
     skipped: bool = False
     relative_damping: float = math.nan
     reduction_ratio: float = math.nan
+    rejected: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.step_count = 0
         self.skipped_steps = 0
+        self.rejected_steps = 0
         self.last_step: StepInfo | None = None
 
     def named_params(self) -> dict[str, Tensor]:
@@ -162,18 +165,21 @@ class SketchOptimizer(torch.optim.Optimizer):
         backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
         update_norm = self._move(tangents, direction.coefficients)
         ratio = self._after_update(sketch, direction, closure)
-        if backup is not None and ratio == -math.inf:  # the step made the loss non-finite: take it back
+        rejected = backup is not None and ratio < 0  # Levenberg-Marquardt: a step that raised the loss is undone
+        if rejected:
             for name, p in params.items():
                 p.copy_(backup[name])
             update_norm = 0.0
-            warnings.warn(
-                f"{type(self).__name__} step {self.step_count - 1}: the loss after the update was not finite; "
-                "parameters restored, damping raised.",
-                stacklevel=2,
-            )
+            self.rejected_steps += 1
+            if ratio == -math.inf:
+                warnings.warn(
+                    f"{type(self).__name__} step {self.step_count - 1}: the loss after the update was not finite; "
+                    "parameters restored, damping raised.",
+                    stacklevel=2,
+                )
         self.last_step = StepInfo(
             float(sketch.loss), direction.top_eigenvalue, direction.damping, update_norm, k,
-            relative_damping=direction.relative_damping, reduction_ratio=ratio,
+            relative_damping=direction.relative_damping, reduction_ratio=ratio, rejected=rejected,
         )
         return sketch.loss
 
@@ -206,6 +212,7 @@ class SketchOptimizer(torch.optim.Optimizer):
             seed=self.seed,
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
+            rejected_steps=self.rejected_steps,
             tangents=self.tangents,
             momentum=self.momentum,
             **self._extra_state(),
@@ -224,6 +231,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.seed = sofo["seed"]
         self.step_count = sofo["step_count"]
         self.skipped_steps = sofo["skipped_steps"]
+        self.rejected_steps = sofo.get("rejected_steps", 0)
         self.tangents = sofo["tangents"]
         self.momentum = sofo.get("momentum", 0.0)
         self._load_extra_state(sofo)
@@ -242,7 +250,8 @@ class SOFO(SketchOptimizer):
         damping: relative damping lambda / max eig(G~) (> 0 keeps the solve well
             posed), or "adaptive": start at `initial_damping` and adjust it each step
             by the Levenberg-Marquardt rule from the ratio of the actual to the
-            predicted loss change on the batch (one extra forward pass, no tangents).
+            predicted loss change on the batch (one extra forward pass, no tangents);
+            a step that raises the loss on its batch is taken back.
         momentum: heavy-ball coefficient beta on the parameter-space step
             (s <- beta s + V a, theta <- theta - lr s); 0 (the default) is off.
         seed: seed of the tangents; the tangents of step s depend only on (seed, s).

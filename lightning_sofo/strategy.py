@@ -100,6 +100,7 @@ class SOFOStrategy(SingleDeviceStrategy):
             "sofo/reduction_ratio": info.reduction_ratio,
             "sofo/update_norm": info.update_norm,
             "sofo/skipped_steps": float(optimizer.skipped_steps),
+            "sofo/rejected_steps": float(optimizer.rejected_steps),
         }
         # FGD has no G~ solve and fixed damping measures no ratio: log only what this optimizer has
         module.log_dict({key: value for key, value in diagnostics.items() if not math.isnan(value)})

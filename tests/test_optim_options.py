@@ -157,6 +157,16 @@ def test_adaptive_damping_rises_when_the_loss_falls_less_than_predicted():
     assert optimizer.damping == pytest.approx(1.5e-2)
 
 
+def test_adaptive_damping_takes_back_a_step_that_raises_the_loss():
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    optimizer = SOFO([param], lr=1.0, tangents=4, damping="adaptive", initial_damping=1e-2)
+    optimizer.step(quadratic_closure(param, lambda p: 0.5 * p.pow(2).sum() + 10.0))  # the loss rose by ~8
+    assert optimizer.last_step.reduction_ratio < 0 and optimizer.last_step.rejected
+    assert torch.equal(param.detach(), torch.ones(4, dtype=torch.float64))
+    assert optimizer.damping == pytest.approx(1.5e-2) and optimizer.rejected_steps == 1
+    assert optimizer.last_step.update_norm == 0.0
+
+
 def test_adaptive_damping_takes_back_a_step_that_makes_the_loss_non_finite():
     param = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
     optimizer = SOFO([param], lr=1.0, tangents=4, damping="adaptive", initial_damping=1e-2)
@@ -164,6 +174,7 @@ def test_adaptive_damping_takes_back_a_step_that_makes_the_loss_non_finite():
         optimizer.step(quadratic_closure(param, lambda p: torch.tensor(float("nan"))))
     assert torch.equal(param.detach(), torch.ones(4, dtype=torch.float64))
     assert optimizer.damping == pytest.approx(1.5e-2) and optimizer.last_step.update_norm == 0.0
+    assert optimizer.rejected_steps == 1
 
 
 def test_adaptive_damping_state_survives_a_checkpoint():

@@ -65,9 +65,25 @@ def case_id(case):
     return f"{build.__name__}-{loss if isinstance(loss, str) else loss.__name__}"
 
 
+BLOCKED = [c for c in CASES if c[0] is recurrent_case and isinstance(c[1], str)]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_sketches_match_reverse_mode_and_explicit_ggn(case):
-    build, loss = case
+    check_sketches_against_oracles(*case)
+
+
+@pytest.mark.parametrize("block", [1, 3])
+@pytest.mark.parametrize("case", BLOCKED, ids=[case_id(c) for c in BLOCKED])
+def test_recurrent_sketch_in_blocks_of_steps(case, block, monkeypatch):
+    """T = 7 sketched in blocks of 1 (every step) or 3 (3 + 3 + 1): the same oracle holds."""
+    import lightning_sofo.functional as functional
+
+    monkeypatch.setattr(functional, "SKETCH_BLOCK", block)
+    check_sketches_against_oracles(*case)
+
+
+def check_sketches_against_oracles(build, loss):
     model, inputs, targets, mask = build(loss)
     if loss is softplus_loss:
         mask = None
