@@ -63,6 +63,8 @@ class SketchedLoss(Protocol):
 
     per_step: bool
 
+    def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor: ...
+
     def broadcast_mask(self, targets: Tensor, mask: Tensor | None) -> Tensor | None: ...
 
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor: ...
@@ -202,7 +204,7 @@ def recurrent_sketch(
     total = None
     for start in range(0, horizon, chunk):
         window = slice(start, min(start + chunk, horizon))
-        run = _compiled_sketch_steps() if compile_steps > 0 and window.stop - window.start == chunk else _sketch_steps
+        run = _compiled("sketch_steps", _sketch_steps) if compile_steps > 0 and window.stop - window.start == chunk else _sketch_steps
         state, state_tangents, sums = run(
             step, loss, params, tangents, state, state_tangents,
             inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
@@ -246,13 +248,52 @@ def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, t
     return state, state_tangents, (total.loss, total.grad, total.ggn)
 
 
+def recurrent_loss(
+    initial_state: Callable[[Params], Any],
+    step: Callable[[Params, Any, Tensor], tuple[Any, Tensor]],
+    params: Params,
+    inputs: Tensor,
+    targets: Tensor,
+    loss: SketchedLoss,
+    mask: Tensor | None = None,
+    compile_steps: int = 0,
+) -> Tensor:
+    """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
+    compiled chunks; a per-step loss is summed window by window, L = sum_w L_w n_w / n, so
+    only one window's outputs are kept."""
+    params = dict(params)
+    state = tree_map(torch.Tensor.contiguous, initial_state(params))
+    horizon = inputs.shape[1]
+    chunk = compile_steps if compile_steps > 0 and loss.per_step else horizon
+    mask = loss.broadcast_mask(targets, mask)
+    normaliser = loss.normaliser(targets, mask)
+    total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
+    for start in range(0, horizon, chunk):
+        window = slice(start, min(start + chunk, horizon))
+        run = _compiled("primal_steps", _primal_steps) if compile_steps > 0 and window.stop - start == chunk else _primal_steps
+        state, outputs = run(step, params, state, inputs[:, window])
+        window_mask = None if mask is None else mask[:, window]
+        # loss(...) normalises by its own window's count n_w; rescale to the whole trial's n
+        total = total + loss(outputs, targets[:, window], window_mask) * loss.normaliser(targets[:, window], window_mask)
+    return total / normaliser
+
+
+def _primal_steps(step, params, state, inputs):
+    outputs = []
+    for t in range(inputs.shape[1]):
+        state, y = step(params, state, inputs[:, t])
+        outputs.append(y)
+    return state, torch.stack(outputs, 1)
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
-def _compiled_sketch_steps() -> Callable:
-    if "sketch_steps" not in _COMPILED:
-        _COMPILED["sketch_steps"] = torch.compile(_sketch_steps, dynamic=False)
-    return _COMPILED["sketch_steps"]
+def _compiled(name: str, function: Callable) -> Callable:
+    """torch.compile(function), built once per process (compilations are cached per shape)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(function, dynamic=False)
+    return _COMPILED[name]
 
 
 # --------------------------------------------------------------------------- #

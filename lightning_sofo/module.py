@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_sketch
+from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_loss, recurrent_sketch
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
 
@@ -232,11 +232,16 @@ class SOFOModule(L.LightningModule):
             self._check_sequence(inputs)
 
         def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            if tangents is None:
-                with torch.no_grad():
-                    return self.loss_fn(self(inputs), targets, mask)
-            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             functions = self._functional
+            if tangents is None:  # the loss alone, by the same (compiled) time loop
+                with torch.no_grad(), _PureFunctionCheck(self, primals):
+                    if not self.is_recurrent:
+                        return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
+                    return recurrent_loss(
+                        lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
+                        primals, inputs, targets, self.loss_fn, mask, compile_steps=self.compile_steps,
+                    )
+            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             with _PureFunctionCheck(self, primals):
                 if self.is_recurrent:
                     batch_size = inputs.shape[0]

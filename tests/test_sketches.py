@@ -173,3 +173,18 @@ def test_compiled_engine_equals_eager_engine():
     compiled = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
     for a, b in [(eager.loss, compiled.loss), (eager.grad, compiled.grad), (eager.ggn, compiled.ggn)]:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("compile_steps", [0, 3])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy", masked_logcosh], ids=["mse", "cross_entropy", "callable"])
+def test_loss_alone_equals_the_unrolled_loss(loss, compile_steps, monkeypatch):
+    """closure(None), the loss after a step for adaptive damping, runs the time loop in windows
+    (here 3 + 3 + 1 steps, compilation replaced by the plain function) and sums L_w n_w / n."""
+    import lightning_sofo.functional as functional
+
+    monkeypatch.setattr(functional, "_compiled", lambda name, function: function)
+    model, inputs, targets, mask = recurrent_case(loss)
+    model.compile_steps = compile_steps
+    optimizer, _ = module_tangents(model, 4)
+    alone = model.sketch_function((inputs, targets, mask), optimizer)(None)
+    torch.testing.assert_close(alone, model.loss_fn(model(inputs), targets, mask).detach(), rtol=1e-12, atol=1e-15)
