@@ -1,4 +1,5 @@
-"""Strategy "sofo": each training step is one SOFO iteration, no backward pass.
+"""Strategies "sofo" (one device) and "sofo_ddp" (several processes): each training step is
+one SOFO iteration, no backward pass.
 
 Why a strategy rather than manual optimisation: the same SOFOModule must also
 train by backpropagation under the default strategy, with automatic
@@ -13,17 +14,98 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.overrides.distributed import _sync_module_states
 
-from lightning_sofo.module import SOFOModule
+from lightning_sofo.functional import Sketch
+from lightning_sofo.module import SOFOModule, unpack_batch
 from lightning_sofo.optim import SketchOptimizer
 
 
-class SOFOStrategy(SingleDeviceStrategy):
+class _SOFOSteps:
+    """The hooks shared by the SOFO strategies: each training step is one SOFO (or FGD)
+    iteration and nothing runs backward. A data-parallel strategy overrides `_reduce`."""
+
+    runs_sofo = True  # SOFOModule checks this to refuse a SOFO optimizer under another strategy
+    supported_precision = ("32-true", "64-true")
+
+    def _check_sofo_setup(self, trainer: L.Trainer) -> None:
+        name = self.strategy_name
+        if not isinstance(self.lightning_module, SOFOModule):
+            raise TypeError(
+                f"strategy='{name}' trains a SOFOModule (it defines the loss and the forward-mode pass); "
+                f"{type(self.lightning_module).__name__} is not one. Subclass lightning_sofo.SOFOModule."
+            )
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if precision not in self.supported_precision:
+            raise ValueError(
+                f"strategy='{name}' supports precision {' or '.join(self.supported_precision)}, got {precision!r}."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"strategy='{name}' takes one step per batch; accumulate_grad_batches has no meaning for it. "
+                "Use a larger batch instead."
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"strategy='{name}' computes no gradients to clip; remove gradient_clip_val "
+                "(raise SOFO's damping to take more cautious steps)."
+            )
+        # Returning None from training_step is how these strategies skip backward; Lightning warns about it.
+        warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+
+    def _sofo_optimizer(self) -> SketchOptimizer:
+        if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], SketchOptimizer):
+            got = ", ".join(type(o).__name__ for o in self.optimizers) or "no optimizer"
+            raise TypeError(
+                f"strategy='{self.strategy_name}' needs configure_optimizers to return one lightning_sofo.SOFO "
+                f"(or FGD) optimizer; got {got}. Return SOFO(self.parameters(), ...), or drop "
+                f"strategy='{self.strategy_name}' to train by backpropagation."
+            )
+        return self.optimizers[0]
+
+    def _reduce(self, closure: Callable, batch: Any) -> Callable:
+        """The closure whose sketch the optimizer steps on; one device: the module's own."""
+        return closure
+
+    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> None:
+        self._sofo_iteration(batch)
+        return None  # no loss for Lightning to run backward on
+
+    def _sofo_iteration(self, batch: Any) -> torch.Tensor:
+        """One optimizer step on the batch, its diagnostics logged; returns the loss before it."""
+        module = self.lightning_module
+        optimizer = self._sofo_optimizer()
+        with self.precision_plugin.train_step_context():
+            loss = optimizer.step(self._reduce(module.sketch_function(batch, optimizer), batch))
+        info = optimizer.last_step
+        module.log("train_loss", loss, prog_bar=True)
+        diagnostics = {
+            "sofo/top_eigenvalue": info.top_eigenvalue,
+            "sofo/damping": info.damping,
+            "sofo/relative_damping": info.relative_damping,
+            "sofo/reduction_ratio": info.reduction_ratio,
+            "sofo/update_norm": info.update_norm,
+            "sofo/skipped_steps": float(optimizer.skipped_steps),
+            "sofo/rejected_steps": float(optimizer.rejected_steps),
+        }
+        # FGD has no G~ solve and fixed damping measures no ratio: log only what this optimizer has
+        module.log_dict({key: value for key, value in diagnostics.items() if not math.isnan(value)})
+        return loss
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        # The closure runs training_step, which is the whole SOFO iteration.
+        return closure()
+
+    def backward(self, *args: Any, **kwargs: Any):
+        raise RuntimeError(f"strategy='{self.strategy_name}' runs no backward pass; training_step must return None.")
+
+
+class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
     """One device, SOFO iterations in place of backpropagation.
 
     The device follows the Trainer's accelerator and `devices` (Lightning fills
@@ -31,8 +113,6 @@ class SOFOStrategy(SingleDeviceStrategy):
     """
 
     strategy_name = "sofo"
-    runs_sofo = True  # SOFOModule checks this to refuse a SOFO optimizer under another strategy
-    supported_precision = ("32-true", "64-true")
 
     def __init__(self, device: torch.device | str | None = None, **kwargs: Any):
         super().__init__(device=device or "cpu", **kwargs)
@@ -49,73 +129,84 @@ class SOFOStrategy(SingleDeviceStrategy):
         if len(self.parallel_devices) > 1:
             raise ValueError(
                 f"strategy='sofo' runs on one device, but devices={len(self.parallel_devices)} were requested; "
-                "set devices=1."
+                "use strategy='sofo_ddp' for several, or set devices=1."
             )
-        if not isinstance(self.lightning_module, SOFOModule):
-            raise TypeError(
-                f"strategy='sofo' trains a SOFOModule (it defines the loss and the forward-mode pass); "
-                f"{type(self.lightning_module).__name__} is not one. Subclass lightning_sofo.SOFOModule."
-            )
-        precision = getattr(self.precision_plugin, "precision", "32-true")
-        if precision not in self.supported_precision:
-            raise ValueError(
-                f"strategy='sofo' supports precision {' or '.join(self.supported_precision)}, got {precision!r}."
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "strategy='sofo' takes one step per batch; accumulate_grad_batches has no meaning for it. "
-                "Use a larger batch instead."
-            )
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                "strategy='sofo' computes no gradients to clip; remove gradient_clip_val "
-                "(raise SOFO's damping to take more cautious steps)."
-            )
-        # Returning None from training_step is how this strategy skips backward; Lightning warns about it.
-        warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+        self._check_sofo_setup(trainer)
         super().setup(trainer)
         if trainer.state.fn == "fit":
             self._sofo_optimizer()
 
-    def _sofo_optimizer(self) -> SketchOptimizer:
-        if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], SketchOptimizer):
-            got = ", ".join(type(o).__name__ for o in self.optimizers) or "no optimizer"
-            raise TypeError(
-                f"strategy='sofo' needs configure_optimizers to return one lightning_sofo.SOFO (or FGD) optimizer; got {got}. "
-                "Return SOFO(self.parameters(), ...), or drop strategy='sofo' to train by backpropagation."
-            )
-        return self.optimizers[0]
 
-    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> None:
-        module = self.lightning_module
-        optimizer = self._sofo_optimizer()
-        with self.precision_plugin.train_step_context():
-            loss = optimizer.step(module.sketch_function(batch, optimizer))
-        info = optimizer.last_step
-        module.log("train_loss", loss, prog_bar=True)
-        diagnostics = {
-            "sofo/top_eigenvalue": info.top_eigenvalue,
-            "sofo/damping": info.damping,
-            "sofo/relative_damping": info.relative_damping,
-            "sofo/reduction_ratio": info.reduction_ratio,
-            "sofo/update_norm": info.update_norm,
-            "sofo/skipped_steps": float(optimizer.skipped_steps),
-            "sofo/rejected_steps": float(optimizer.rejected_steps),
-        }
-        # FGD has no G~ solve and fixed damping measures no ratio: log only what this optimizer has
-        module.log_dict({key: value for key, value in diagnostics.items() if not math.isnan(value)})
-        return None
+class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
+    """SOFO on several processes (Lightning's DDP launch and process group; gloo on CPU, NCCL on GPU).
 
-    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
-        # The closure runs training_step, which is the whole SOFO iteration.
-        return closure()
+    Every rank draws the same tangents (they depend only on the optimizer's seed and step),
+    sketches its own shard of the batch, and one all-reduce sums
+        [n_r L_r, n_r g~_r, n_r G~_r, n_r]     (K + K^2 + 2 numbers, whatever P is)
+    where n_r is the rank's loss normaliser (its count of scored elements), so every rank
+    gets the sketch of the global batch, L = sum_r n_r L_r / sum_r n_r, and takes the same
+    step. The model is not wrapped in DistributedDataParallel: no parameter or gradient is
+    ever communicated after the initial broadcast from rank 0.
+    """
 
-    def backward(self, *args: Any, **kwargs: Any):
-        raise RuntimeError("strategy='sofo' runs no backward pass; training_step must return None.")
+    strategy_name = "sofo_ddp"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
+
+    def setup(self, trainer: L.Trainer) -> None:
+        self._check_sofo_setup(trainer)
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self._sofo_optimizer()
+
+    def configure_ddp(self) -> None:
+        # no DistributedDataParallel wrapper (it exists to all-reduce gradients); the ranks start
+        # from rank 0's parameters and buffers and stay identical by taking identical steps
+        _sync_module_states(self.model)
+
+    def _reduce(self, closure: Callable, batch: Any) -> Callable:
+        loss_fn = self.lightning_module.loss_fn
+        _, targets, mask = unpack_batch(batch)
+        count = loss_fn.normaliser(targets, loss_fn.broadcast_mask(targets, mask)).reshape(1)
+
+        def reduced(tangents):
+            result = closure(tangents)
+            if tangents is None:  # the loss alone (adaptive damping): sum_r n_r L_r / sum_r n_r
+                packed = torch.cat([(count * result).reshape(1), count]).double()
+                self._all_reduce(packed)
+                return (packed[0] / packed[1]).to(result.dtype)
+            k = result.grad.shape[0]
+            packed = torch.cat([
+                (count * result.loss).reshape(1), count * result.grad, (count * result.ggn).reshape(-1), count,
+            ])
+            self._all_reduce(packed)
+            total = packed[-1]
+            return Sketch(packed[0] / total, packed[1 : 1 + k] / total, packed[1 + k : -1].reshape(k, k) / total)
+
+        return reduced
+
+    def training_step(self, batch: Any, batch_idx: int = 0, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning refuses a None training step on several processes; hand it the loss, detached,
+        # and let backward (below) do nothing with it
+        return self._sofo_iteration(batch).detach()
+
+    def backward(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the SOFO iteration already ran in training_step; there is no graph
+
+    def _all_reduce(self, packed: torch.Tensor) -> None:
+        torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
+        self.numbers_communicated += packed.numel()
 
 
 def register() -> None:
     if "sofo" not in StrategyRegistry:
         StrategyRegistry.register(
             "sofo", SOFOStrategy, description="SOFO: second-order forward-mode optimisation on one device"
+        )
+    if "sofo_ddp" not in StrategyRegistry:
+        StrategyRegistry.register(
+            "sofo_ddp", SOFODDPStrategy,
+            description="SOFO on several processes: K + K^2 numbers all-reduced per step, whatever the model size",
         )

@@ -30,9 +30,11 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 
 
-def stream_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for batch `index` of a stream ("train", "val", "test") of a task seeded `seed`."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + _STREAMS[stream] * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+def stream_seed(seed: int, stream: str, index: int, shard: int = 0) -> int:
+    """A 63-bit seed for batch `index` of a stream ("train", "val", "test") of a task seeded `seed`;
+    `shard` is the process rank under data parallelism (0 on one process)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + _STREAMS[stream] * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
+             + shard * 0xD6E8FEB86659FD93)
     return mixed % (2**63 - 1)
 
 
@@ -83,9 +85,10 @@ class TaskDataModule(L.LightningDataModule):
         return plot_sequences(batch, outputs, rates, index, title=type(self).__name__)
 
     # ---- Lightning ------------------------------------------------------------------
-    def draw(self, stream: str, index: int, n_trials: int | None = None) -> Batch:
-        """Batch `index` of `stream`, the same every time it is asked for."""
-        generator = torch.Generator().manual_seed(stream_seed(self.seed, stream, index))
+    def draw(self, stream: str, index: int, n_trials: int | None = None, shard: int = 0) -> Batch:
+        """Batch `index` of `stream` (of process `shard` under data parallelism), the same every
+        time it is asked for."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, stream, index, shard))
         return self.generate(n_trials or self.batch_size, generator)
 
     def fixed_set(self, stream: str) -> list[Batch]:
@@ -142,8 +145,10 @@ class _TrialStream(IterableDataset):
     def __iter__(self):
         task = self.task
         epoch_end = (task.batches_consumed // task.batches_per_epoch + 1) * task.batches_per_epoch
+        # under data parallelism every process draws its own trials: seeded by (seed, index, rank)
+        rank = task.trainer.global_rank if task.trainer is not None else 0
         for index in range(task.batches_consumed, epoch_end):
-            batch = task.draw("train", index)
+            batch = task.draw("train", index, shard=rank)
             batch["stream_index"] = torch.tensor(index)
             yield batch
 

@@ -1,0 +1,101 @@
+"""Run by tests/test_ddp.py as a script (Lightning's DDP launcher re-runs it for rank 1):
+a few SOFO steps of a float64 TinyRNN on one global batch of 8 trials, under strategy
+"sofo" (1 process, batch 8) or "sofo_ddp" (2 gloo processes, 4 trials each).
+
+    python tests/ddp_run.py STRATEGY STEPS OUT [--resume CKPT] [--adaptive]
+
+Rank 0 writes OUT (parameters, communication count, step count) and OUT.ckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TinyRNN  # noqa: E402
+
+import lightning_sofo  # noqa: E402,F401  (registers the strategies)
+
+GLOBAL_BATCH, K, HIDDEN = 8, 12, 48
+TRAFFIC = [0]  # numbers passed to torch.distributed collectives
+
+
+def count_collectives():
+    """Wrap torch.distributed's collectives so that every number sent is counted."""
+    import torch.distributed as dist
+
+    for name in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce"):
+        original = getattr(dist, name)
+
+        def counted(tensor, *args, _original=original, **kwargs):
+            TRAFFIC[0] += tensor.numel() if isinstance(tensor, torch.Tensor) else sum(t.numel() for t in tensor)
+            return _original(tensor, *args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+class TrafficPerStep(L.Callback):
+    def __init__(self):
+        self.per_step = []
+
+    def on_train_batch_start(self, *args):
+        TRAFFIC[0] = 0
+
+    def on_train_batch_end(self, *args):
+        self.per_step.append(TRAFFIC[0])
+
+
+def trials():
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(GLOBAL_BATCH, 6, 2, generator=g, dtype=torch.float64)
+    targets = torch.cumsum(inputs, 1) * 0.3
+    mask = (torch.rand(GLOBAL_BATCH, 6, 1, generator=g) > 0.3).double()  # uneven counts per shard
+    return [{"inputs": inputs[i], "targets": targets[i], "mask": mask[i]} for i in range(GLOBAL_BATCH)]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("strategy")
+    parser.add_argument("steps", type=int)
+    parser.add_argument("out")
+    parser.add_argument("--resume")
+    parser.add_argument("--adaptive", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    devices = 2 if args.strategy == "sofo_ddp" else 1
+    L.seed_everything(0, verbose=False)
+    damping = "adaptive" if args.adaptive else 1e-3
+    model = TinyRNN(hidden=HIDDEN, sofo=dict(lr=0.7, tangents=K, damping=damping, seed=5)).double()
+    count_collectives()
+    traffic = TrafficPerStep()
+    trainer = L.Trainer(
+        strategy=args.strategy, accelerator="cpu", devices=devices, max_steps=args.steps, precision="64-true",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[traffic],
+    )
+    loader = DataLoader(trials(), batch_size=GLOBAL_BATCH // devices, shuffle=False)
+    trainer.fit(model, loader, ckpt_path=args.resume)
+    trainer.save_checkpoint(args.out + ".ckpt")
+    optimizer = trainer.optimizers[0]
+    if trainer.global_rank == 1:
+        torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()}}, args.out + ".rank1")
+    if trainer.global_rank == 0:
+        torch.save({
+            "traffic_per_step": traffic.per_step,
+            "params": {name: p.detach().clone() for name, p in model.named_parameters()},
+            "numbers_communicated": getattr(trainer.strategy, "numbers_communicated", 0),
+            "step_count": optimizer.step_count,
+            "num_params": sum(p.numel() for p in model.parameters()),
+            "damping": optimizer.damping,
+        }, args.out)
+
+
+if __name__ == "__main__":
+    main()
