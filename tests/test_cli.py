@@ -121,3 +121,15 @@ def test_model_that_does_not_fit_the_task_is_a_clear_error(tmp_path):
 def test_trial_shorter_than_the_task_periods_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="shorter than the marker period"):
         main(shrunk("delayed_addition_adam.yaml", tmp_path) + ["--data.init_args.n_steps", "10"])
+
+
+def test_console_script_trains_on_two_processes_with_sofo_ddp(tmp_path):
+    script = Path(sys.executable).with_name("sofo")
+    args = shrunk("flipflop_sofo.yaml", tmp_path) + ["--trainer.strategy", "sofo_ddp", "--trainer.devices", "2",
+                                                     "--trainer.accelerator", "cpu"]
+    result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done after 2 steps" in result.stdout
+    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["optimizer_states"][0]["sofo"]["step_count"] == 2
