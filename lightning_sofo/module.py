@@ -152,7 +152,8 @@ class SOFOModule(L.LightningModule):
     def _evaluate(self, batch: Any, stage: str) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
         outputs, loss = self._outputs_and_loss(batch)
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val")
+        # sync_dist: under sofo_ddp each rank scores its share of the validation set
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics", None)
         if metrics is not None and len(metrics) and isinstance(batch, dict):
             metrics.update(outputs, batch)
