@@ -46,11 +46,16 @@ class _MallInfo2(ctypes.Structure):
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
+_LIBC: list = []  # glibc, loaded at the first sample
+
+
 def heap_in_use_mib() -> float:
     """Bytes malloc has handed out and not had back (glibc mallinfo2)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
+    if not _LIBC:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        _LIBC.append(libc)
+    info = _LIBC[0].mallinfo2()
     return (info.uordblks + info.hblkhd) / 2**20
 
 

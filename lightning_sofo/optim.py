@@ -186,7 +186,7 @@ class SketchOptimizer(torch.optim.Optimizer):
     def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float:
         """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
         returns ||lr s||."""
-        squared_norm = 0.0
+        squared_norm = torch.zeros((), dtype=torch.float64, device=coefficients.device)
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
@@ -197,8 +197,8 @@ class SketchOptimizer(torch.optim.Optimizer):
                     step = step if buffer is None else buffer.mul_(self.momentum).add_(step)
                     self.state[p]["momentum_buffer"] = step
                 p.sub_(step, alpha=group["lr"])
-                squared_norm += group["lr"] ** 2 * float(step.double().pow(2).sum())
-        return math.sqrt(squared_norm)
+                squared_norm += group["lr"] ** 2 * step.double().pow(2).sum()
+        return math.sqrt(squared_norm)  # one read of the device, after all parameters moved
 
     def _extra_state(self) -> dict:
         return {}
@@ -290,23 +290,28 @@ class SOFO(SketchOptimizer):
         return self.adaptive
 
     def _direction(self, sketch: Sketch, num_params: int) -> _Direction:
+        if self.adaptive:  # checked before the parameters move, so a refusal leaves them as they were
+            self._single_lr()
         solution = solve_subspace(sketch.grad, sketch.ggn, self.damping)
         return _Direction(solution.coefficients, float(solution.top_eigenvalue), float(solution.damping), self.damping)
 
     def _after_update(self, sketch: Sketch, direction: _Direction, closure) -> float:
         if not self.adaptive:
             return math.nan
+        loss_after = closure(None)
+        predicted = predicted_change(sketch.grad, sketch.ggn, direction.coefficients, self._single_lr())
+        ratio = reduction_ratio(float(sketch.loss), float(loss_after), float(predicted))
+        self.damping = self.damping_rule(self.damping, ratio)
+        return ratio
+
+    def _single_lr(self) -> float:
         lrs = {group["lr"] for group in self.param_groups}
         if len(lrs) != 1:
             raise ValueError(
                 "SOFO: damping='adaptive' needs one lr for all parameter groups (the predicted loss change "
                 f"assumes the step -lr V a), got {sorted(lrs)}."
             )
-        loss_after = closure(None)
-        predicted = predicted_change(sketch.grad, sketch.ggn, direction.coefficients, lrs.pop())
-        ratio = reduction_ratio(float(sketch.loss), float(loss_after), float(predicted))
-        self.damping = self.damping_rule(self.damping, ratio)
-        return ratio
+        return lrs.pop()
 
     def _extra_state(self) -> dict:
         return dict(damping=self.damping, adaptive=self.adaptive)

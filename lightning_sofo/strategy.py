@@ -33,6 +33,12 @@ class _SOFOSteps:
     runs_sofo = True  # SOFOModule checks this to refuse a SOFO optimizer under another strategy
     supported_precision = ("32-true", "64-true")
 
+    def setup(self, trainer: L.Trainer) -> None:
+        self._check_sofo_setup(trainer)
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self._sofo_optimizer()
+
     def _check_sofo_setup(self, trainer: L.Trainer) -> None:
         name = self.strategy_name
         if not isinstance(self.lightning_module, SOFOModule):
@@ -131,10 +137,7 @@ class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
                 f"strategy='sofo' runs on one device, but devices={len(self.parallel_devices)} were requested; "
                 "use strategy='sofo_ddp' for several, or set devices=1."
             )
-        self._check_sofo_setup(trainer)
         super().setup(trainer)
-        if trainer.state.fn == "fit":
-            self._sofo_optimizer()
 
 
 class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
@@ -154,12 +157,6 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
-
-    def setup(self, trainer: L.Trainer) -> None:
-        self._check_sofo_setup(trainer)
-        super().setup(trainer)
-        if trainer.state.fn == "fit":
-            self._sofo_optimizer()
 
     def configure_ddp(self) -> None:
         # no DistributedDataParallel wrapper (it exists to all-reduce gradients); the ranks start

@@ -219,3 +219,13 @@ def test_fgd_and_adaptive_sofo_train_under_the_strategy():
         assert float(model.compute_loss(batch)) < 0.9 * start, cls.__name__
         assert ("sofo/reduction_ratio" in t.logged_metrics) == (cls is SOFO)
         assert ("sofo/top_eigenvalue" in t.logged_metrics) == (cls is SOFO)
+
+
+def test_adaptive_damping_refuses_per_group_learning_rates_before_moving_anything():
+    model = TinyRNN()
+    optimizer = SOFO([{"params": [model.W], "lr": 0.1}, {"params": [model.U, model.b, model.C, model.d, model.h0]}],
+                     damping="adaptive")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="one lr for all parameter groups"):
+        optimizer.step(model.sketch_function((torch.randn(3, 4, 2), torch.randn(3, 4, 2)), optimizer))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
