@@ -1,8 +1,10 @@
-"""Callbacks: figures of trials logged to TensorBoard at each validation."""
+"""Callbacks: figures of trials logged at each validation; curvature of the loss during training."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any, Sequence
 
 import lightning as L
 import matplotlib.pyplot as plt
@@ -62,3 +64,98 @@ def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torc
             return outputs, torch.stack(states, dim=1)
         return outputs, None
     return module(inputs), None
+
+
+class CurvatureMonitor(L.Callback):
+    """Every `every_n_steps` training steps (and once at the end of fit), measures the
+    curvature of the training loss on one fixed batch and logs it to the Trainer's
+    loggers at the global step:
+
+        curvature/hessian_eigenvalue_<i>   the top_k Hessian eigenvalues of largest magnitude
+        curvature/hessian_trace, _se       Hutchinson's trace and its standard error (trace_probes > 0)
+        curvature/ggn_eigenvalue           the leading Gauss-Newton eigenvalue (ggn=True)
+        curvature/sketch_ggn_max, _min     under SOFO: eig(G~) of the last iteration, free,
+                                           and its histogram (TensorBoard)
+
+    The estimates (lightning_sofo.curvature.measure) run in eval mode, so noise is
+    off; they work whatever the strategy ("sofo", "sofo_ddp" on rank 0, or
+    backpropagation). Each costs about (max_iterations * (top_k + 1) + trace_probes)
+    Hessian-vector products, each about two backward passes on the batch.
+
+    Args:
+        every_n_steps: measure at global steps n, 2n, ...
+        parameters: names or prefixes of the parameters (e.g. ["cell.recurrent"]); None: all trainable.
+        top_k, trace_probes, ggn, max_iterations, tolerance, seed: as curvature.measure.
+        batch: the batch to measure on; None: the first validation batch of the DataModule.
+        max_trials: the batch is cut to this many trials.
+
+    `history` holds one dict {"step": s, **values} per measurement; it is saved in checkpoints.
+    """
+
+    def __init__(self, every_n_steps: int = 100, parameters: Sequence[str] | None = None, top_k: int = 1,
+                 trace_probes: int = 0, ggn: bool = True, max_iterations: int = 30, tolerance: float = 1e-3,
+                 seed: int = 0, batch: Any = None, max_trials: int = 64):
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        self.every_n_steps, self.parameters, self.top_k = every_n_steps, parameters, top_k
+        self.trace_probes, self.ggn, self.max_iterations = trace_probes, ggn, max_iterations
+        self.tolerance, self.seed, self.batch, self.max_trials = tolerance, seed, batch, max_trials
+        self.history: list[dict[str, float]] = []
+        self._fixed_batch = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.measure(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.measure(trainer, module)
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, float]:
+        """Measure now, log, and append to `history` (rank 0 only); returns the values."""
+        from lightning_sofo.curvature import measure, sketched_ggn_spectrum
+
+        if not trainer.is_global_zero:
+            return {}
+        report = measure(module, self._batch(trainer, module), self.parameters, self.top_k, self.trace_probes,
+                         self.ggn, self.max_iterations, self.tolerance, self.seed)
+        values = report.as_dict()
+        sketch = getattr(trainer.optimizers[0], "last_sketch", None) if trainer.optimizers else None
+        spectrum = None
+        if sketch is not None and math.isfinite(float(sketch.loss)):
+            spectrum = sketched_ggn_spectrum(sketch.ggn)
+            values.update({"curvature/sketch_ggn_max": float(spectrum[-1]), "curvature/sketch_ggn_min": float(spectrum[0])})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if spectrum is not None and hasattr(experiment, "add_histogram"):
+                experiment.add_histogram("curvature/sketch_ggn_spectrum", spectrum.clamp_min(0).cpu(),
+                                         global_step=trainer.global_step)
+        self.history.append({"step": trainer.global_step, **values})
+        return values
+
+    def _batch(self, trainer: L.Trainer, module: L.LightningModule):
+        if self._fixed_batch is None:
+            batch, task = self.batch, trainer.datamodule
+            if batch is None and hasattr(task, "fixed_set"):
+                batch = task.fixed_set("val")[0]
+            elif batch is None and task is not None:
+                batch = next(iter(task.val_dataloader()))
+            if batch is None:
+                raise ValueError(
+                    "CurvatureMonitor needs a batch to measure on: pass CurvatureMonitor(batch=...), or fit with "
+                    "a DataModule that has a val_dataloader."
+                )
+            if isinstance(batch, dict):
+                batch = {key: value[: self.max_trials] for key, value in batch.items()}
+            else:
+                batch = type(batch)(value[: self.max_trials] for value in batch)
+            batch = trainer.precision_plugin.convert_input(batch)
+            self._fixed_batch = module.transfer_batch_to_device(batch, module.device, 0)
+        return self._fixed_batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])

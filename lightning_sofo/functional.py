@@ -257,14 +257,16 @@ def recurrent_loss(
     loss: SketchedLoss,
     mask: Tensor | None = None,
     compile_steps: int = 0,
+    window_steps: int = 0,
 ) -> Tensor:
     """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
     compiled chunks; a per-step loss is summed window by window, L = sum_w L_w n_w / n, so
-    only one window's outputs are kept."""
+    only one window's outputs are kept. window_steps > 0 sets the window of an eager loop
+    (compile_steps = 0), e.g. to keep memory flat in T under nested forward mode."""
     params = dict(params)
     state = tree_map(torch.Tensor.contiguous, initial_state(params))
     horizon = inputs.shape[1]
-    chunk = compile_steps if compile_steps > 0 and loss.per_step else horizon
+    chunk = (compile_steps or window_steps or horizon) if loss.per_step else horizon
     mask = loss.broadcast_mask(targets, mask)
     normaliser = loss.normaliser(targets, mask)
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)

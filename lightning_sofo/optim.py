@@ -101,6 +101,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.rejected_steps = 0
         self.last_step: StepInfo | None = None
+        self.last_sketch: Sketch | None = None  # (loss, g~, G~) of the last step: G~'s spectrum is free curvature
 
     def named_params(self) -> dict[str, Tensor]:
         """{"<group>.<index>": parameter} over all groups, in order; parameters with
@@ -152,6 +153,7 @@ class SketchOptimizer(torch.optim.Optimizer):
             )
         k = next(iter(tangents.values())).shape[0]
         self.step_count += 1
+        self.last_sketch = sketch
         if not sketch.is_finite():
             self.skipped_steps += 1
             warnings.warn(

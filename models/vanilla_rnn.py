@@ -7,6 +7,15 @@ discretised with alpha = dt / tau (Euler-Maruyama):
 with xi, zeta, eps standard normal. The noise is drawn in training and, if
 `noise_in_eval`, in validation and test too; the K tangents of one SOFO
 iteration all see the same noise draw (they differentiate one noisy trial).
+
+Learning rules under backpropagation (`learning_rule`): "bptt" is the exact
+gradient; "three_factor" is an e-prop style approximation (Bellec et al. 2020)
+that stops the gradient through h_t in the recurrent input W phi(h_t) while
+keeping the leak (1 - alpha) h_t. The gradient then factorises into three local
+terms: dL/dW_ij = sum_t e_i,t eps_j,t with the learning signal
+e_t = (C^T dL/dy_t) * phi'(h_t) (a readout error times the postsynaptic
+derivative) and the presynaptic eligibility trace
+eps_t = (1 - alpha) eps_{t-1} + alpha phi(h_{t-1}).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from torch import Tensor, nn
 from lightning_sofo import SOFOModule
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus}
+LEARNING_RULES = ("bptt", "three_factor")
 
 
 class LeakyRNNCell(nn.Module):
@@ -39,6 +49,9 @@ class LeakyRNNCell(nn.Module):
             presynaptic units j; None leaves the signs free.
         connectivity: density p in (0, 1] of a fixed random mask on W (drawn once
             from `connectivity_seed`), or an (N, N) 0/1 tensor; None is all-to-all.
+        learning_rule: "bptt" (exact gradient) or "three_factor" (the gradient through
+            h_t in W phi(h_t) is stopped in train mode; see the module docstring).
+            Values are the same either way; only backpropagated gradients differ.
     """
 
     def __init__(
@@ -56,9 +69,13 @@ class LeakyRNNCell(nn.Module):
         dale_ratio: float | None = None,
         connectivity: float | Tensor | None = None,
         connectivity_seed: int = 0,
+        learning_rule: str = "bptt",
     ):
         super().__init__()
         _check_positive_int(input_size=input_size, hidden_size=hidden_size)
+        if learning_rule not in LEARNING_RULES:
+            raise ValueError(f"learning_rule must be one of {LEARNING_RULES}, got {learning_rule!r}.")
+        self.learning_rule = learning_rule
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
         if not (dt > 0 and tau >= dt):
@@ -122,7 +139,8 @@ class LeakyRNNCell(nn.Module):
         """(h_t (B, N), u_t (B, I)) -> h_{t+1} (B, N)."""
         if self.noisy and self.input_noise > 0:
             inputs_t = inputs_t + self.input_noise * torch.randn_like(inputs_t)
-        drive = self.phi(state) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
+        presynaptic = state.detach() if self.learning_rule == "three_factor" and self.training else state
+        drive = self.phi(presynaptic) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
         # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
         # Python decomposition under torch.func's forward mode (README, Benchmarks)
         state = torch.lerp(state, drive, self.alpha)
@@ -141,7 +159,9 @@ class VanillaRNN(SOFOModule):
         loss, compile_steps: as SOFOModule.
         **cell options: dt, tau, nonlinearity, gain, learn_initial_state,
             input_noise, recurrent_noise, noise_in_eval, dale_ratio,
-            connectivity, connectivity_seed, as LeakyRNNCell.
+            connectivity, connectivity_seed, learning_rule, as LeakyRNNCell.
+            learning_rule="three_factor" trains with a torch optimizer (default
+            strategy); SOFO takes exact forward-mode derivatives and refuses it.
     """
 
     def __init__(
@@ -161,6 +181,7 @@ class VanillaRNN(SOFOModule):
         dale_ratio: float | None = None,
         connectivity: float | None = None,
         connectivity_seed: int = 0,
+        learning_rule: str = "bptt",
         loss: str = "mse",
         compile_steps: int = 0,
     ):
@@ -174,7 +195,7 @@ class VanillaRNN(SOFOModule):
             input_size, hidden_size, dt=dt, tau=tau, nonlinearity=nonlinearity, gain=gain,
             learn_initial_state=learn_initial_state, input_noise=input_noise, recurrent_noise=recurrent_noise,
             noise_in_eval=noise_in_eval, dale_ratio=dale_ratio, connectivity=connectivity,
-            connectivity_seed=connectivity_seed,
+            connectivity_seed=connectivity_seed, learning_rule=learning_rule,
         )
         self.readout = nn.Parameter(torch.randn(output_size, hidden_size) / math.sqrt(hidden_size))
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
@@ -190,6 +211,16 @@ class VanillaRNN(SOFOModule):
         if self.output_noise > 0 and (self.training or self.cell.noise_in_eval):
             outputs = outputs + self.output_noise * torch.randn_like(outputs)
         return state, outputs
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.cell.learning_rule != "bptt" and getattr(self.trainer.strategy, "runs_sofo", False):
+            raise ValueError(
+                f"learning_rule={self.cell.learning_rule!r} approximates the backpropagated gradient, but "
+                f"strategy='{self.trainer.strategy.strategy_name}' takes exact forward-mode derivatives and no "
+                "gradient. Use learning_rule='bptt' with SOFO, or train the three-factor rule with a torch "
+                "optimizer (e.g. Adam) under the default strategy."
+            )
 
     def hidden_rates(self, state: Tensor) -> Tensor:
         """The rates phi(h) (B, N) of a state, for plots and analysis."""
