@@ -63,8 +63,8 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     """The loss of `module` (a SOFOModule) on `batch` as pure functions of its parameters.
 
     parameters: names or name prefixes from module.named_parameters() (e.g.
-        ["cell.recurrent"] for the recurrent weights only, ["cell"] for the whole
-        cell); None takes every parameter with requires_grad.
+        ["cell.recurrent"] for the recurrent weights only, ["cell"] for the cell's
+        trainable parameters); None takes every parameter with requires_grad.
     window_steps: a recurrent loss is accumulated over windows of this many steps
         (per-step losses), so forward-mode estimators keep one window's outputs.
 
@@ -107,7 +107,9 @@ def _select(module: nn.Module, everything: dict[str, Tensor], parameters: Sequen
         parameters = [parameters]
     chosen = {}
     for wanted in parameters:
-        matches = [name for name in everything if name == wanted or name.startswith(wanted + ".")]
+        # a prefix takes the trainable parameters under it; an exact name takes that parameter, even frozen
+        matches = [name for name in everything
+                   if name == wanted or (name.startswith(wanted + ".") and name in trainable)]
         if not matches:
             raise ValueError(
                 f"{type(module).__name__} has no parameter named {wanted!r} (nor any under it); "

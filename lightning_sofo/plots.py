@@ -103,3 +103,19 @@ def plot_curves(curves: dict[str, tuple], xlabel: str, ylabel: str, title: str =
     axis.legend(fontsize="small")
     axis.figure.tight_layout()
     return axis.figure
+
+
+def plot_curvature(histories: dict[str, list[dict]], key: str = "curvature/hessian_eigenvalue_0", axis=None):
+    """A curvature measure against the training step for several runs side by side.
+
+    histories: {run label: CurvatureMonitor.history} (lists of {"step": s, key: value}).
+    The y axis is logarithmic when every value is positive (eigenvalues of largest
+    magnitude can be negative early in training), else symmetric-logarithmic.
+    """
+    curves = {label: ([entry["step"] for entry in history if key in entry],
+                      [entry[key] for entry in history if key in entry]) for label, history in histories.items()}
+    positive = all(value > 0 for _, values in curves.values() for value in values)
+    figure = plot_curves(curves, "training step", key.split("/")[-1].replace("_", " "), log_y=positive, axis=axis)
+    if not positive:
+        figure.axes[0].set_yscale("symlog", linthresh=1e-3)
+    return figure

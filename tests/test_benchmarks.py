@@ -68,3 +68,23 @@ def test_speed_memory_point_measures_both_methods_and_bptt_memory_grows_with_t()
     # iterations put the parameters back, so every point measures the same model
     assert all(torch.equal(p, p0) for p, p0 in zip(bench.model.parameters(), start))
     assert "| T=20 |" in sm.row("T=20", short)
+
+
+def test_curvature_digits_run_and_report(monkeypatch, tmp_path):
+    import curvature_digits as cd
+
+    monkeypatch.setattr(cd, "HIDDEN", 8)
+    monkeypatch.setattr(cd, "TANGENTS", 8)
+    monkeypatch.setattr(cd, "CURVATURE_TRIALS", 16)
+    monkeypatch.setattr(cd, "EVALUATIONS", 2)
+    monkeypatch.setattr(cd, "OUT", tmp_path)
+    runs = [cd.run((method, label, options, 0, 0.3)) for method, label, options in
+            (cd.SETTINGS[0], cd.SETTINGS[2], cd.SETTINGS[5])]
+    for r in runs:
+        assert r["iterations"] >= 1 and len(r["curve"]) >= 2 and 0 <= r["test_accuracy"] <= 1
+        assert r["top_eigenvalue"] == r["top_eigenvalue"] and r["trace_se"] > 0  # measured, not nan
+    # the same seed starts from the same network, whatever the method: same curvature at step 0
+    assert len({r["curve"][0][3] for r in runs}) == 1
+    table = cd.report(runs + [dict(runs[1], label="lr 3e-3", val_accuracy=runs[1]["val_accuracy"] + 1)])
+    assert "**BPTT** (best: lr 3e-3)" in table and "BPTT, lr 1e-3" in table and "**three-factor**" in table
+    assert (tmp_path / "curvature_digits.png").is_file()

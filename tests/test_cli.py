@@ -25,13 +25,23 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
     "single_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
     "double_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
     "neurogym": [],
+    "digits": [],
     "motornet_reach": ["--data.init_args.n_steps", "12", "--data.init_args.prep_range", "[0.02, 0.03]",
                        "--data.init_args.movement_time", "0.03"],
 }
 
 
+METHODS = ("sofo", "adam", "fgd", "three_factor")  # config names are <task>_<method>.yaml
+
+
+def task_and_method(config: str) -> tuple[str, str]:
+    name = config.removesuffix(".yaml")
+    method = next(m for m in METHODS if name.endswith("_" + m))
+    return name.removesuffix("_" + method), method
+
+
 def shrunk(config: str, root: Path) -> list[str]:
-    task, method = config.removesuffix(".yaml").rsplit("_", 1)
+    task, method = task_and_method(config)
     args = ["fit", "--config", str(BUNDLED_CONFIGS / config), "--trainer.default_root_dir", str(root),
             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
@@ -45,8 +55,8 @@ def shrunk(config: str, root: Path) -> list[str]:
 
 
 def test_every_task_has_a_sofo_and_an_adam_config():
-    tasks = {name.rsplit("_", 1)[0] for name in CONFIGS}
-    assert {name.rsplit("_", 1)[1] for name in CONFIGS} == {"sofo.yaml", "adam.yaml", "fgd.yaml"}
+    tasks = {task_and_method(name)[0] for name in CONFIGS}
+    assert {task_and_method(name)[1] for name in CONFIGS} == set(METHODS)
     assert tasks == set(SHRINK)
     for task in tasks:
         assert {f"{task}_sofo.yaml", f"{task}_adam.yaml"} <= set(CONFIGS)
@@ -77,6 +87,25 @@ def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
         assert a["trainer"]["strategy"] == "sofo" and "strategy" not in b["trainer"]
         assert a["optimizer"]["class_path"] == "lightning_sofo.SOFO"
         assert b["optimizer"]["class_path"] == "torch.optim.Adam" and b["trainer"]["gradient_clip_val"] > 0
+
+
+def test_three_factor_config_is_the_adam_config_with_the_three_factor_rule():
+    import yaml
+
+    for three_factor in BUNDLED_CONFIGS.glob("*_three_factor.yaml"):
+        a = yaml.safe_load(three_factor.read_text())
+        b = yaml.safe_load(three_factor.with_name(three_factor.name.replace("_three_factor", "_adam")).read_text())
+        assert a["model"]["init_args"].pop("learning_rule") == "three_factor"
+        assert a == b
+
+
+def test_digits_config_logs_curvature_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(shrunk("digits_sofo.yaml", tmp_path))
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload()
+    assert {"curvature/hessian_eigenvalue_0", "curvature/ggn_eigenvalue"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("curvature/hessian_eigenvalue_0")] == [2]  # measured at the end of fit
 
 
 def test_adaptive_damping_from_the_command_line(tmp_path, capsys):
