@@ -159,3 +159,21 @@ class CurvatureMonitor(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (a scheduler's preemption, `kill`), Lightning finishes the current step and
+    stops; this writes the Trainer's last checkpoint (ModelCheckpoint's last.ckpt) at that
+    step first, so `--ckpt_path last` resumes exactly there. SIGKILL cannot be caught: a run
+    killed that way resumes from the last checkpoint ModelCheckpoint wrote."""
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        checkpoint = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
+            return
+        name = getattr(checkpoint, "CHECKPOINT_NAME_LAST", "last") + checkpoint.FILE_EXTENSION
+        trainer.save_checkpoint(str(Path(checkpoint.dirpath) / name))
+        print(f"SIGTERM: stopped after step {trainer.global_step}; checkpoint written to "
+              f"{Path(checkpoint.dirpath) / name}. Resume with --ckpt_path last.", flush=True)

@@ -5,7 +5,8 @@
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
 config; models/ and datamodules/ are imported so their classes are known by name. Every run
-logs to TensorBoard, keeps the last checkpoint, and draws trials at each validation.
+logs to TensorBoard, keeps the last checkpoint (also when stopped by SIGTERM), and draws trials at
+each validation; `--ckpt_path last` resumes from the newest last.ckpt of earlier runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import lightning_sofo  # noqa: F401  (registers strategy "sofo")
-from lightning_sofo.callbacks import TrialFigures
+from lightning_sofo.callbacks import CheckpointOnSigterm, TrialFigures
 from lightning_sofo.module import SOFOModule
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -47,8 +48,19 @@ class SOFOCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # keep the last checkpoint (for --ckpt_path last) unless checkpointing is switched off
         if config.get("enable_checkpointing") is not False:
-            callbacks = [*callbacks, ModelCheckpoint(save_last=True)]
+            callbacks = [*callbacks, ModelCheckpoint(save_last=True), CheckpointOnSigterm()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        # `--ckpt_path last` in a new run: Lightning looks for last.ckpt only in the new run's own
+        # (empty) version folder, warns and starts from scratch; take the newest one under the logs
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") == "last":
+            found = newest_last_checkpoint(self.trainer)
+            if found is not None:
+                print(f"Resuming from {found} (the newest last.ckpt under {found.parents[2]}).")
+                kwargs["ckpt_path"] = str(found)
+        return kwargs
 
     def add_arguments_to_parser(self, parser) -> None:
         # the model's input size follows the task (e.g. another neurogym task id); the output
@@ -72,6 +84,21 @@ def summary(trainer: L.Trainer) -> str:
         where.append(f"last checkpoint {checkpoint}")
     return f"Done after {trainer.global_step} steps: {shown or 'no metrics logged'}." + "".join(
         f" {part[0].upper()}{part[1:]}." for part in where)
+
+
+def newest_last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The most recently written last*.ckpt of this Trainer's logger folder (all its versions)
+    or of its ModelCheckpoint's own dirpath; None if there is none."""
+    roots = []
+    if trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
+        roots.append(Path(trainer.logger.root_dir))
+    roots.append(Path(trainer.default_root_dir) / "lightning_logs")
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        roots.append(Path(checkpoint.dirpath).parent)
+    found = [path for root in roots if root.is_dir() for path in root.glob("*/last*.ckpt")]
+    found += [path for root in roots if root.is_dir() for path in root.glob("*/checkpoints/last*.ckpt")]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:

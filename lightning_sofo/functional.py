@@ -161,6 +161,7 @@ def recurrent_sketch(
     loss: SketchedLoss,
     mask: Tensor | None = None,
     compile_steps: int = 0,
+    accumulate_dtype: torch.dtype | None = None,
 ) -> Sketch:
     """Sketch of a recurrent model's loss, carrying state tangents through time.
 
@@ -177,6 +178,10 @@ def recurrent_sketch(
     compile_steps > 0 runs the time loop in torch.compile'd chunks of that many
     steps (one compilation, reused while shapes and `step` stay the same), which
     removes the per-step Python overhead of vmap/jvp; 0 runs eagerly.
+
+    accumulate_dtype (e.g. torch.float64) sums the per-block terms of the loss, g~
+    and G~ in that dtype, so that rounding does not build up over thousands of steps
+    of a float32 model; the returned Sketch has that dtype.
     """
     horizon = inputs.shape[1]
     if targets.shape[1] != horizon:
@@ -208,6 +213,7 @@ def recurrent_sketch(
         state, state_tangents, sums = run(
             step, loss, params, tangents, state, state_tangents,
             inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
+            accumulate_dtype,
         )
         term = Sketch(*sums)
         total = term if total is None else total + term
@@ -223,7 +229,8 @@ def _step_with_tangents(step, params, tangents, state, state_tangents, inputs_t)
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
 
 
-def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser):
+def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser,
+                  accumulate_dtype=None):
     """Run the inputs.shape[1] steps of a window; returns the new state and its tangents and
     (loss, g~, G~) summed over the window's steps.
 
@@ -243,6 +250,8 @@ def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, t
                 torch.stack(outputs, 1), torch.stack(output_tangents, 2), targets[:, block],
                 None if mask is None else mask[:, block], normaliser,
             )
+            if accumulate_dtype is not None:
+                term = Sketch(term.loss.to(accumulate_dtype), term.grad.to(accumulate_dtype), term.ggn.to(accumulate_dtype))
             total = term if total is None else total + term
             outputs, output_tangents = [], []
     return state, state_tangents, (total.loss, total.grad, total.ggn)
@@ -315,20 +324,37 @@ def solve_subspace(grad: Tensor, ggn: Tensor, damping: float) -> SubspaceStep:
     """a = (G~ + lambda I)^{-1} g~ with lambda = damping * max eig(G~).
 
     Solved by a symmetric eigendecomposition G~ = U diag(s) U^T in float64:
-    a = U diag(1 / (s + lambda)) U^T g~. Eigenvalues made negative by rounding are
-    clamped to 0; directions with s + lambda = 0 (damping 0 on a rank-deficient
-    G~) get coefficient 0, the pseudo-inverse.
+    a = U diag(1 / (s + lambda)) U^T g~. G~ is symmetrised and scaled to unit largest
+    entry before the decomposition (so a huge dynamic range neither overflows nor
+    underflows it). Eigenvalues made negative by rounding are clamped to 0;
+    directions with s + lambda = 0 (damping 0 on a rank-deficient G~) get
+    coefficient 0, the pseudo-inverse. Coefficients that overflow the parameters'
+    dtype come back infinite, for the optimizer's non-finite guard.
     """
     g = grad.double()
     sym = 0.5 * (ggn + ggn.T).double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(sym)
-    eigenvalues = eigenvalues.clamp_min(0.0)
+    scale = sym.abs().max()
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+    eigenvalues, eigenvectors = _symmetric_eigh(sym / scale)
+    eigenvalues = eigenvalues.clamp_min(0.0) * scale
     top = eigenvalues[-1]
     lam = damping * top
     denominator = eigenvalues + lam
     inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     coefficients = eigenvectors @ (inverse * (eigenvectors.T @ g))
     return SubspaceStep(coefficients.to(grad.dtype), top.to(grad.dtype), lam.to(grad.dtype))
+
+
+def _symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh, retried with a diagonal shift of K eps if LAPACK does not converge
+    (clustered eigenvalues at the edge of float64 precision); the shift is taken back."""
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError:
+        shift = matrix.shape[0] * torch.finfo(matrix.dtype).eps
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix + shift * torch.eye(matrix.shape[0], dtype=matrix.dtype,
+                                                                                  device=matrix.device))
+        return eigenvalues - shift, eigenvectors
 
 
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -64,17 +65,23 @@ class SOFOModule(L.LightningModule):
     Args:
         loss: "mse" (masked mean squared error), "cross_entropy" (class-index
             targets, logits as outputs) or callable(outputs, targets, mask) -> scalar.
+        compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps (0: eager).
+        accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
+            float64, for float32 models on long trials.
 
     Batches are dicts {"inputs", "targets"[, "mask"]} or tuples in that order,
     with the mask broadcastable to the targets.
     """
 
-    def __init__(self, loss: LossSpec = "mse", compile_steps: int = 0):
+    def __init__(self, loss: LossSpec = "mse", compile_steps: int = 0, accumulate_float64: bool = False):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
         if isinstance(compile_steps, bool) or not isinstance(compile_steps, int) or compile_steps < 0:
             raise ValueError(f"compile_steps must be an integer >= 0 (0: eager), got {compile_steps!r}.")
+        if not isinstance(accumulate_float64, bool):
+            raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps
+        self.accumulate_float64 = accumulate_float64
 
     # ---- the recurrent contract ------------------------------------------------
     def initial_state(self, batch_size: int) -> Any:
@@ -111,6 +118,37 @@ class SOFOModule(L.LightningModule):
         outputs = torch.stack(outputs, dim=1)
         return (outputs, states) if return_states else outputs
 
+    def check_batch(self, inputs: Tensor, targets: Tensor, mask: Tensor | None) -> None:
+        """Types, dtypes, devices and batch sizes of a batch against this model (metadata only,
+        no device sync); raises a ValueError that says what was expected."""
+        for name, tensor in (("inputs", inputs), ("targets", targets), ("mask", mask)):
+            if tensor is not None and not isinstance(tensor, Tensor):
+                raise ValueError(f"the batch's {name} must be a torch.Tensor, got {type(tensor).__name__}; "
+                                 f"convert with torch.as_tensor({name}).")
+        parameter = next(self.parameters(), None)
+        if not inputs.is_floating_point():
+            raise ValueError(f"the batch's inputs have dtype {inputs.dtype}, but a model takes floating-point inputs; "
+                             "convert them with inputs.float().")
+        if parameter is not None:
+            if inputs.dtype != parameter.dtype:
+                raise ValueError(
+                    f"the batch's inputs are {inputs.dtype} but {type(self).__name__}'s parameters are "
+                    f"{parameter.dtype}; convert one to the other (inputs.to({parameter.dtype}), or "
+                    "Trainer(precision='64-true'), which converts both)."
+                )
+            for name, tensor in (("inputs", inputs), ("targets", targets), ("mask", mask)):
+                if tensor is not None and tensor.device != parameter.device:
+                    raise ValueError(
+                        f"the batch's {name} are on {tensor.device} but {type(self).__name__} is on "
+                        f"{parameter.device}; move the batch with .to({str(parameter.device)!r}) (the Trainer "
+                        "does this for you)."
+                    )
+        if inputs.dim() == 0 or targets.dim() == 0 or inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"inputs of shape {tuple(inputs.shape)} and targets of shape {tuple(targets.shape)} must share the "
+                "batch dimension (dim 0): one target per trial."
+            )
+
     def _check_sequence(self, inputs: Tensor) -> None:
         if inputs.dim() < 3:
             raise ValueError(
@@ -130,6 +168,7 @@ class SOFOModule(L.LightningModule):
 
     def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         inputs, targets, mask = unpack_batch(batch)
+        self.check_batch(inputs, targets, mask)
         check_finite(inputs=inputs, targets=targets, mask=mask)
         outputs = self(inputs)
         return outputs, self.loss_fn(outputs, targets, mask)
@@ -184,6 +223,24 @@ class SOFOModule(L.LightningModule):
             self.val_metrics = metrics.clone(prefix="val/")
             self.test_metrics = metrics.clone(prefix="test/")
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Backpropagation route: a step whose gradients are not finite is skipped (the gradients
+        are dropped, so the optimizer leaves every parameter and its own state as they were)."""
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        if not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()):
+            return
+        for p in self.parameters():
+            p.grad = None
+        self.nonfinite_gradient_steps = getattr(self, "nonfinite_gradient_steps", 0) + 1
+        warnings.warn(
+            f"step {self.trainer.global_step}: the loss or its gradients are not finite; the optimizer step was "
+            f"skipped and the parameters left as they were ({self.nonfinite_gradient_steps} such steps so far). "
+            "Usual causes: exploding dynamics over the trial (lower the initial gain or the lr, clip gradients) "
+            "or extreme values in the data.",
+            stacklevel=2,
+        )
+        self.log("nonfinite_gradient_steps", float(self.nonfinite_gradient_steps))
+
     def on_fit_start(self) -> None:
         uses_sofo = any(isinstance(opt, SketchOptimizer) for opt in self.trainer.optimizers)
         if uses_sofo and not getattr(self.trainer.strategy, "runs_sofo", False):
@@ -218,6 +275,7 @@ class SOFOModule(L.LightningModule):
         buffers, stay constant.
         """
         inputs, targets, mask = unpack_batch(batch)
+        self.check_batch(inputs, targets, mask)
         check_finite(inputs=inputs, targets=targets, mask=mask)
         names = {id(p): name for name, p in self.named_parameters()}
         optimized = optimizer.named_params()
@@ -251,6 +309,7 @@ class SOFOModule(L.LightningModule):
                         functions["step"],
                         primals, named_tangents, inputs, targets, self.loss_fn, mask,
                         compile_steps=self.compile_steps,
+                        accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
                     )
                 return feedforward_sketch(
                     lambda p: functions["forward"](p, inputs), primals, named_tangents, self.loss_fn, targets, mask

@@ -29,6 +29,8 @@ from lightning_sofo.functional import (
     step_generator,
 )
 
+MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
+MAX_DAMPING_RAISES = 5
 SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 
@@ -83,8 +85,15 @@ class SketchOptimizer(torch.optim.Optimizer):
     the current parameters (used by damping="adaptive").
     """
 
-    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int):
+    _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
+
+    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip"):
         name = type(self).__name__
+        if on_nonfinite not in self._nonfinite_policies:
+            raise ValueError(
+                f"{name}: on_nonfinite must be one of {self._nonfinite_policies} (what to do when the loss, its "
+                f"sketches or the step are not finite), got {on_nonfinite!r}."
+            )
         lr = _check_number(name, "lr", lr, 0.0, strict=True)
         if isinstance(tangents, bool) or not isinstance(tangents, int) or tangents < 1:
             raise ValueError(f"{name}: tangents (K) must be a positive integer, got {tangents!r}.")
@@ -97,8 +106,11 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.tangents = tangents
         self.momentum = momentum
         self.seed = seed
+        self.on_nonfinite = on_nonfinite
         self.step_count = 0
         self.skipped_steps = 0
+        self.nonfinite_steps = 0  # steps that met a non-finite loss, sketch or solve (skipped or recovered)
+        self.last_nonfinite_step = -1
         self.rejected_steps = 0
         self.last_step: StepInfo | None = None
         self.last_sketch: Sketch | None = None  # (loss, g~, G~) of the last step: G~'s spectrum is free curvature
@@ -154,16 +166,11 @@ class SketchOptimizer(torch.optim.Optimizer):
         k = next(iter(tangents.values())).shape[0]
         self.step_count += 1
         self.last_sketch = sketch
-        if not sketch.is_finite():
+        direction = self._finite_direction(sketch, sum(p.numel() for p in params.values()))
+        if direction is None:  # nothing finite to step along: the parameters are not touched
             self.skipped_steps += 1
-            warnings.warn(
-                f"{type(self).__name__} step {self.step_count - 1}: the loss or its sketches are not finite "
-                f"(loss={float(sketch.loss)}); parameters left unchanged, step skipped.",
-                stacklevel=2,
-            )
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
-        direction = self._direction(sketch, sum(p.numel() for p in params.values()))
         backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
         update_norm = self._move(tangents, direction.coefficients)
         ratio = self._after_update(sketch, direction, closure)
@@ -184,6 +191,47 @@ class SketchOptimizer(torch.optim.Optimizer):
             relative_damping=direction.relative_damping, reduction_ratio=ratio, rejected=rejected,
         )
         return sketch.loss
+
+    def _finite_direction(self, sketch: Sketch, num_params: int) -> _Direction | None:
+        """The step's coefficients if the loss, its sketches and the solve are finite; otherwise
+        what `on_nonfinite` says: None (skip), FloatingPointError (raise), or, for SOFO, a
+        solve again with 10x the damping ("increase_damping")."""
+        problem = "the loss or its sketches (g~, G~)"
+        if sketch.is_finite():
+            direction = self._direction(sketch, num_params)
+            if bool(torch.isfinite(direction.coefficients).all()):
+                return direction
+            problem = "the subspace solve"
+        step = self.step_count - 1
+        self.nonfinite_steps += 1
+        self.last_nonfinite_step = step
+        message = (
+            f"{type(self).__name__} step {step}: {problem} is not finite (loss={float(sketch.loss):g}). Usual causes: "
+            "the network's state diverges over the trial (exploding dynamics: lower the initial gain, the lr, "
+            "or the trial length; raise the damping), or extreme values in the data."
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                message + " The parameters were left as they were (on_nonfinite='raise'; 'skip' carries on)."
+            )
+        if self.on_nonfinite == "increase_damping":
+            for _ in range(MAX_DAMPING_RAISES):
+                if not self._raise_damping():
+                    break
+                if problem == "the subspace solve":  # the sketch is fine: solve it again, better posed
+                    direction = self._direction(sketch, num_params)
+                    if bool(torch.isfinite(direction.coefficients).all()):
+                        warnings.warn(message + f" Solved again with relative damping {self.damping:g}.", stacklevel=4)
+                        return direction
+                else:
+                    break  # no damping makes a non-finite sketch finite: skip, more cautious from now on
+            message += f" Relative damping raised to {self.damping:g}."
+        warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
+        return None
+
+    def _raise_damping(self) -> bool:
+        """Make the next solves more cautious; False if this optimizer cannot."""
+        return False
 
     def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float:
         """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
@@ -215,6 +263,8 @@ class SketchOptimizer(torch.optim.Optimizer):
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
             rejected_steps=self.rejected_steps,
+            nonfinite_steps=self.nonfinite_steps,
+            last_nonfinite_step=self.last_nonfinite_step,
             tangents=self.tangents,
             momentum=self.momentum,
             **self._extra_state(),
@@ -234,6 +284,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.step_count = sofo["step_count"]
         self.skipped_steps = sofo["skipped_steps"]
         self.rejected_steps = sofo.get("rejected_steps", 0)
+        self.nonfinite_steps = sofo.get("nonfinite_steps", 0)
+        self.last_nonfinite_step = sofo.get("last_nonfinite_step", -1)
         self.tangents = sofo["tangents"]
         self.momentum = sofo.get("momentum", 0.0)
         self._load_extra_state(sofo)
@@ -258,7 +310,15 @@ class SOFO(SketchOptimizer):
             (s <- beta s + V a, theta <- theta - lr s); 0 (the default) is off.
         seed: seed of the tangents; the tangents of step s depend only on (seed, s).
         initial_damping: the starting relative damping of damping="adaptive".
+        on_nonfinite: when the loss, g~, G~ or the solve is not finite, the parameters
+            are never touched, the event is counted (`nonfinite_steps`,
+            `last_nonfinite_step`) and: "skip" (default) skips the step with a warning;
+            "raise" raises FloatingPointError; "increase_damping" multiplies the relative
+            damping by 10 (up to 1e2) and solves again if the sketch was finite, else
+            skips with the damping raised for the following steps.
     """
+
+    _nonfinite_policies = ("skip", "raise", "increase_damping")
 
     def __init__(
         self,
@@ -269,6 +329,7 @@ class SOFO(SketchOptimizer):
         momentum: float = 0.0,
         seed: int = 0,
         initial_damping: float = 1e-3,
+        on_nonfinite: str = "skip",
     ):
         self.adaptive = damping == "adaptive"
         if self.adaptive:
@@ -283,9 +344,15 @@ class SOFO(SketchOptimizer):
             if isinstance(damping, str):
                 raise ValueError(f"SOFO: damping must be a number >= 0 or 'adaptive', got {damping!r}.")
             damping = _check_number("SOFO", "damping", damping, 0.0, strict=False, meaning=" (relative to max eig of G~) or 'adaptive'")
-        super().__init__(params, lr, tangents, momentum, seed)
+        super().__init__(params, lr, tangents, momentum, seed, on_nonfinite)
         self.damping = damping
         self.damping_rule = LevenbergMarquardt()
+
+    def _raise_damping(self) -> bool:
+        if self.damping >= MAX_DAMPING:
+            return False
+        self.damping = min(max(10.0 * self.damping, 1e-3), MAX_DAMPING)
+        return True
 
     @property
     def _measures_reduction(self) -> bool:
@@ -328,6 +395,7 @@ class FGD(SketchOptimizer):
 
     Args:
         params, lr, tangents, momentum, seed: as SOFO.
+        on_nonfinite: "skip" or "raise", as SOFO (FGD has no damping to raise).
         scale_by_dimension: multiply the step by P/K, which makes V V^T grad L an
             unbiased estimate of grad L (E[V V^T] = K/P I); off by default.
     """
@@ -340,10 +408,11 @@ class FGD(SketchOptimizer):
         momentum: float = 0.0,
         seed: int = 0,
         scale_by_dimension: bool = False,
+        on_nonfinite: str = "skip",
     ):
         if not isinstance(scale_by_dimension, bool):
             raise ValueError(f"FGD: scale_by_dimension must be True or False, got {scale_by_dimension!r}.")
-        super().__init__(params, lr, tangents, momentum, seed)
+        super().__init__(params, lr, tangents, momentum, seed, on_nonfinite)
         self.scale_by_dimension = scale_by_dimension
 
     def _direction(self, sketch: Sketch, num_params: int) -> _Direction:

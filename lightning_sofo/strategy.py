@@ -98,6 +98,7 @@ class _SOFOSteps:
             "sofo/update_norm": info.update_norm,
             "sofo/skipped_steps": float(optimizer.skipped_steps),
             "sofo/rejected_steps": float(optimizer.rejected_steps),
+            "sofo/nonfinite_steps": float(optimizer.nonfinite_steps),
         }
         # FGD has no G~ solve and fixed damping measures no ratio: log only what this optimizer has
         module.log_dict({key: value for key, value in diagnostics.items() if not math.isnan(value)})

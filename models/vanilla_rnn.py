@@ -156,7 +156,7 @@ class VanillaRNN(SOFOModule):
         input_size, hidden_size, output_size: I, N, O.
         output_noise: s_out, standard deviation of noise added to the outputs
             (drawn when the recurrent noise is, see `noise_in_eval`).
-        loss, compile_steps: as SOFOModule.
+        loss, compile_steps, accumulate_float64: as SOFOModule.
         **cell options: dt, tau, nonlinearity, gain, learn_initial_state,
             input_noise, recurrent_noise, noise_in_eval, dale_ratio,
             connectivity, connectivity_seed, learning_rule, as LeakyRNNCell.
@@ -184,8 +184,9 @@ class VanillaRNN(SOFOModule):
         learning_rule: str = "bptt",
         loss: str = "mse",
         compile_steps: int = 0,
+        accumulate_float64: bool = False,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps)
+        super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64)
         self.save_hyperparameters()
         _check_positive_int(output_size=output_size)
         if output_noise < 0:
