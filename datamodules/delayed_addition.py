@@ -22,6 +22,8 @@ class DelayedAddition(TaskDataModule):
 
     def __init__(self, n_steps: int = 1000, first_marker_last: int = 9, second_marker_last: int = 500, **kwargs):
         super().__init__(**kwargs)
+        self.require_integers(n_steps=n_steps)
+        self.require_integers(minimum=0, first_marker_last=first_marker_last, second_marker_last=second_marker_last)
         self.require(0 <= first_marker_last < second_marker_last,
                      f"need 0 <= first_marker_last < second_marker_last, got {first_marker_last}, {second_marker_last}.")
         self.require(n_steps > second_marker_last,

@@ -23,10 +23,9 @@ class FlipFlop(TaskDataModule):
     def __init__(self, n_bits: int = 3, n_steps: int = 200, pulse_probability: float = 0.02, pulse_steps: int = 3,
                  refractory_steps: int = 10, **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(n_bits, int) and n_bits >= 1, f"n_bits must be a positive integer, got {n_bits!r}.")
-        self.require(0 < pulse_probability <= 1, f"pulse_probability is per step, in (0, 1]; got {pulse_probability}.")
-        self.require(pulse_steps >= 1 and refractory_steps >= 0,
-                     f"need pulse_steps >= 1 and refractory_steps >= 0, got {pulse_steps}, {refractory_steps}.")
+        self.require_integers(n_bits=n_bits, n_steps=n_steps, pulse_steps=pulse_steps)
+        self.require_integers(minimum=0, refractory_steps=refractory_steps)
+        self.require_fraction(open_low=True, pulse_probability=pulse_probability)
         self.require(n_steps > pulse_steps,
                      f"n_steps={n_steps} is shorter than one pulse ({pulse_steps} steps); use n_steps > pulse_steps.")
         self.n_bits, self.n_steps, self.pulse_probability = n_bits, n_steps, pulse_probability

@@ -35,9 +35,8 @@ class AdaptiveKalman(TaskDataModule):
 
     def __init__(self, n_steps: int = 1000, min_regime_steps: int = 100, switch_probability: float = 0.01, **kwargs):
         super().__init__(**kwargs)
-        self.require(n_steps >= 1, f"n_steps must be >= 1, got {n_steps}.")
-        self.require(min_regime_steps >= 1, f"min_regime_steps must be >= 1, got {min_regime_steps}.")
-        self.require(0 <= switch_probability <= 1, f"switch_probability is per step, in [0, 1]; got {switch_probability}.")
+        self.require_integers(n_steps=n_steps, min_regime_steps=min_regime_steps)
+        self.require_fraction(switch_probability=switch_probability)
         self.n_steps, self.min_regime_steps, self.switch_probability = n_steps, min_regime_steps, switch_probability
 
     def _draw_regime(self, n: int, generator: torch.Generator) -> Tensor:

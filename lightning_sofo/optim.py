@@ -166,13 +166,13 @@ class SketchOptimizer(torch.optim.Optimizer):
         k = next(iter(tangents.values())).shape[0]
         self.step_count += 1
         self.last_sketch = sketch
-        direction = self._finite_direction(sketch, sum(p.numel() for p in params.values()))
-        if direction is None:  # nothing finite to step along: the parameters are not touched
+        backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
+        moved = self._guarded_move(sketch, tangents, sum(p.numel() for p in params.values()))
+        if moved is None:  # nothing finite to step along: the parameters are not touched
             self.skipped_steps += 1
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
-        backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
-        update_norm = self._move(tangents, direction.coefficients)
+        direction, update_norm = moved
         ratio = self._after_update(sketch, direction, closure)
         rejected = backup is not None and ratio < 0  # Levenberg-Marquardt: a step that raised the loss is undone
         if rejected:
@@ -192,21 +192,43 @@ class SketchOptimizer(torch.optim.Optimizer):
         )
         return sketch.loss
 
-    def _finite_direction(self, sketch: Sketch, num_params: int) -> _Direction | None:
-        """The step's coefficients if the loss, its sketches and the solve are finite; otherwise
-        what `on_nonfinite` says: None (skip), FloatingPointError (raise), or, for SOFO, a
-        solve again with 10x the damping ("increase_damping")."""
-        problem = "the loss or its sketches (g~, G~)"
-        if sketch.is_finite():
+    def _guarded_move(self, sketch: Sketch, tangents: dict[str, Tensor], num_params: int):
+        """Move the parameters if the loss, its sketches, the solve and the new parameters are all
+        finite, and return (direction, update norm); otherwise do what `on_nonfinite` says: None
+        (skip), FloatingPointError (raise), or, for SOFO, solve again with 10x the relative
+        damping ("increase_damping"). The parameters are written only once all is finite."""
+        problem = "the loss or its sketches (g~, G~) are"
+        for attempt in range(MAX_DAMPING_RAISES + 1):
+            if not sketch.is_finite():
+                break
             direction = self._direction(sketch, num_params)
-            if bool(torch.isfinite(direction.coefficients).all()):
-                return direction
-            problem = "the subspace solve"
+            if not bool(torch.isfinite(direction.coefficients).all()):
+                problem = "the subspace solve is"
+            else:
+                update_norm = self._move(tangents, direction.coefficients)
+                if update_norm is not None:
+                    if attempt:
+                        warnings.warn(f"{message} Solved again with relative damping {self.damping:g}.", stacklevel=4)
+                    return direction, update_norm
+                problem = "the updated parameters are (the step overflows their dtype: lower the lr)"
+            if attempt == 0:
+                message = self._nonfinite_event(sketch, problem)
+            if self.on_nonfinite != "increase_damping" or not self._raise_damping():
+                break
+        if attempt == 0 and problem.startswith("the loss"):
+            message = self._nonfinite_event(sketch, problem)
+            if self.on_nonfinite == "increase_damping" and self._raise_damping():
+                message += f" Relative damping raised to {self.damping:g} for the next steps."
+        warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
+        return None
+
+    def _nonfinite_event(self, sketch: Sketch, problem: str) -> str:
+        """Count the event; raise under on_nonfinite="raise"; else return the warning's text."""
         step = self.step_count - 1
         self.nonfinite_steps += 1
         self.last_nonfinite_step = step
         message = (
-            f"{type(self).__name__} step {step}: {problem} is not finite (loss={float(sketch.loss):g}). Usual causes: "
+            f"{type(self).__name__} step {step}: {problem} not finite (loss={float(sketch.loss):g}). Usual causes: "
             "the network's state diverges over the trial (exploding dynamics: lower the initial gain, the lr, "
             "or the trial length; raise the damping), or extreme values in the data."
         )
@@ -214,29 +236,17 @@ class SketchOptimizer(torch.optim.Optimizer):
             raise FloatingPointError(
                 message + " The parameters were left as they were (on_nonfinite='raise'; 'skip' carries on)."
             )
-        if self.on_nonfinite == "increase_damping":
-            for _ in range(MAX_DAMPING_RAISES):
-                if not self._raise_damping():
-                    break
-                if problem == "the subspace solve":  # the sketch is fine: solve it again, better posed
-                    direction = self._direction(sketch, num_params)
-                    if bool(torch.isfinite(direction.coefficients).all()):
-                        warnings.warn(message + f" Solved again with relative damping {self.damping:g}.", stacklevel=4)
-                        return direction
-                else:
-                    break  # no damping makes a non-finite sketch finite: skip, more cautious from now on
-            message += f" Relative damping raised to {self.damping:g}."
-        warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
-        return None
+        return message
 
     def _raise_damping(self) -> bool:
         """Make the next solves more cautious; False if this optimizer cannot."""
         return False
 
-    def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float:
+    def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float | None:
         """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
-        returns ||lr s||."""
+        returns ||lr s||, or None, with nothing written, if a new parameter would not be finite."""
         squared_norm = torch.zeros((), dtype=torch.float64, device=coefficients.device)
+        updates = []  # (parameter, new value, new velocity): written only once all are finite
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
@@ -244,11 +254,17 @@ class SketchOptimizer(torch.optim.Optimizer):
                 step = torch.tensordot(coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)  # this parameter's V a
                 if self.momentum > 0:
                     buffer = self.state[p].get("momentum_buffer")
-                    step = step if buffer is None else buffer.mul_(self.momentum).add_(step)
-                    self.state[p]["momentum_buffer"] = step
-                p.sub_(step, alpha=group["lr"])
-                squared_norm += group["lr"] ** 2 * step.double().pow(2).sum()
-        return math.sqrt(squared_norm)  # one read of the device, after all parameters moved
+                    step = step if buffer is None else buffer * self.momentum + step
+                updates.append((p, p - group["lr"] * step, step))
+                squared_norm += (group["lr"] * step.double()).pow(2).sum()  # a tensor: overflows to inf, never raises
+        finite = torch.stack([torch.isfinite(new).all() for _, new, _ in updates]).all() & torch.isfinite(squared_norm)
+        if not bool(finite):  # one read of the device, after all parameters' steps are known
+            return None
+        for p, new, step in updates:
+            p.copy_(new)
+            if self.momentum > 0:
+                self.state[p]["momentum_buffer"] = step
+        return math.sqrt(squared_norm)
 
     def _extra_state(self) -> dict:
         return {}

@@ -12,6 +12,7 @@ Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -131,6 +132,19 @@ class TaskDataModule(L.LightningDataModule):
     def require(self, condition: bool, message: str) -> None:
         if not condition:
             raise ValueError(f"{type(self).__name__}: {message}")
+
+    def require_integers(self, minimum: int = 1, **values: Any) -> None:
+        """Each value an int (not a bool) >= minimum, else a ValueError naming it."""
+        for name, value in values.items():
+            self.require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
+                         f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+    def require_fraction(self, low: float = 0.0, high: float = 1.0, open_low: bool = False, **values: Any) -> None:
+        """Each value a finite real number in [low, high] ((low, high] with open_low)."""
+        for name, value in values.items():
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            ok = ok and (low < value if open_low else low <= value) and value <= high
+            self.require(ok, f"{name} must be a number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}.")
 
 
 class _TrialStream(IterableDataset):

@@ -76,6 +76,10 @@ class LeakyRNNCell(nn.Module):
         if learning_rule not in LEARNING_RULES:
             raise ValueError(f"learning_rule must be one of {LEARNING_RULES}, got {learning_rule!r}.")
         self.learning_rule = learning_rule
+        for name, value in {"dt": dt, "tau": tau, "gain": gain, "input_noise": input_noise,
+                            "recurrent_noise": recurrent_noise}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
         if not (dt > 0 and tau >= dt):
