@@ -51,6 +51,12 @@ class FlipFlop(TaskDataModule):
             busy = (busy - 1).clamp_min(0)
         return {"inputs": inputs, "targets": targets, "mask": torch.ones(n_trials, self.n_steps, 1)}
 
+    def conditions(self, batch):
+        """The memory state at the end of each trial, 0 .. 2^N - 1 (bit i set when output i holds +1);
+        colours the trajectories in the fixed-point figures."""
+        held = (batch["targets"][:, -1] > 0).long()
+        return (held * (2 ** torch.arange(held.shape[-1], device=held.device))).sum(-1)
+
     def metrics(self):
         return MetricCollection({"bit_accuracy": Scored(BinaryAccuracy(), held_bits)})
 

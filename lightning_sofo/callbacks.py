@@ -43,14 +43,7 @@ class TrialFigures(L.Callback):
             self._log(trainer, figure, f"trials/{index}")
 
     def _log(self, trainer: L.Trainer, figure, tag: str) -> None:
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
-        if self.save_dir is not None:
-            path = Path(self.save_dir) / f"{tag.replace('/', '_')}_step{trainer.global_step}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=100)
-        plt.close(figure)
+        _log_figure(trainer, figure, tag, self.save_dir)
 
 
 def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,3 +170,70 @@ class CheckpointOnSigterm(L.Callback):
         trainer.save_checkpoint(str(Path(checkpoint.dirpath) / name))
         print(f"SIGTERM: stopped after step {trainer.global_step}; checkpoint written to "
               f"{Path(checkpoint.dirpath) / name}. Resume with --ckpt_path last.", flush=True)
+
+
+class FixedPointFigures(L.Callback):
+    """At the end of fit, analyses the trained network (lightning_sofo.analysis.analyse) on the
+    first validation trials and logs to TensorBoard "analysis/fixed_points" (trajectories in the
+    top 3 PCs with the fixed points; coloured by the task's `conditions(batch)` when it has
+    them) and "analysis/eigenvalues" (against the unit circle), plus the counts of stable
+    points and saddles as scalars. Recurrent SOFOModules only; rank 0 only.
+
+    Args:
+        n_trials: validation trials whose states seed the solver and are drawn.
+        starts: initial states for the fixed-point solver.
+        constant_input: the input held while looking for fixed points (None: zeros).
+        save_dir: also write the figures as PNG files there.
+    """
+
+    def __init__(self, n_trials: int = 32, starts: int = 256, constant_input: Sequence[float] | None = None,
+                 save_dir: str | None = None):
+        self.n_trials, self.starts, self.save_dir = n_trials, starts, save_dir
+        self.constant_input = None if constant_input is None else torch.tensor(constant_input, dtype=torch.float64)
+        self.analysis = None
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not getattr(module, "is_recurrent", False):
+            return
+        task = trainer.datamodule
+        if hasattr(task, "fixed_set"):
+            batch = task.fixed_set("val")[0]
+        elif task is not None:
+            batch = next(iter(task.val_dataloader()))
+        else:
+            return
+        analysis, figures = analyse_batch(module, batch, task, self.n_trials, self.starts, self.constant_input)
+        self.analysis = analysis
+        points = analysis.fixed_points
+        values = {"analysis/stable_points": float(points.count("stable")),
+                  "analysis/saddles": float(points.count("saddle"))}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+        for tag, figure in figures.items():
+            _log_figure(trainer, figure, tag, self.save_dir)
+
+
+def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_input=None):
+    """(Analysis, {tag: Figure}) of a module on the first n_trials of a batch."""
+    from lightning_sofo.analysis import analyse
+    from lightning_sofo.plots import plot_eigenvalues, plot_fixed_points
+
+    inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
+    inputs = inputs[:n_trials].to(module.device)
+    conditions = task.conditions(batch)[:n_trials] if hasattr(task, "conditions") else None
+    analysis = analyse(module, inputs, conditions, constant_input, starts=starts, start_noise=0.5)
+    title = f"{type(task).__name__ if task is not None else ''}: {analysis.fixed_points.summary()}"
+    figures = {"analysis/fixed_points": plot_fixed_points(analysis, title=title[:90]),
+               "analysis/eigenvalues": plot_eigenvalues(analysis.fixed_points)}
+    return analysis, figures
+
+
+def _log_figure(trainer: L.Trainer, figure, tag: str, save_dir: str | None) -> None:
+    experiment = getattr(trainer.logger, "experiment", None)
+    if hasattr(experiment, "add_figure"):
+        experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+    if save_dir is not None:
+        path = Path(save_dir) / f"{tag.replace('/', '_')}_step{trainer.global_step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+    plt.close(figure)

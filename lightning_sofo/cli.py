@@ -2,6 +2,7 @@
 
     sofo fit --config configs/flipflop_sofo.yaml
     sofo fit --config flipflop_sofo --trainer.max_steps 50     # a bundled config by name, from any directory
+    sofo analyse --config flipflop_sofo --ckpt_path last        # fixed points and PCA figures of the trained net
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
 config; models/ and datamodules/ are imported so their classes are known by name. Every run
@@ -114,9 +115,52 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
     return resolved
 
 
+def analyse_command(argv: list[str]) -> Path:
+    """`sofo analyse --config C --ckpt_path P [--out DIR] [--trials 32] [--starts 256] [config overrides]`:
+    fixed points, linearised dynamics and PCA trajectories of a trained recurrent network,
+    written as PNG files (fixed_points.png, eigenvalues.png) and a summary line; returns DIR."""
+    import argparse
+
+    import matplotlib.pyplot as plt
+    import torch
+
+    from lightning_sofo.callbacks import analyse_batch
+
+    parser = argparse.ArgumentParser(prog="sofo analyse", description=analyse_command.__doc__)
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint, or 'last' (the newest last.ckpt)")
+    parser.add_argument("--out", default=None, help="folder for the figures (default: beside the checkpoint)")
+    parser.add_argument("--trials", type=int, default=32, help="validation trials drawn and used as starts")
+    parser.add_argument("--starts", type=int, default=256, help="initial states of the fixed-point solver")
+    parser.add_argument("--constant_input", type=float, nargs="+", default=None,
+                        help="the input held at the fixed points (default: zeros)")
+    ours, rest = parser.parse_known_args(argv)
+    cli = SOFOCLI(args=resolve_config_paths(rest), run=False)
+    path = newest_last_checkpoint(cli.trainer) if ours.ckpt_path == "last" else Path(ours.ckpt_path)
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"sofo analyse: no checkpoint at {ours.ckpt_path!r}; give the path of a .ckpt file "
+                                "(e.g. lightning_logs/version_0/checkpoints/last.ckpt) or 'last'.")
+    model = cli.model
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    task = cli.datamodule
+    batch = task.fixed_set("val")[0] if hasattr(task, "fixed_set") else next(iter(task.val_dataloader()))
+    constant = None if ours.constant_input is None else torch.tensor(ours.constant_input, dtype=torch.float64)
+    analysis, figures = analyse_batch(model, batch, task, ours.trials, ours.starts, constant)
+    out = Path(ours.out) if ours.out else path.parent.parent / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    for tag, figure in figures.items():
+        figure.savefig(out / f"{tag.split('/')[-1]}.png", dpi=110)
+        plt.close(figure)
+    print(f"{analysis.fixed_points.summary()}. Figures in {out}.")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `sofo` console script."""
-    SOFOCLI(args=resolve_config_paths(sys.argv[1:] if argv is None else argv))
+    """Entry point of the `sofo` console script: LightningCLI's subcommands, and `analyse`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["analyse"]:
+        analyse_command(argv[1:])
+        return
+    SOFOCLI(args=resolve_config_paths(argv))
 
 
 if __name__ == "__main__":

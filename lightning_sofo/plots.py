@@ -119,3 +119,56 @@ def plot_curvature(histories: dict[str, list[dict]], key: str = "curvature/hessi
     if not positive:
         figure.axes[0].set_yscale("symlog", linthresh=1e-3)
     return figure
+
+
+STABILITY_STYLE = {"stable": dict(marker="o", color="k", s=60), "saddle": dict(marker="x", color="r", s=70),
+                   "unstable": dict(marker="^", color="m", s=60)}
+
+
+def plot_fixed_points(analysis, dimensions: int = 3, max_trials: int = 16, title: str = ""):
+    """Population trajectories in the top principal components (one line per trial, coloured
+    by its condition when given), with the fixed points projected into the same axes:
+    stable (o), saddles (x), unstable (^). `analysis` is lightning_sofo.analysis.Analysis."""
+    projected = _numpy(analysis.pca.project(analysis.rates[:max_trials]))
+    points = _numpy(analysis.pca.project(analysis.point_rates))
+    dimensions = min(dimensions, projected.shape[-1])
+    figure = plt.figure(figsize=(7, 6))
+    axis = figure.add_subplot(projection="3d" if dimensions == 3 else None)
+    conditions = analysis.conditions
+    colours = plt.get_cmap("tab10")
+    for trial, path in enumerate(projected):
+        colour = colours(int(conditions[trial]) % 10) if conditions is not None else colours(trial % 10)
+        axis.plot(*path[:, :dimensions].T, color=colour, lw=0.8, alpha=0.7)
+    for kind, style in STABILITY_STYLE.items():
+        chosen = [i for i, s in enumerate(analysis.fixed_points.stability) if s == kind]
+        if chosen:
+            extra = dict(depthshade=False) if dimensions == 3 else {}
+            axis.scatter(*points[chosen, :dimensions].T, label=f"{kind} ({len(chosen)})", **style, **extra)
+    explained = analysis.pca.explained.tolist()
+    for index, setter in enumerate(("set_xlabel", "set_ylabel", "set_zlabel")[:dimensions]):
+        getattr(axis, setter)(f"PC{index + 1} ({100 * explained[index]:.0f}%)")
+    axis.legend(fontsize="small", loc="upper left")
+    axis.set_title(title or "trajectories and fixed points")
+    figure.tight_layout()
+    return figure
+
+
+def plot_eigenvalues(fixed_points, title: str = ""):
+    """Eigenvalues of dF/dh at every fixed point in the complex plane, against the unit circle
+    (inside: decaying modes; outside: growing; on it: slow, memory-holding modes)."""
+    figure, axis = plt.subplots(figsize=(5.5, 5.5))
+    circle = torch.linspace(0, 2 * torch.pi, 400)
+    axis.plot(torch.cos(circle), torch.sin(circle), "k--", lw=0.8)
+    for kind, style in STABILITY_STYLE.items():
+        chosen = [i for i, s in enumerate(fixed_points.stability) if s == kind]
+        if chosen:
+            values = fixed_points.eigenvalues[chosen].reshape(-1)
+            axis.scatter(_numpy(values.real), _numpy(values.imag), s=12, marker=style["marker"], color=style["color"],
+                         alpha=0.5, label=f"{kind} points ({len(chosen)})")
+    axis.set_aspect("equal")
+    axis.set_xlabel("Re lambda")
+    axis.set_ylabel("Im lambda")
+    axis.set_title(title or "eigenvalues of dF/dh at the fixed points")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

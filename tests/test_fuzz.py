@@ -2,11 +2,13 @@
 one setting replaced by a hostile value (zero, negative, huge, NaN, infinite, wrong type);
 it must either run a SOFO step or fail at once with a ValueError, raised by our own checks,
 that names the setting that was spoiled. No case crashes inside torch or Python, a valid
-case always runs, and no case leaves a non-finite parameter behind."""
+case always runs, and no case leaves a non-finite parameter behind.
+SOFO_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py runs more cases (150 per test by default)."""
 
 from __future__ import annotations
 
 import math
+import os
 import traceback
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from lightning_sofo import SOFO
 from models import VanillaRNN
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=int(os.environ.get("SOFO_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 HOSTILE = st.sampled_from([0, -1, -1e-9, 1e-300, 1e300, math.nan, math.inf, -math.inf, "1", None, True, [1], 2.5])
 
 

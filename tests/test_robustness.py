@@ -7,11 +7,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import MLP
 from torch.utils.data import DataLoader
 
-from conftest import MLP
-from lightning_sofo import FGD, SOFO, Sketch, solve_subspace
-from lightning_sofo import functional
+from lightning_sofo import FGD, SOFO, Sketch, functional, solve_subspace
 from models import VanillaRNN
 
 
