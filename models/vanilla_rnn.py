@@ -113,6 +113,9 @@ class LeakyRNNCell(nn.Module):
             effective = magnitude * signs * (1.0 if mask is None else mask)
             radius = torch.linalg.eigvals(effective).abs().max().clamp_min(1e-12)
             recurrent = magnitude * (gain / radius)
+        if gain < 0 or not torch.isfinite(recurrent).all():
+            raise ValueError(f"gain={gain!r} gives initial recurrent weights that are negative-scaled or overflow "
+                             f"{recurrent.dtype}; use a gain >= 0 of order 1 (0.5 to 1.5 is usual).")
         self.recurrent = nn.Parameter(recurrent)
         self.input_weights = nn.Parameter(torch.randn(n, input_size) / math.sqrt(input_size))
         self.bias = nn.Parameter(torch.zeros(n))

@@ -4,6 +4,8 @@ corrupted, and every failure says what went wrong."""
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
@@ -261,3 +263,10 @@ def test_a_step_that_would_overflow_the_parameters_is_not_written():
         optimizer.step(fixed_sketch(torch.tensor([30.0, 30.0]), torch.eye(2)))
     assert torch.equal(weight.detach(), before) and "momentum_buffer" not in optimizer.state[weight]  # nor a velocity
     assert optimizer.skipped_steps == 1 and optimizer.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("gain", [1e300, -1.0])
+def test_a_gain_that_would_build_a_broken_network_is_refused(gain):
+    """Found by the fuzz test at 1000 cases: gain 1e300 built an RNN whose weights were already inf."""
+    with pytest.raises(ValueError, match=re.escape(f"gain={gain!r} gives initial recurrent weights")):
+        VanillaRNN(2, 4, 2, gain=gain)
