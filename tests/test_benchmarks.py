@@ -78,6 +78,7 @@ def test_curvature_digits_run_and_report(monkeypatch, tmp_path):
     monkeypatch.setattr(cd, "CURVATURE_TRIALS", 16)
     monkeypatch.setattr(cd, "EVALUATIONS", 2)
     monkeypatch.setattr(cd, "OUT", tmp_path)
+    monkeypatch.setattr(cd, "COMPILE", False)
     runs = [cd.run((method, label, options, 0, 0.3)) for method, label, options in
             (cd.SETTINGS[0], cd.SETTINGS[2], cd.SETTINGS[5])]
     for r in runs:

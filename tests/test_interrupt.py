@@ -16,7 +16,7 @@ import torch
 from lightning_sofo.cli import main
 from test_cli import shrunk
 
-STEPS = 150
+STEPS = 100
 
 
 def run_args(root: Path) -> list[str]:
