@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacfwd, vmap
+from torch.func import jacfwd, vmap
 
 StateMap = Callable[[Tensor], Tensor]  # h (M, N) -> F(h, u) (M, N)
 
@@ -37,17 +37,16 @@ def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.floa
     if not getattr(module, "is_recurrent", False):
         raise ValueError(f"{type(module).__name__} is not a recurrent module (it has no step); fixed points need "
                          "initial_state and step(state, inputs_t).")
-    wrapper = _Step(module)
-    tensors = {f"inner.{name}": p.detach().to(dtype) for name, p in module.named_parameters()}
-    tensors.update({f"inner.{name}": b.to(dtype) if b.is_floating_point() else b
-                    for name, b in module.named_buffers()})
+    functional_step = module._functional["step"]  # step(state, inputs_t) with the tensors swapped in
+    tensors = {name: p.detach().to(dtype) for name, p in module.named_parameters()}
+    tensors.update({name: b.to(dtype) if b.is_floating_point() else b for name, b in module.named_buffers()})
     u = inputs.detach().to(dtype)
 
     def step(h: Tensor) -> tuple[Tensor, Tensor]:
         was_training = module.training
         module.eval()  # no noise: the deterministic map
         try:
-            state, outputs = functional_call(wrapper, tensors, (h, u.expand(h.shape[0], -1)))
+            state, outputs = functional_step(tensors, h, u.expand(h.shape[0], -1))
         finally:
             module.train(was_training)
         if not isinstance(state, Tensor):
@@ -56,17 +55,6 @@ def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.floa
         return state, outputs
 
     return (lambda h: step(h)[0]), (lambda h: step(h)[1])
-
-
-class _Step(nn.Module):
-    """Calls module.step, so functional_call can swap in float64 copies of the parameters."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, state: Tensor, inputs_t: Tensor):
-        return self.inner.step(state, inputs_t)
 
 
 def state_jacobians(step: StateMap, states: Tensor) -> Tensor:

@@ -129,11 +129,7 @@ class CurvatureMonitor(L.Callback):
 
     def _batch(self, trainer: L.Trainer, module: L.LightningModule):
         if self._fixed_batch is None:
-            batch, task = self.batch, trainer.datamodule
-            if batch is None and hasattr(task, "fixed_set"):
-                batch = task.fixed_set("val")[0]
-            elif batch is None and task is not None:
-                batch = next(iter(task.val_dataloader()))
+            batch = self.batch if self.batch is not None else first_validation_batch(trainer.datamodule)
             if batch is None:
                 raise ValueError(
                     "CurvatureMonitor needs a batch to measure on: pass CurvatureMonitor(batch=...), or fit with "
@@ -196,11 +192,8 @@ class FixedPointFigures(L.Callback):
         if not trainer.is_global_zero or not getattr(module, "is_recurrent", False):
             return
         task = trainer.datamodule
-        if hasattr(task, "fixed_set"):
-            batch = task.fixed_set("val")[0]
-        elif task is not None:
-            batch = next(iter(task.val_dataloader()))
-        else:
+        batch = first_validation_batch(task)
+        if batch is None:
             return
         analysis, figures = analyse_batch(module, batch, task, self.n_trials, self.starts, self.constant_input)
         self.analysis = analysis
@@ -211,6 +204,14 @@ class FixedPointFigures(L.Callback):
             logger.log_metrics(values, step=trainer.global_step)
         for tag, figure in figures.items():
             _log_figure(trainer, figure, tag, self.save_dir)
+
+
+def first_validation_batch(task: L.LightningDataModule | None) -> Any:
+    """The first validation batch of a DataModule: a task's fixed set, or the first batch of
+    its val_dataloader; None without a DataModule."""
+    if task is None:
+        return None
+    return task.fixed_set("val")[0] if hasattr(task, "fixed_set") else next(iter(task.val_dataloader()))
 
 
 def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_input=None):

@@ -97,6 +97,7 @@ def newest_last_checkpoint(trainer: L.Trainer) -> Path | None:
     checkpoint = trainer.checkpoint_callback
     if checkpoint is not None and getattr(checkpoint, "dirpath", None):
         roots.append(Path(checkpoint.dirpath).parent)
+    roots = list(dict.fromkeys(root.resolve() for root in roots))  # the logger's root is usually the default one
     found = [path for root in roots if root.is_dir() for path in root.glob("*/last*.ckpt")]
     found += [path for root in roots if root.is_dir() for path in root.glob("*/checkpoints/last*.ckpt")]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
@@ -124,7 +125,7 @@ def analyse_command(argv: list[str]) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    from lightning_sofo.callbacks import analyse_batch
+    from lightning_sofo.callbacks import analyse_batch, first_validation_batch
 
     parser = argparse.ArgumentParser(prog="sofo analyse", description=analyse_command.__doc__)
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint, or 'last' (the newest last.ckpt)")
@@ -142,7 +143,7 @@ def analyse_command(argv: list[str]) -> Path:
     model = cli.model
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
     task = cli.datamodule
-    batch = task.fixed_set("val")[0] if hasattr(task, "fixed_set") else next(iter(task.val_dataloader()))
+    batch = first_validation_batch(task)
     constant = None if ours.constant_input is None else torch.tensor(ours.constant_input, dtype=torch.float64)
     analysis, figures = analyse_batch(model, batch, task, ours.trials, ours.starts, constant)
     out = Path(ours.out) if ours.out else path.parent.parent / "analysis"

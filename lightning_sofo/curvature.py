@@ -72,9 +72,8 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     mode (as `measure` does) for a deterministic loss.
     """
     from lightning_sofo.functional import recurrent_loss
-    from lightning_sofo.module import unpack_batch
 
-    inputs, targets, mask = unpack_batch(batch)
+    inputs, targets, mask = module._validated_batch(batch)
     everything = {name: p.detach() for name, p in module.named_parameters()}
     chosen = _select(module, everything, parameters)
     fixed = {name: p for name, p in everything.items() if name not in chosen}

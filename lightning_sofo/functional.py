@@ -207,9 +207,7 @@ def recurrent_sketch(
     normaliser = loss.normaliser(targets, mask)
     chunk = compile_steps if compile_steps > 0 else horizon
     total = None
-    for start in range(0, horizon, chunk):
-        window = slice(start, min(start + chunk, horizon))
-        run = _compiled("sketch_steps", _sketch_steps) if compile_steps > 0 and window.stop - window.start == chunk else _sketch_steps
+    for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps):
         state, state_tangents, sums = run(
             step, loss, params, tangents, state, state_tangents,
             inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
@@ -279,9 +277,7 @@ def recurrent_loss(
     mask = loss.broadcast_mask(targets, mask)
     normaliser = loss.normaliser(targets, mask)
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
-    for start in range(0, horizon, chunk):
-        window = slice(start, min(start + chunk, horizon))
-        run = _compiled("primal_steps", _primal_steps) if compile_steps > 0 and window.stop - start == chunk else _primal_steps
+    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _primal_steps):
         state, outputs = run(step, params, state, inputs[:, window])
         window_mask = None if mask is None else mask[:, window]
         # loss(...) normalises by its own window's count n_w; rescale to the whole trial's n
@@ -295,6 +291,16 @@ def _primal_steps(step, params, state, inputs):
         state, y = step(params, state, inputs[:, t])
         outputs.append(y)
     return state, torch.stack(outputs, 1)
+
+
+def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable):
+    """(slice of steps, function to run them) for consecutive windows of `chunk` steps; full
+    windows run torch.compile'd when compile_steps > 0 (a shorter last window runs eagerly,
+    so one compilation serves every trial length)."""
+    for start in range(0, horizon, chunk):
+        window = slice(start, min(start + chunk, horizon))
+        full = window.stop - start == chunk
+        yield window, _compiled(name, function) if compile_steps > 0 and full else function
 
 
 _COMPILED: dict[str, Callable] = {}

@@ -10,7 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_loss, recurrent_sketch
+from lightning_sofo.functional import (
+    Sketch,
+    feedforward_sketch,
+    recurrent_loss,
+    recurrent_sketch,
+)
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
 
@@ -166,10 +171,15 @@ class SOFOModule(L.LightningModule):
     def compute_loss(self, batch: Any) -> Tensor:
         return self._outputs_and_loss(batch)[1]
 
-    def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _validated_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(inputs, targets, mask) of a batch that fits this model and holds only finite values."""
         inputs, targets, mask = unpack_batch(batch)
         self.check_batch(inputs, targets, mask)
         check_finite(inputs=inputs, targets=targets, mask=mask)
+        return inputs, targets, mask
+
+    def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+        inputs, targets, mask = self._validated_batch(batch)
         outputs = self(inputs)
         return outputs, self.loss_fn(outputs, targets, mask)
 
@@ -274,9 +284,7 @@ class SOFOModule(L.LightningModule):
         optimizer.named_params()); parameters the optimizer does not hold, and
         buffers, stay constant.
         """
-        inputs, targets, mask = unpack_batch(batch)
-        self.check_batch(inputs, targets, mask)
-        check_finite(inputs=inputs, targets=targets, mask=mask)
+        inputs, targets, mask = self._validated_batch(batch)
         names = {id(p): name for name, p in self.named_parameters()}
         optimized = optimizer.named_params()
         foreign = [key for key, p in optimized.items() if id(p) not in names]

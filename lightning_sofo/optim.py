@@ -197,28 +197,28 @@ class SketchOptimizer(torch.optim.Optimizer):
         finite, and return (direction, update norm); otherwise do what `on_nonfinite` says: None
         (skip), FloatingPointError (raise), or, for SOFO, solve again with 10x the relative
         damping ("increase_damping"). The parameters are written only once all is finite."""
-        problem = "the loss or its sketches (g~, G~) are"
-        for attempt in range(MAX_DAMPING_RAISES + 1):
-            if not sketch.is_finite():
-                break
+        if not sketch.is_finite():  # no damping makes a non-finite sketch finite: skip, more cautious from now on
+            message = self._nonfinite_event(sketch, "the loss or its sketches (g~, G~) are")
+            if self.on_nonfinite == "increase_damping" and self._raise_damping():
+                message += f" Relative damping raised to {self.damping:g} for the next steps."
+            warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
+            return None
+        message = None
+        for _ in range(MAX_DAMPING_RAISES + 1):
             direction = self._direction(sketch, num_params)
             if not bool(torch.isfinite(direction.coefficients).all()):
                 problem = "the subspace solve is"
             else:
                 update_norm = self._move(tangents, direction.coefficients)
                 if update_norm is not None:
-                    if attempt:
+                    if message is not None:
                         warnings.warn(f"{message} Solved again with relative damping {self.damping:g}.", stacklevel=4)
                     return direction, update_norm
                 problem = "the updated parameters are (the step overflows their dtype: lower the lr)"
-            if attempt == 0:
+            if message is None:
                 message = self._nonfinite_event(sketch, problem)
             if self.on_nonfinite != "increase_damping" or not self._raise_damping():
                 break
-        if attempt == 0 and problem.startswith("the loss"):
-            message = self._nonfinite_event(sketch, problem)
-            if self.on_nonfinite == "increase_damping" and self._raise_damping():
-                message += f" Relative damping raised to {self.damping:g} for the next steps."
         warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
         return None
 
