@@ -1,25 +1,23 @@
-"""Training quality: SOFO vs Adam+BPTT vs forward-gradient descent (FGD) on four tasks.
+"""Training quality: SOFO vs Adam + BPTT at equal iterations, on the tasks SOFO is claimed for.
 
-Every run trains the same model on the same task from the same initial parameters
-(per seed) for the same wall-clock budget of training time (validation excluded),
-and records the validation loss against iterations and against seconds. Settings:
-  - SOFO, lr 0.5: relative damping 1e-3, 1e-2, 1e-1, and damping="adaptive";
-  - FGD (V V^T grad L, heavy ball 0.9): three learning rates;
-  - Adam + BPTT, gradients clipped at norm 1.0: four learning rates;
-each with three seeds. The table shows, per method, its best setting (lowest mean
-final validation loss over seeds), and all SOFO damping settings side by side.
+Protocol (every run is one process-thread, saved to its own JSON file as it finishes):
+  1. Sweep (seed 0, --iterations of the sweep): every setting of each method, the same
+     model, initial parameters, training trials and validation set for all of them:
+       SOFO: relative damping 1e-5, 1e-4, 1e-3, 1e-2 x lr 0.1, 0.3, 1, and damping="adaptive";
+       Adam + BPTT: lr 1e-4 .. 3e-2, each with and without gradient-norm clipping at 1.
+  2. Seeds: each method's best sweep setting (lowest final validation loss on seed 0) and the
+     SOFO options under study (subspace memory, orthogonal cycles, block tangents) run again on
+     seeds 0, 1, 2 for the full --iterations; Adam gets as many iterations as SOFO (on this CPU
+     that is also more wall-clock than SOFO, see the s/iteration column).
+Validation loss is recorded against iterations and against seconds of training (validation
+and the one-off torch.compile of the forward-mode engine excluded).
 
-The loop is the one the Trainer runs, without the Trainer's bookkeeping:
-SOFO/FGD: optimizer.step(model.sketch_function(batch, optimizer));
-Adam: model.compute_loss(batch).backward(); clip; optimizer.step().
-Runs go to a pool of processes with one thread each; the one-off torch.compile of
-the forward-mode engine happens before the clock starts and is reported apart.
+    python benchmarks/training_quality.py --tasks kalman --stage sweep --iterations 500
+    python benchmarks/training_quality.py --tasks kalman --stage seeds --iterations 2000
+    python benchmarks/training_quality.py --report      # tables and plots from saved runs only
 
-    python benchmarks/training_quality.py [--budget 30] [--seeds 0 1 2] [--tasks flipflop kalman]
-    python benchmarks/training_quality.py --report   # tables and plots from saved runs only
-
-Writes benchmarks/training_quality/<task>.json (every run), <task>.png (curves),
-and the "Training quality" section of benchmarks/RESULTS.md.
+Runs already on disk are skipped, so a study grows over several sessions; --report rebuilds
+benchmarks/training_quality/<task>.png and the "Training quality" section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import json
 import math
 import multiprocessing
 import platform
+import re
 import statistics
 import sys
 import time
@@ -41,21 +40,37 @@ OUT = HERE / "training_quality"
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-SETTINGS = [  # (method, label, optimizer options)
-    ("SOFO", "damping 1e-3", dict(lr=0.5, damping=1e-3)),
-    ("SOFO", "damping 1e-2", dict(lr=0.5, damping=1e-2)),
-    ("SOFO", "damping 1e-1", dict(lr=0.5, damping=1e-1)),
-    ("SOFO", "adaptive", dict(lr=0.5, damping="adaptive")),
-    ("FGD", "lr 0.1", dict(lr=0.1, momentum=0.9)),
-    ("FGD", "lr 0.3", dict(lr=0.3, momentum=0.9)),
-    ("FGD", "lr 1", dict(lr=1.0, momentum=0.9)),
-    ("Adam", "lr 1e-3", dict(lr=1e-3)),
-    ("Adam", "lr 3e-3", dict(lr=3e-3)),
-    ("Adam", "lr 1e-2", dict(lr=1e-2)),
-    ("Adam", "lr 3e-2", dict(lr=3e-2)),
-]
-CLIP = 1.0  # Adam's gradient-norm clip, as in the Adam configs
-EVALUATIONS = 12  # validation points per run, evenly spaced in training time
+CLIP = 1.0  # gradient-norm clip of the clipped Adam settings
+EVALUATIONS = 20  # validation points per run, evenly spaced in iterations
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # "SOFO" or "Adam"
+    label: str
+    options: dict  # optimizer options (Adam: plus clip)
+
+
+def sweep_settings() -> list[Setting]:
+    settings = [Setting("SOFO", f"lr {lr:g}, damping {d:g}", dict(lr=lr, damping=d))
+                for d in (1e-5, 1e-4, 1e-3, 1e-2) for lr in (0.1, 0.3, 1.0)]
+    settings.append(Setting("SOFO", "lr 0.5, adaptive", dict(lr=0.5, damping="adaptive")))
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+        settings.append(Setting("Adam", f"lr {lr:g}", dict(lr=lr, clip=None)))
+        settings.append(Setting("Adam", f"lr {lr:g}, clip 1", dict(lr=lr, clip=CLIP)))
+    return settings
+
+
+SWEEP = sweep_settings()
+# SOFO options evaluated at the best swept (lr, damping) of their task: extra optimizer options
+OPTIONS = {
+    "memory 2": dict(memory=2),
+    "orthogonal cycles": dict(orthogonal_cycles=True),
+    "readout tangents 1/4": dict(block_tangents={"readout": 0.25}),
+}
+# the SOFO authors' own Adam setting per task (their examples; no clipping)
+AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
+                "flipflop": "lr 0.0001"}
 
 
 @dataclass(frozen=True)
@@ -63,25 +78,21 @@ class TaskSpec:
     make_task: Callable  # seed -> TaskDataModule
     make_model: Callable  # task -> SOFOModule
     tangents: int
-    sizes: str  # what was reduced from the bundled config, shown beside the table
+    sizes: str  # shown beside the table, with what was reduced from the authors' sizes
+
+
+def _kalman(n_steps):
+    def make(seed):
+        from datamodules import AdaptiveKalman
+
+        return AdaptiveKalman(n_steps=n_steps, batch_size=16, val_trials=64, seed=seed)
+    return make
 
 
 def _flipflop(seed):
     from datamodules import FlipFlop
 
-    return FlipFlop(n_bits=3, n_steps=100, batch_size=32, val_trials=128, seed=seed)
-
-
-def _delayed_addition(seed):
-    from datamodules import DelayedAddition
-
-    return DelayedAddition(n_steps=200, second_marker_last=150, batch_size=32, val_trials=128, seed=seed)
-
-
-def _kalman(seed):
-    from datamodules import AdaptiveKalman
-
-    return AdaptiveKalman(n_steps=1000, batch_size=16, val_trials=64, seed=seed)
+    return FlipFlop(n_bits=3, n_steps=200, batch_size=32, val_trials=128, seed=seed)
 
 
 def _double_reach(seed):
@@ -90,33 +101,47 @@ def _double_reach(seed):
     return DoubleReach(dt=0.01, n_steps=250, batch_size=16, val_trials=64, seed=seed)
 
 
-def _rnn(hidden_size):
+def _relu_rnn(hidden_size):
+    """The SOFO authors' Kalman network: ReLU, alpha = dt / tau = 0.25."""
+    def make(task):
+        from models import VanillaRNN
+
+        return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=10.0, tau=40.0, nonlinearity="relu",
+                          gain=0.9, compile_steps=50)
+    return make
+
+
+def _tanh_rnn(hidden_size):
     def make(task):
         from models import VanillaRNN
 
         return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=10.0, tau=100.0, nonlinearity="tanh",
-                          gain=0.9, compile_steps=10)
+                          gain=0.9, compile_steps=50)
     return make
 
 
 def _arm_controller(task):
     from models import ArmController, TwoLinkArm
 
-    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02, compile_steps=10)
+    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02, compile_steps=50)
 
 
 TASKS = {
-    "flipflop": TaskSpec(_flipflop, _rnn(64), 64,
-                         "3 bits, N = 64, T = 100, B = 32, K = 64 (config: T = 200, B = 64, K = 128)"),
-    "delayed_addition": TaskSpec(_delayed_addition, _rnn(64), 64,
-                                 "N = 64, T = 200, B = 32, K = 64 (config: N = 128, T = 1000, B = 64, K = 128)"),
-    "kalman": TaskSpec(_kalman, _rnn(32), 32, "N = 32, T = 1000, B = 16, K = 32 (config: N = 64, B = 32, K = 128)"),
+    "kalman": TaskSpec(_kalman(1000), _relu_rnn(32), 32,
+                       "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 16, K = 32 (authors: N = 100, B = 256, K = 128-256)"),
+    "kalman_long": TaskSpec(_kalman(5000), _relu_rnn(32), 32,
+                            "as kalman but T = 5000"),
     "double_reach": TaskSpec(_double_reach, _arm_controller, 32,
-                             "N = 32, dt = 10 ms, T = 250 (2.5 s), B = 16, K = 32 "
-                             "(config: N = 128, dt = 2 ms, T = 1000, B = 64, K = 256)"),
+                             "two-link arm, ReLU controller N = 32, tau 20 ms, dt = 10 ms, T = 250 (2.5 s), B = 16, "
+                             "K = 32 (authors: N = 64, dt = 2 ms, T = 1000, B = 256, K = 128-256)"),
+    "flipflop": TaskSpec(_flipflop, _tanh_rnn(64), 64,
+                         "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (main job: B = 64, K = 128)"),
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------
 def validation_loss(model, batches) -> float:
     import torch
 
@@ -134,43 +159,49 @@ def final_metrics(model, task, batches) -> dict:
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-def build(task_name, method, options, seed):
+def build(task_name: str, setting: Setting, seed: int):
+    """(task, model, optimizer, clip) for one run; the model's initial parameters depend on the seed only."""
     import torch
 
-    from lightning_sofo import FGD, SOFO
+    from lightning_sofo import SOFO
 
     spec = TASKS[task_name]
     task = spec.make_task(seed)
     torch.manual_seed(seed)
     model = spec.make_model(task)
     model.train()
-    if method == "Adam":
-        optimizer = torch.optim.Adam(model.parameters(), **options)
-    else:
-        optimizer = (SOFO if method == "SOFO" else FGD)(model.parameters(), tangents=spec.tangents, seed=seed, **options)
-    return task, model, optimizer
+    options = dict(setting.options)
+    if setting.method == "Adam":
+        clip = options.pop("clip")
+        return task, model, torch.optim.Adam(model.parameters(), **options), clip
+    block = options.pop("block_tangents", None)
+    if block is not None:  # a share of K on the parameters whose names start with each key
+        options["tangents_per_block"] = {
+            name: round(share * spec.tangents) for name, share in block.items()}
+        params = [dict(params=[p], name=n) for n, p in model.named_parameters()]
+        return task, model, SOFO(params, tangents=spec.tangents, seed=seed, **options), None
+    return task, model, SOFO(model.parameters(), tangents=spec.tangents, seed=seed, **options), None
 
 
-def train_step(model, optimizer, batch) -> float:
+def train_step(model, optimizer, batch, clip) -> float:
     import torch
 
     if isinstance(optimizer, torch.optim.Adam):
         optimizer.zero_grad()
         loss = model.compute_loss(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         return float(loss.detach())
     return float(optimizer.step(model.sketch_function(batch, optimizer)))
 
 
-_COMPILED_TASKS: set[str] = set()
 _BATCHES: dict = {}  # the training stream of the (task, seed) this process ran last: every method sees it
 
 
 def training_batch(task, task_name, seed, index):
-    """Batch `index` of the seed's training stream, drawn once per process (generation is not timed,
-    and some tasks take longer to generate a batch than Adam takes to learn from it)."""
+    """Batch `index` of the seed's training stream, drawn once per process (generation is not timed)."""
     if _BATCHES.get("key") != (task_name, seed):
         _BATCHES.clear()
         _BATCHES["key"] = (task_name, seed)
@@ -179,230 +210,289 @@ def training_batch(task, task_name, seed, index):
     return _BATCHES[index]
 
 
-def warm_up(task_name) -> float:
-    """Compile the forward-mode engine for this task's shapes on a throwaway model (once per process)."""
-    if task_name in _COMPILED_TASKS:
+_WARM: set = set()
+
+
+def warm_up(task_name: str, setting: Setting) -> float:
+    """Compile the forward-mode engine for this task's shapes on a throwaway model, before the clock
+    (once per process and shape: the subspace memory adds tangents, adaptive damping a loss loop)."""
+    key = (task_name, json.dumps(setting.options, sort_keys=True, default=str))
+    if key in _WARM:
         return 0.0
-    _COMPILED_TASKS.add(task_name)
-    # adaptive damping runs both compiled loops: the sketch, and the loss alone after the step
-    task, model, optimizer = build(task_name, "SOFO", dict(lr=0.5, damping="adaptive"), seed=10**6)
+    _WARM.add(key)
+    task, model, optimizer, clip = build(task_name, setting, seed=10**6)
     start = time.perf_counter()
-    train_step(model, optimizer, task.draw("train", 0))
+    train_step(model, optimizer, task.draw("train", 0), clip)
     return time.perf_counter() - start
 
 
+def run_path(task_name: str, setting: Setting, seed: int, iterations: int) -> Path:
+    slug = re.sub(r"[^a-z0-9.]+", "_", f"{setting.method} {setting.label}".lower()).strip("_")
+    return OUT / task_name / f"{slug}__seed{seed}__it{iterations}.json"
+
+
 def run(job) -> dict:
+    """Train one (task, setting, seed) for `iterations` steps; save and return the result."""
     import torch
 
-    task_name, method, label, options, seed, budget = job
+    task_name, setting, seed, iterations = job
     torch.set_num_threads(1)
-    compile_seconds = warm_up(task_name) if method != "Adam" else 0.0
-    task, model, optimizer = build(task_name, method, options, seed)
+    compile_seconds = warm_up(task_name, setting) if setting.method == "SOFO" else 0.0
+    task, model, optimizer, clip = build(task_name, setting, seed)
     val = task.fixed_set("val")
     curve = [(0, 0.0, validation_loss(model, val))]
-    elapsed, iteration, diverged = 0.0, 0, False
-    next_eval = budget / EVALUATIONS
-    while elapsed < budget:
-        batch = training_batch(task, task_name, seed, iteration)
+    checkpoints = {round(iterations * (i + 1) / EVALUATIONS) for i in range(EVALUATIONS)}
+    elapsed, diverged = 0.0, False
+    for iteration in range(1, iterations + 1):
+        batch = training_batch(task, task_name, seed, iteration - 1)
         start = time.perf_counter()
-        loss = train_step(model, optimizer, batch)
+        loss = train_step(model, optimizer, batch, clip)
         elapsed += time.perf_counter() - start
-        iteration += 1
-        if not math.isfinite(loss) and method == "Adam":
+        if not math.isfinite(loss) and setting.method == "Adam":
             diverged = True  # backprop wrote the non-finite step into the parameters
+            curve.append((iteration, elapsed, math.nan))
             break
-        if elapsed >= next_eval or elapsed >= budget:
+        if iteration in checkpoints:
             curve.append((iteration, elapsed, validation_loss(model, val)))
-            next_eval += budget / EVALUATIONS
     final = curve[-1][2]
-    metrics = {} if diverged or not math.isfinite(final) else final_metrics(model, task, val)
-    skipped = getattr(optimizer, "skipped_steps", 0)
-    return dict(task=task_name, method=method, label=label, seed=seed, budget=budget, iterations=iteration,
-                seconds_per_iteration=elapsed / max(iteration, 1), curve=curve, final_loss=final,
-                diverged=diverged or not math.isfinite(final), metrics=metrics, skipped_steps=skipped,
-                compile_seconds=compile_seconds)
+    diverged = diverged or not math.isfinite(final)
+    result = dict(
+        task=task_name, method=setting.method, label=setting.label, options=setting.options, seed=seed,
+        iterations=iterations, seconds_per_iteration=elapsed / max(curve[-1][0], 1), curve=curve,
+        final_loss=final, best_loss=min((c[2] for c in curve if math.isfinite(c[2])), default=math.nan),
+        diverged=diverged, metrics={} if diverged else final_metrics(model, task, val),
+        skipped_steps=getattr(optimizer, "skipped_steps", 0), rejected_steps=getattr(optimizer, "rejected_steps", 0),
+        compile_seconds=compile_seconds, machine=f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
+    )
+    path = run_path(task_name, setting, seed, iterations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, default=str))
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
-# Report
+# Selection and report (from saved runs only)
 # ---------------------------------------------------------------------------------------------
-def load_runs(task_name) -> list[dict]:
-    path = OUT / f"{task_name}.json"
-    return json.loads(path.read_text())["runs"] if path.exists() else []
-
-
-def summarise(runs):
-    """{(method, label): [runs over seeds]} and, per method, the label with the lowest mean final loss."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["method"], r["label"]), []).append(r)
-
-    def score(key):
-        losses = [final_loss(r) for r in groups[key]]
-        return statistics.mean(losses) if all(math.isfinite(x) for x in losses) else math.inf
-
-    best = {}
-    for method, label in groups:
-        if method not in best or score((method, label)) < score((method, best[method])):
-            best[method] = label
-    return groups, best
+def load_runs(task_name: str) -> list[dict]:
+    folder = OUT / task_name
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
 def final_loss(run) -> float:
-    """The last validation loss; nan for a run whose training loss became non-finite."""
     return math.nan if run["diverged"] else run["final_loss"]
 
 
-def mean_sd(values) -> str:
-    """mean ± sd of the finite values, saying how many runs diverged."""
+def best_settings(runs: list[dict], iterations: int) -> dict[str, str]:
+    """Per method, the label with the lowest final validation loss on seed 0 after `iterations`
+    (the sweep's selection rule; SOFO options are not candidates, they are evaluated apart)."""
+    best: dict[str, tuple[float, str]] = {}
+    for r in runs:
+        if r["seed"] != 0 or r["iterations"] != iterations or " + " in r["label"]:
+            continue
+        loss = final_loss(r)
+        loss = loss if math.isfinite(loss) else math.inf
+        if r["method"] not in best or loss < best[r["method"]][0]:
+            best[r["method"]] = (loss, r["label"])
+    return {method: label for method, (_, label) in best.items()}
+
+
+def settings_for_seeds(task_name: str, sweep_iterations: int) -> list[Setting]:
+    """Each method's best sweep setting, the authors' Adam setting, and SOFO's best with each option."""
+    runs = load_runs(task_name)
+    best = best_settings(runs, sweep_iterations)
+    if set(best) != {"SOFO", "Adam"}:
+        raise SystemExit(f"{task_name}: run the sweep first (--stage sweep --iterations {sweep_iterations}).")
+    by_label = {(s.method, s.label): s for s in SWEEP}
+    chosen = [by_label["SOFO", best["SOFO"]], by_label["Adam", best["Adam"]]]
+    authors = AUTHORS_ADAM.get(task_name)
+    if authors and authors != best["Adam"]:
+        chosen.append(by_label["Adam", authors])
+    sofo = by_label["SOFO", best["SOFO"]]
+    for name, extra in OPTIONS.items():
+        chosen.append(Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra)))
+    return chosen
+
+
+def mean_sd(values, digits=4) -> str:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "diverged"
     sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
     lost = len(values) - len(finite)
-    return f"{statistics.mean(finite):.4g} ± {sd:.2g}" + (f" ({lost} of {len(values)} diverged)" if lost else "")
+    return f"{statistics.mean(finite):.{digits}g} ± {sd:.2g}" + (f" ({lost} of {len(values)} diverged)" if lost else "")
 
 
-TASK_METRIC = {"flipflop": "bit_accuracy", "delayed_addition": "sum_mse", "kalman": "mse_over_oracle",
-               "double_reach": "endpoint_error_cm"}
+def sweep_table(runs, iterations) -> str:
+    """Seed-0 final validation loss of every swept setting: SOFO as damping x lr, Adam as lr x clip."""
+    loss = {(r["method"], r["label"]): final_loss(r) for r in runs if r["seed"] == 0 and r["iterations"] == iterations}
+
+    def cell(key):
+        value = loss.get(key)
+        return "" if value is None else ("diverged" if not math.isfinite(value) else f"{value:.4g}")
+
+    lines = ["| SOFO damping \\ lr | 0.1 | 0.3 | 1 |", "|---|---|---|---|"]
+    for d in (1e-5, 1e-4, 1e-3, 1e-2):
+        lines.append(f"| {d:g} | " + " | ".join(cell(("SOFO", f"lr {lr:g}, damping {d:g}")) for lr in (0.1, 0.3, 1.0)) + " |")
+    lines.append(f"| adaptive (lr 0.5) | {cell(('SOFO', 'lr 0.5, adaptive'))} | | |")
+    lines += ["", "| Adam lr | no clipping | clip 1 |", "|---|---|---|"]
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+        lines.append(f"| {lr:g} | {cell(('Adam', f'lr {lr:g}'))} | {cell(('Adam', f'lr {lr:g}, clip 1'))} |")
+    return "\n".join(lines)
 
 
-def report_task(task_name) -> str | None:
+TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
+                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",)}
+
+
+def loss_at_seconds(run, seconds: float) -> float:
+    """Validation loss of the last evaluation at or before `seconds` of training."""
+    points = [c[2] for c in run["curve"] if c[1] <= seconds + 1e-9]
+    return points[-1] if points else math.nan
+
+
+def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str | None:
     runs = load_runs(task_name)
     if not runs:
         return None
-    groups, best = summarise(runs)
-    metric = TASK_METRIC[task_name]
-    rows = []
-    for method in ("SOFO", "Adam", "FGD"):
-        if method not in best:
-            continue
-        rows += [(f"**{method}** (best: {best[method]})", groups[(method, best[method])])]
-    rows += [(f"SOFO, {label}", groups[("SOFO", label)]) for m, label, _ in SETTINGS if m == "SOFO" and ("SOFO", label) in groups]
-    header = "| method | final val loss (mean ± sd) | iterations | s / iteration |" + (f" {metric} |" if metric else "")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for name, group in rows:
-        iterations = statistics.mean(r["iterations"] for r in group)
-        per_iteration = statistics.median(r["seconds_per_iteration"] for r in group)
-        line = f"| {name} | {mean_sd([final_loss(r) for r in group])} | {iterations:.0f} | {per_iteration:.3f} |"
-        if metric:
-            line += f" {mean_sd([r['metrics'].get(metric, math.nan) for r in group])} |"
-        lines.append(line)
-    if task_name == "kalman":
-        oracle = [r["metrics"]["oracle_mse"] for r in runs if "oracle_mse" in r["metrics"]]
-        lines.append(f"| oracle Kalman filter (floor) | {mean_sd(oracle)} | | | 1 |")
-    seeds = sorted({r["seed"] for r in runs})
-    compile_seconds = max(r["compile_seconds"] for r in runs)
-    note = (f"Sizes: {TASKS[task_name].sizes}. {len(seeds)} seeds, {runs[0]['budget']:g} s of training per run "
-            f"(validation excluded; one-off compilation {compile_seconds:.0f} s, not counted).")
-    plot_task(task_name, groups, best)
-    return f"### {task_name}\n\n" + "\n".join(lines) + f"\n\n{note}\n\n![{task_name}](training_quality/{task_name}.png)\n"
+    spec = TASKS[task_name]
+    parts = [f"### {task_name}\n", f"Sizes: {spec.sizes}.\n"]
+    if any(r["iterations"] == sweep_iterations and r["seed"] == 0 for r in runs):
+        best = best_settings(runs, sweep_iterations)
+        parts.append(f"Sweep, seed 0, final validation loss after {sweep_iterations} iterations "
+                     f"(best: SOFO {best.get('SOFO')}, Adam {best.get('Adam')}):\n\n" + sweep_table(runs, sweep_iterations) + "\n")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        if r["iterations"] == iterations:
+            groups.setdefault((r["method"], r["label"]), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r["seed"] for r in v}) >= 2 or k[0] == "SOFO"}
+    if groups:
+        metrics = TASK_METRICS.get(task_name, ())
+        seconds = min(statistics.mean(r["seconds_per_iteration"] * r["iterations"] for r in g) for g in groups.values())
+        header = ("| method | seeds | val loss at " + f"{iterations} it | best val loss | val loss at {seconds:.0f} s | "
+                  "s / iteration | " + " | ".join(metrics) + " |")
+        lines = [header, "|" + "---|" * (header.count("|") - 1)]
+        authors = AUTHORS_ADAM.get(task_name)
+        for (method, label), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "SOFO", kv[0][1])):
+            name = f"{method}, {label}" + (" (SOFO authors' Adam)" if method == "Adam" and label == authors else "")
+            cells = [name, str(len(group)), mean_sd([final_loss(r) for r in group]),
+                     mean_sd([r["best_loss"] for r in group]), mean_sd([loss_at_seconds(r, seconds) for r in group]),
+                     f"{statistics.median(r['seconds_per_iteration'] for r in group):.3f}"]
+            cells += [mean_sd([r["metrics"].get(m, math.nan) for r in group], 3) for m in metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        if task_name.startswith("kalman"):
+            oracle = [r["metrics"]["oracle_mse"] for g in groups.values() for r in g if "oracle_mse" in r["metrics"]]
+            if oracle:
+                lines.append(f"| oracle Kalman filter (floor) | | {statistics.mean(oracle):.4g} | | | | 1 |")
+        compile_seconds = max(r["compile_seconds"] for g in groups.values() for r in g)
+        parts.append(f"{iterations} iterations per run, mean ± sd over seeds; \"val loss at {seconds:.0f} s\" is "
+                     "each run's validation loss at the wall-clock the fastest method needed for its "
+                     f"{iterations} iterations (one-off compilation, {compile_seconds:.0f} s at most, not counted).\n\n"
+                     + "\n".join(lines) + "\n")
+        parts.append(goal_lines(task_name, groups) + "\n")
+        plot_task(task_name, groups)
+        parts.append(f"![{task_name}](training_quality/{task_name}.png)\n")
+    return "\n".join(parts)
 
 
-def plot_task(task_name, groups, best):
-    import matplotlib
+def goal_lines(task_name: str, groups) -> str:
+    """The issue's goals, computed from the seeded runs: SOFO's best against Adam's best."""
+    def best(method, key):
+        candidates = [(statistics.mean(key(r) for r in g), label) for (m, label), g in groups.items()
+                      if m == method and all(math.isfinite(key(r)) for r in g)]
+        return min(candidates, default=(math.nan, None))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if task_name.startswith("kalman"):
+        excess = lambda r: (r["metrics"]["mse"] - r["metrics"]["oracle_mse"]) if r["metrics"] else math.nan
+        (sofo, sofo_label), (adam, adam_label) = best("SOFO", excess), best("Adam", excess)
+        ratio = [r["metrics"]["mse_over_oracle"] for (m, l), g in groups.items() if (m, l) == ("SOFO", sofo_label) for r in g]
+        return (f"Goal check: excess MSE over the oracle, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) "
+                f"{adam:.4g}: ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's MSE / oracle "
+                f"{statistics.mean(ratio) if ratio else math.nan:.3f} (goal <= 1.10).")
+    if task_name == "double_reach":
+        (sofo, sofo_label), (adam, adam_label) = best("SOFO", lambda r: r["best_loss"]), best("Adam", lambda r: r["best_loss"])
+        drift = [r["metrics"].get("hold_drift_cm", math.nan) for (m, l), g in groups.items()
+                 if (m, l) == ("SOFO", sofo_label) for r in g]
+        return (f"Goal check: best validation loss, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) {adam:.4g}: "
+                f"ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's hand drift before the go cue "
+                f"{statistics.mean(drift) if drift else math.nan:.2f} cm.")
+    return ""
+
+
+def plot_task(task_name: str, groups) -> None:
     import numpy as np
+    from matplotlib.figure import Figure
 
     from lightning_sofo.plots import plot_curves
 
     by_iteration, by_seconds = {}, {}
-    shown = [(m, best[m]) for m in ("SOFO", "Adam", "FGD") if m in best]
-    best_fixed = summarise([r for group in groups.values() for r in group if r["label"] != "adaptive"])[1]
-    other_sofo = "adaptive" if best.get("SOFO") != "adaptive" else best_fixed.get("SOFO")
-    if ("SOFO", other_sofo) in groups:
-        shown.insert(1, ("SOFO", other_sofo))  # adaptive and the best fixed damping, both
-    for method, label in shown:
-        curves = [r["curve"] for r in groups[(method, label)]]
-        n = min(len(c) for c in curves)
-        loss = np.array([[point[2] for point in c[:n]] for c in curves])
-        iterations = np.mean([[point[0] for point in c[:n]] for c in curves], axis=0)
-        seconds = np.mean([[point[1] for point in c[:n]] for c in curves], axis=0)
-        name = f"{method} ({label})"
-        stats = (np.nanmedian(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0))
-        by_iteration[name] = (iterations, *stats)
-        by_seconds[name] = (seconds, *stats)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    plot_curves(by_iteration, "iteration", "validation loss", f"{task_name}: median and range over seeds", axis=left)
-    left.set_xscale("symlog", linthresh=10)
-    left.set_xlim(left=0)
-    plot_curves(by_seconds, "training time (s)", "validation loss", "same runs against wall-clock", axis=right)
+    for (method, label), group in sorted(groups.items()):
+        n = min(len(r["curve"]) for r in group)
+        loss = np.array([[c[2] for c in r["curve"][:n]] for r in group])
+        iterations = np.mean([[c[0] for c in r["curve"][:n]] for r in group], axis=0)
+        seconds = np.mean([[c[1] for c in r["curve"][:n]] for r in group], axis=0)
+        stats = (np.nanmean(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0))
+        by_iteration[f"{method}, {label}"] = (iterations, *stats)
+        by_seconds[f"{method}, {label}"] = (seconds, *stats)
+    figure = Figure(figsize=(12, 4.5))
+    left, right = figure.subplots(1, 2)
+    plot_curves(by_iteration, "iteration", "validation loss", f"{task_name}: mean and range over seeds", axis=left)
+    plot_curves(by_seconds, "training time (s, 1 CPU thread)", "validation loss", "same runs against wall-clock", axis=right)
+    for axis in (left, right):
+        axis.set_yscale("log")
+    figure.tight_layout()
     figure.savefig(OUT / f"{task_name}.png", dpi=110)
-    plt.close(figure)
 
 
-def summary_table(tasks) -> str:
-    """One line per task: final validation loss (mean ± sd over seeds) of each method's best setting,
-    SOFO's best fixed damping and adaptive damping apart."""
-    lines = ["| task | training time per run | SOFO, best fixed damping | SOFO, adaptive damping | "
-             "Adam + BPTT, best lr | FGD, best lr |", "|---|---|---|---|---|---|"]
-    for task_name in tasks:
-        runs = load_runs(task_name)
-        groups, _ = summarise(runs)
-        _, best = summarise([r for r in runs if r["label"] != "adaptive"])
-
-        def cell(method, label):
-            return f"{mean_sd([final_loss(r) for r in groups[(method, label)]])} ({label})"
-
-        floor = ""
-        if task_name == "kalman":
-            oracle = [r["metrics"]["oracle_mse"] for r in runs if "oracle_mse" in r["metrics"]]
-            floor = f" (oracle floor {statistics.mean(oracle):.4g})"
-        lines.append(
-            f"| {task_name}{floor} | {runs[0]['budget']:g} s | {cell('SOFO', best['SOFO'])} | "
-            f"{mean_sd([final_loss(r) for r in groups[('SOFO', 'adaptive')]])} | "
-            f"{cell('Adam', best['Adam'])} | {cell('FGD', best['FGD'])} |"
-        )
-    return "\n".join(lines)
-
-
-def report(tasks) -> str:
+def report(tasks, sweep_iterations: int, iterations: int) -> str:
     import torch
 
-    sections = [summary_table(tasks) + "\n"] + [s for s in (report_task(t) for t in tasks) if s]
-    machine = f"{platform.machine()} CPU, torch {torch.__version__}, one thread per run"
-    intro = (
-        f"Measured on {machine}; sizes reduced from the bundled configs to fit a CPU (given under each table). "
-        "Run `python benchmarks/training_quality.py` to reproduce. Final validation loss after the same training "
-        "time; bold rows are each method's best setting.\n"
-    )
+    sections = [s for s in (report_task(t, sweep_iterations, iterations) for t in tasks) if s]
+    intro = (f"Measured on {platform.machine()} CPU (2 cores, two runs at a time, one thread each), "
+             f"torch {torch.__version__}. Same model, initial parameters, training trials and validation set for "
+             "every method of a seed. Reproduce with `python benchmarks/training_quality.py` (see its docstring).\n")
     return intro + "\n" + "\n".join(sections)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=["kalman", "double_reach"], choices=list(TASKS))
+    parser.add_argument("--stage", choices=["sweep", "seeds", "labels"], default="sweep")
+    parser.add_argument("--labels", nargs="+", help="with --stage labels: these settings (method, label) as 'SOFO:lr 1, damping 1e-05'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget", type=float, default=30.0, help="seconds of training per run")
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--sweep-iterations", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--methods", nargs="+", default=["SOFO", "FGD", "Adam"])
-    parser.add_argument("--labels", nargs="+", help="only these settings, e.g. 'lr 3e-2' (default: all)")
     parser.add_argument("--report", action="store_true", help="only rebuild tables and plots from saved runs")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if not args.report:
+        jobs = []
         for task_name in args.tasks:
-            jobs = [(task_name, m, label, options, seed, args.budget)
-                    for seed in args.seeds for m, label, options in SETTINGS
-                    if m in args.methods and (not args.labels or label in args.labels)]
-            runs = [r for r in load_runs(task_name)
-                    if (r["method"], r["label"], r["seed"]) not in {(j[1], j[2], j[4]) for j in jobs}]
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(args.workers, maxtasksperchild=None) as pool:
-                for result in pool.imap_unordered(run, jobs):
-                    runs.append(result)
-                    print(f"{task_name:17s} {result['method']:5s} {result['label']:13s} seed {result['seed']}: "
-                          f"{result['iterations']:5d} it, val loss {result['final_loss']:.4g}", flush=True)
-                    (OUT / f"{task_name}.json").write_text(json.dumps(dict(runs=runs)))
-    text = report([t for t in TASKS if load_runs(t)])
+            if args.stage == "sweep":
+                settings, seeds, iterations = SWEEP, [0], args.sweep_iterations
+            elif args.stage == "seeds":
+                settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations), args.seeds, args.iterations
+            else:
+                known = {f"{s.method}:{s.label}": s for s in SWEEP + settings_for_seeds(task_name, args.sweep_iterations)}
+                settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
+            jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
+                     if not run_path(task_name, s, seed, iterations).exists()]
+        # the slowest first (Adam on the arm), so the two workers finish together
+        jobs.sort(key=lambda j: (j[0] != "double_reach" or j[1].method != "Adam"))
+        print(f"{len(jobs)} runs to do", flush=True)
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for r in pool.imap_unordered(run, jobs):
+                print(f"{r['task']:13s} {r['method']:4s} {r['label']:40s} seed {r['seed']}: {r['iterations']} it, "
+                      f"val loss {r['final_loss']:.4g}, {r['seconds_per_iteration']:.3f} s/it", flush=True)
+    tasks = [t for t in TASKS if load_runs(t)]
+    text = report(tasks, args.sweep_iterations, args.iterations)
     print(text)
     if not args.no_write:
         from results import write_section
 
-        write_section("Training quality: SOFO vs Adam vs FGD", text)
+        write_section("Training quality: SOFO vs Adam vs FGD", "This section is replaced by the one below.")
+        write_section("Training quality: SOFO vs Adam", text)
 
 
 if __name__ == "__main__":

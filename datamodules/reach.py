@@ -113,7 +113,10 @@ class Reach(TaskDataModule):
         }
 
     def metrics(self):
-        return MetricCollection({"endpoint_error_cm": Scored(MeanMetric(), endpoint_error_cm)})
+        return MetricCollection({
+            "endpoint_error_cm": Scored(MeanMetric(), endpoint_error_cm),
+            "hold_drift_cm": Scored(MeanMetric(), hold_drift_cm),
+        })
 
     def plot_trial(self, batch, outputs, rates=None, index=0):
         from lightning_sofo.plots import plot_hand_paths
@@ -133,6 +136,15 @@ class DoubleReach(Reach):
 def endpoint_error_cm(outputs, batch):
     """Distance (cm) between the hand at the last step and the final target, one value per trial."""
     return (100 * (outputs[:, -1, :2] - batch["endpoint"].to(outputs)).norm(dim=-1),)
+
+
+def hold_drift_cm(outputs, batch):
+    """How far (cm) the hand strays from its start before the first go cue (the "waits for the go
+    cue" check): per trial, the largest distance between hand and start while hold1 is on."""
+    start = batch["targets"][:, :1, :2].to(outputs)  # the target before go is the start position
+    distance = 100 * (outputs[..., :2] - start).norm(dim=-1)  # (B, T)
+    holding = batch["inputs"][..., 0].to(outputs) > 0.5
+    return (torch.where(holding, distance, torch.zeros_like(distance)).amax(dim=1),)
 
 
 def min_distance_to_origin(start: Tensor, angle_range: tuple[float, float], radius: float) -> float:

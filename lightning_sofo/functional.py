@@ -98,23 +98,88 @@ def sample_tangents(params: Params, tangents: int, generator: torch.Generator) -
     contiguous, in the parameters' dtype and on their device.
     """
     k = tangent_count(params, tangents)
+    return split_tangents(params, orthonormal_columns(gaussian_columns(params, k, generator)))
+
+
+def gaussian_columns(params: Params, k: int, generator: torch.Generator) -> Tensor:
+    """(P, k) standard normal entries, in the parameters' dtype and on their device."""
     first = next(iter(params.values()))
-    sizes = [p.numel() for p in params.values()]
-    gaussian = torch.randn(sum(sizes), k, generator=generator, device=first.device, dtype=first.dtype)
-    basis, _ = torch.linalg.qr(gaussian)  # (P, K), orthonormal columns
-    chunks = basis.T.split(sizes, dim=1)  # each (K, numel)
-    return {
-        name: chunk.reshape(k, *p.shape).contiguous() for (name, p), chunk in zip(params.items(), chunks)
-    }
+    num_params = sum(p.numel() for p in params.values())
+    return torch.randn(num_params, k, generator=generator, device=first.device, dtype=first.dtype)
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The tangent generator of iteration `step`: a pure function of (seed, step).
+def block_columns(params: Params, blocks: Mapping[str, int], generator: torch.Generator) -> Tensor:
+    """(P, sum of counts) Gaussian columns each supported on one block of parameters.
+
+    blocks: {name prefix: count}; a block is every parameter whose name is the prefix
+    or starts with "prefix." (so "cell" means all of cell.*), and gets `count` columns
+    that are zero outside it: directions that move that block alone.
+    """
+    first = next(iter(params.values()))
+    offsets, start = {}, 0
+    for name, p in params.items():
+        offsets[name] = (start, start + p.numel())
+        start += p.numel()
+    columns = []
+    for prefix, count in blocks.items():
+        rows = torch.zeros(start, dtype=torch.bool, device=first.device)
+        for name, (lo, hi) in offsets.items():
+            if name == prefix or name.startswith(prefix + "."):
+                rows[lo:hi] = True
+        block = torch.randn(start, count, generator=generator, device=first.device, dtype=first.dtype)
+        columns.append(block * rows[:, None])
+    return torch.cat(columns, dim=1) if columns else first.new_zeros(start, 0)
+
+
+def cycle_columns(num_params: int, k: int, cycle_length: int, step: int, seed: int,
+                  like: Tensor, cache: dict | None = None) -> Tensor:
+    """(P, k) orthonormal columns, orthogonal to those of the other steps of the same cycle.
+
+    Steps c*s .. c*s + c - 1 (c = cycle_length) share one orthonormal P x (c k) basis,
+    drawn from (seed, cycle index s): step j of the cycle takes its j-th block of k
+    columns, so a cycle explores c k distinct directions (all of them when c k = P)
+    before it starts again (the SOFO authors' reach examples). The basis is a pure
+    function of (seed, cycle), kept in `cache` between the steps of a cycle.
+    """
+    cycle, position = divmod(step, cycle_length)
+    key = (seed, cycle, num_params, k, cycle_length, like.dtype, like.device)
+    if cache is None or cache.get("key") != key:
+        generator = step_generator(seed, cycle, like.device, stream=1)
+        gaussian = torch.randn(num_params, cycle_length * k, generator=generator, device=like.device, dtype=like.dtype)
+        basis = torch.linalg.qr(gaussian)[0]
+        if cache is None:
+            return basis[:, position * k:(position + 1) * k]
+        cache.clear()
+        cache.update(key=key, basis=basis)
+    return cache["basis"][:, position * k:(position + 1) * k]
+
+
+def orthonormal_columns(columns: Tensor) -> Tensor:
+    """Q of the reduced QR of (P, K) columns: orthonormal, and the first j columns of Q span
+    the first j given columns (so directions placed first are kept exactly)."""
+    return torch.linalg.qr(columns)[0]
+
+
+def split_tangents(params: Params, basis: Tensor) -> dict[str, Tensor]:
+    """(P, K) columns -> {name: (K, *param.shape)}, contiguous."""
+    k = basis.shape[1]
+    chunks = basis.T.split([p.numel() for p in params.values()], dim=1)  # each (K, numel)
+    return {name: chunk.reshape(k, *p.shape).contiguous() for (name, p), chunk in zip(params.items(), chunks)}
+
+
+def flatten_directions(params: Params, directions: Mapping[str, Tensor]) -> Tensor:
+    """{name: (m, *param.shape)} -> (P, m), the inverse of split_tangents."""
+    return torch.cat([directions[name].reshape(directions[name].shape[0], -1) for name in params], dim=1).T
+
+
+def step_generator(seed: int, step: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """The tangent generator of iteration `step`: a pure function of (seed, step) (and of
+    `stream`, which separates independent uses of the same step, e.g. tangent cycles).
 
     Seeding per step makes the tangents independent of everything but the seed and
     the step count (resumable from a checkpoint, identical on every process).
     """
-    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB + 1) % (2**63 - 1)
     return torch.Generator(device=device).manual_seed(mixed)
 
 

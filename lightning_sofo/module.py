@@ -295,6 +295,7 @@ class SOFOModule(L.LightningModule):
             )
         primals = {names[id(p)]: p.detach() for p in optimized.values()}
         to_module_names = {key: names[id(p)] for key, p in optimized.items()}
+        optimizer.name_parameters(to_module_names)
         if self.is_recurrent:
             self._check_sequence(inputs)
 

@@ -21,16 +21,23 @@ from torch import Tensor
 from lightning_sofo.functional import (
     LevenbergMarquardt,
     Sketch,
+    block_columns,
+    cycle_columns,
+    flatten_directions,
     forward_gradient_coefficients,
+    gaussian_columns,
+    orthonormal_columns,
     predicted_change,
     reduction_ratio,
-    sample_tangents,
     solve_subspace,
+    split_tangents,
     step_generator,
+    tangent_count,
 )
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
 MAX_DAMPING_RAISES = 5
+MAX_CYCLE_ENTRIES = 2**27  # P x (cycle length x K) numbers of one tangent cycle's basis (512 MiB in float32)
 SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 
@@ -87,7 +94,8 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
 
-    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip"):
+    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip",
+                 memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None):
         name = type(self).__name__
         if on_nonfinite not in self._nonfinite_policies:
             raise ValueError(
@@ -102,7 +110,29 @@ class SketchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: momentum must be in [0, 1) (0: off), got {momentum!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"{name}: seed must be an integer, got {seed!r}.")
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+            raise ValueError(f"{name}: memory (previous update directions kept in the subspace) must be an "
+                             f"integer >= 0, got {memory!r}.")
+        if not isinstance(orthogonal_cycles, (bool, int)) or (
+                not isinstance(orthogonal_cycles, bool) and orthogonal_cycles < 1):
+            raise ValueError(f"{name}: orthogonal_cycles must be True (cycles of P // K steps), False, or a cycle "
+                             f"length >= 1 (steps), got {orthogonal_cycles!r}.")
+        blocks = dict(tangents_per_block or {})
+        for key, count in blocks.items():
+            if not isinstance(key, str) or isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name}: tangents_per_block maps parameter names (or name prefixes such as "
+                                 f"'readout' or 'cell') to a number of tangents >= 1, got {key!r}: {count!r}.")
+        if sum(blocks.values()) > tangents:
+            raise ValueError(f"{name}: tangents_per_block asks for {sum(blocks.values())} tangents in all, more "
+                             f"than tangents={tangents}; the blocks' tangents are part of the K.")
         super().__init__(params, dict(lr=lr))
+        self.memory = memory
+        self.orthogonal_cycles = orthogonal_cycles
+        self.tangents_per_block = blocks
+        self.parameter_names: dict[str, str] = {  # optimizer key -> parameter name, from named param groups
+            f"{g}.{i}": n for g, group in enumerate(self.param_groups) for i, n in enumerate(group.get("param_names", []))
+        }
+        self._cycle_cache: dict = {}
         self.tangents = tangents
         self.momentum = momentum
         self.seed = seed
@@ -156,8 +186,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         """One iteration; returns the loss before the update."""
         self._check_closure(closure)
         params = self.named_params()
-        device = next(iter(params.values())).device
-        tangents = sample_tangents(params, self.tangents, step_generator(self.seed, self.step_count, device))
+        tangents = self.draw_tangents(params)
         sketch = closure(tangents)
         if not isinstance(sketch, Sketch):
             raise TypeError(
@@ -172,7 +201,7 @@ class SketchOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
-        direction, update_norm = moved
+        direction, update_norm, update = moved
         ratio = self._after_update(sketch, direction, closure)
         rejected = backup is not None and ratio < 0  # Levenberg-Marquardt: a step that raised the loss is undone
         if rejected:
@@ -186,6 +215,8 @@ class SketchOptimizer(torch.optim.Optimizer):
                     "parameters restored, damping raised.",
                     stacklevel=2,
                 )
+        elif self.memory > 0:
+            self._remember(params, update)
         self.last_step = StepInfo(
             float(sketch.loss), direction.top_eigenvalue, direction.damping, update_norm, k,
             relative_damping=direction.relative_damping, reduction_ratio=ratio, rejected=rejected,
@@ -209,11 +240,11 @@ class SketchOptimizer(torch.optim.Optimizer):
             if not bool(torch.isfinite(direction.coefficients).all()):
                 problem = "the subspace solve is"
             else:
-                update_norm = self._move(tangents, direction.coefficients)
-                if update_norm is not None:
+                moved = self._move(tangents, direction.coefficients)
+                if moved is not None:
                     if message is not None:
                         warnings.warn(f"{message} Solved again with relative damping {self.damping:g}.", stacklevel=4)
-                    return direction, update_norm
+                    return (direction, *moved)
                 problem = "the updated parameters are (the step overflows their dtype: lower the lr)"
             if message is None:
                 message = self._nonfinite_event(sketch, problem)
@@ -242,9 +273,10 @@ class SketchOptimizer(torch.optim.Optimizer):
         """Make the next solves more cautious; False if this optimizer cannot."""
         return False
 
-    def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> float | None:
+    def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> tuple[float, dict[str, Tensor]] | None:
         """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
-        returns ||lr s||, or None, with nothing written, if a new parameter would not be finite."""
+        returns (||lr s||, {name: lr s}), or None, with nothing written, if a new parameter
+        would not be finite."""
         squared_norm = torch.zeros((), dtype=torch.float64, device=coefficients.device)
         updates = []  # (parameter, new value, new velocity): written only once all are finite
         for g, group in enumerate(self.param_groups):
@@ -255,16 +287,93 @@ class SketchOptimizer(torch.optim.Optimizer):
                 if self.momentum > 0:
                     buffer = self.state[p].get("momentum_buffer")
                     step = step if buffer is None else buffer * self.momentum + step
-                updates.append((p, p - group["lr"] * step, step))
+                updates.append((f"{g}.{i}", p, p - group["lr"] * step, step))
                 squared_norm += (group["lr"] * step.double()).pow(2).sum()  # a tensor: overflows to inf, never raises
-        finite = torch.stack([torch.isfinite(new).all() for _, new, _ in updates]).all() & torch.isfinite(squared_norm)
+        finite = torch.stack([torch.isfinite(new).all() for _, _, new, _ in updates]).all() & torch.isfinite(squared_norm)
         if not bool(finite):  # one read of the device, after all parameters' steps are known
             return None
-        for p, new, step in updates:
+        moved = {}
+        for key, p, new, step in updates:
+            moved[key] = p - new
             p.copy_(new)
             if self.momentum > 0:
                 self.state[p]["momentum_buffer"] = step
-        return math.sqrt(squared_norm)
+        return math.sqrt(squared_norm), moved
+
+    def name_parameters(self, names: dict[str, str]) -> None:
+        """Tell the optimizer its parameters' names ({key of named_params(): name}), which
+        `tangents_per_block` refers to; SOFOModule does this before every step."""
+        self.parameter_names = dict(names)
+
+    def draw_tangents(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The orthonormal tangents V of the current step, {key: (K', *shape)}, a pure function
+        of (seed, step count, stored memory directions). Columns, in this order, before one QR:
+          - memory: the last `memory` update directions (random columns where none is stored yet);
+          - tangents_per_block: Gaussian columns supported on one named block each;
+          - the rest of the K: Gaussian, or this step's block of its orthogonal cycle.
+        K' = K + memory. Placed first, the memory directions are in the span exactly."""
+        params = self.named_params() if params is None else params
+        device = next(iter(params.values())).device
+        generator = step_generator(self.seed, self.step_count, device)
+        k = tangent_count(params, self.tangents + self.memory) - self.memory
+        if k < 1:
+            raise ValueError(f"{type(self).__name__}: memory={self.memory} leaves no room for random tangents among "
+                             f"the P={sum(p.numel() for p in params.values())} parameters; lower memory.")
+        columns = []
+        if self.memory > 0:
+            columns.append(self._memory_columns(params, generator))
+        if self.tangents_per_block:
+            columns.append(block_columns(self._named(params), self.tangents_per_block, generator))
+        rest = k - sum(self.tangents_per_block.values())
+        if rest > 0:
+            first = next(iter(params.values()))
+            if self.orthogonal_cycles:
+                num_params = sum(p.numel() for p in params.values())
+                length = max(1, num_params // rest) if self.orthogonal_cycles is True else int(self.orthogonal_cycles)
+                length = min(length, max(1, num_params // rest))
+                if num_params * length * rest > MAX_CYCLE_ENTRIES:
+                    raise ValueError(
+                        f"{type(self).__name__}: an orthogonal cycle of {length} steps x {rest} tangents needs a "
+                        f"{num_params} x {length * rest} basis, too large to keep; set orthogonal_cycles to a cycle "
+                        f"length <= {MAX_CYCLE_ENTRIES // (num_params * rest)}.")
+                columns.append(cycle_columns(num_params, rest, length, self.step_count, self.seed, first,
+                                             self._cycle_cache))
+            else:
+                columns.append(gaussian_columns(params, rest, generator))
+        return split_tangents(params, orthonormal_columns(torch.cat(columns, dim=1)))
+
+    def _named(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """params keyed by parameter name (for tangents_per_block); a block that matches no
+        parameter is an error that lists the names there are."""
+        named = {self.parameter_names.get(key, key): p for key, p in params.items()}
+        for prefix in self.tangents_per_block:
+            if not any(name == prefix or name.startswith(prefix + ".") for name in named):
+                raise ValueError(
+                    f"{type(self).__name__}: tangents_per_block names {prefix!r}, which matches no parameter; "
+                    f"parameters: {sorted(named)}. Build the optimizer from model.named_parameters(), or train a "
+                    "SOFOModule (which names them).")
+        return named
+
+    def _memory_columns(self, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """(P, memory) stored unit update directions, newest first; random where none is stored."""
+        stored = [self.state[p].get("memory") for p in params.values()]
+        have = 0 if any(m is None for m in stored) else min(m.shape[0] for m in stored)
+        have = min(have, self.memory)
+        fill = gaussian_columns(params, self.memory - have, generator)
+        if have == 0:
+            return fill
+        kept = flatten_directions(params, {key: m[:have] for key, m in zip(params, stored)})
+        return torch.cat([kept.to(fill.dtype), fill], dim=1)
+
+    def _remember(self, params: dict[str, Tensor], update: dict[str, Tensor]) -> None:
+        """Push the unit direction of this step's update into each parameter's memory (newest first)."""
+        norm = torch.sqrt(sum(u.double().pow(2).sum() for u in update.values()))
+        if not bool(norm > 0):
+            return
+        for key, p in params.items():
+            direction = (update[key] / norm.to(update[key].dtype))[None]
+            old = self.state[p].get("memory")
+            self.state[p]["memory"] = direction if old is None else torch.cat([direction, old], 0)[: self.memory]
 
     def _extra_state(self) -> dict:
         return {}
@@ -332,6 +441,18 @@ class SOFO(SketchOptimizer):
             "raise" raises FloatingPointError; "increase_damping" multiplies the relative
             damping by 10 (up to 1e2) and solves again if the sketch was finite, else
             skips with the damping raised for the following steps.
+        memory: m >= 0 previous update directions that join the K random tangents
+            (K + m in all, orthonormalised together), so each solve also finds the best
+            step along where the last steps went (sequential subspace optimisation;
+            m = 1 plays the part of K-FAC's momentum). Kept in `state`, checkpointed.
+        orthogonal_cycles: True makes the random tangents of consecutive steps mutually
+            orthogonal in cycles of P // K steps (a cycle covers all of parameter space);
+            an integer sets a shorter cycle. Costs a P x (cycle x K) basis per cycle.
+        tangents_per_block: {parameter name or prefix: count}: that many of the K
+            tangents move only that block (e.g. {"readout": 32}: the readout is a linear
+            least-squares problem given the rates, and global tangents put only a few
+            percent of their mass on it). Names come from named parameter groups
+            (model.named_parameters()) or from SOFOModule.
     """
 
     _nonfinite_policies = ("skip", "raise", "increase_damping")
@@ -346,6 +467,9 @@ class SOFO(SketchOptimizer):
         seed: int = 0,
         initial_damping: float = 1e-3,
         on_nonfinite: str = "skip",
+        memory: int = 0,
+        orthogonal_cycles: bool | int = False,
+        tangents_per_block: dict[str, int] | None = None,
     ):
         self.adaptive = damping == "adaptive"
         if self.adaptive:
@@ -360,7 +484,8 @@ class SOFO(SketchOptimizer):
             if isinstance(damping, str):
                 raise ValueError(f"SOFO: damping must be a number >= 0 or 'adaptive', got {damping!r}.")
             damping = _check_number("SOFO", "damping", damping, 0.0, strict=False, meaning=" (relative to max eig of G~) or 'adaptive'")
-        super().__init__(params, lr, tangents, momentum, seed, on_nonfinite)
+        super().__init__(params, lr, tangents, momentum, seed, on_nonfinite, memory, orthogonal_cycles,
+                         tangents_per_block)
         self.damping = damping
         self.damping_rule = LevenbergMarquardt()
 
