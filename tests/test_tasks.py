@@ -211,6 +211,14 @@ def test_metrics_score_what_they_say():
     metrics = reach.metrics()
     metrics.update(outputs, batch)
     assert math.isclose(metrics.compute()["endpoint_error_cm"].item(), 5.0, rel_tol=1e-4)
+    assert metrics.compute()["hold_drift_cm"].item() < 1e-4  # the targets hold still before the go cue
+    # a hand that moves 2 cm before the go cue of every trial (and anything after it is not counted)
+    holding = batch["inputs"][..., 0] > 0.5
+    early = outputs.clone()
+    early[..., 0] = torch.where(holding, early[..., 0] + 0.02, early[..., 0] + 0.3)
+    metrics = reach.metrics()
+    metrics.update(early, batch)
+    assert math.isclose(metrics.compute()["hold_drift_cm"].item(), 2.0, rel_tol=1e-4)
 
 
 def test_a_missing_optional_extra_is_named(monkeypatch):
