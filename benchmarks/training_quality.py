@@ -481,7 +481,9 @@ def main():
             elif args.stage == "seeds":
                 settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations), args.seeds, args.iterations
             else:
-                known = {f"{s.method}:{s.label}": s for s in SWEEP + settings_for_seeds(task_name, args.sweep_iterations)}
+                combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
+                            for s in SWEEP if s.method == "SOFO" for name, extra in OPTIONS.items()]
+                known = {f"{s.method}:{s.label}": s for s in SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
                      if not run_path(task_name, s, seed, iterations).exists()]

@@ -116,6 +116,16 @@ def test_adaptive_damping_from_the_command_line(tmp_path, capsys):
     assert state["adaptive"] and state["damping"] != 1e-3, "the damping adapted and was checkpointed"
 
 
+def test_subspace_options_from_the_command_line(tmp_path, capsys):
+    main(shrunk("kalman_sofo.yaml", tmp_path) + ["--optimizer.init_args.memory", "2",
+                                                  "--optimizer.init_args.tangents_per_block", "{readout: 3}",
+                                                  "--optimizer.init_args.orthogonal_cycles", "true"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Done after 2 steps:")
+    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    memory = [s["memory"] for s in checkpoint["optimizer_states"][0]["state"].values()]
+    assert memory and all(m.shape[0] == 2 for m in memory), "the update directions are checkpointed"
+
+
 def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_path):
     script = Path(sys.executable).with_name("sofo")
     assert script.is_file(), "the package installs a `sofo` console script"
