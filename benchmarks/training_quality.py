@@ -183,7 +183,8 @@ def build(task_name: str, setting: Setting, seed: int):
     return task, model, SOFO(model.parameters(), tangents=spec.tangents, seed=seed, **options), None
 
 
-def train_step(model, optimizer, batch, clip) -> float:
+def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
+    """One training iteration; returns the loss. Adam (BPTT) clips the gradient norm at `clip` (None: off)."""
     import torch
 
     if isinstance(optimizer, torch.optim.Adam):
