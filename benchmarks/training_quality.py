@@ -308,6 +308,9 @@ def settings_for_seeds(task_name: str, sweep_iterations: int) -> list[Setting]:
     authors = AUTHORS_ADAM.get(task_name)
     if authors and authors != best["Adam"]:
         chosen.append(by_label["Adam", authors])
+    if best["SOFO"].endswith("adaptive"):  # the best fixed damping too: it is what the configs can state
+        fixed = best_settings([r for r in runs if not r["label"].endswith("adaptive")], sweep_iterations)["SOFO"]
+        chosen.append(by_label["SOFO", fixed])
     sofo = by_label["SOFO", best["SOFO"]]
     for name, extra in OPTIONS.items():
         chosen.append(Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra)))
