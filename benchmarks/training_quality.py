@@ -79,6 +79,7 @@ class TaskSpec:
     make_model: Callable  # task -> SOFOModule
     tangents: int
     sizes: str  # shown beside the table, with what was reduced from the authors' sizes
+    readout: str = "readout"  # the name of the readout weights ("readout" in the options means this)
 
 
 def _kalman(n_steps):
@@ -133,7 +134,7 @@ TASKS = {
                             "as kalman but T = 5000"),
     "double_reach": TaskSpec(_double_reach, _arm_controller, 32,
                              "two-link arm, ReLU controller N = 32, tau 20 ms, dt = 10 ms, T = 250 (2.5 s), B = 16, "
-                             "K = 32 (authors: N = 64, dt = 2 ms, T = 1000, B = 256, K = 128-256)"),
+                             "K = 32 (authors: N = 64, dt = 2 ms, T = 1000, B = 256, K = 128-256)", readout="motor"),
     "flipflop": TaskSpec(_flipflop, _tanh_rnn(64), 64,
                          "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (main job: B = 64, K = 128)"),
 }
@@ -177,9 +178,8 @@ def build(task_name: str, setting: Setting, seed: int):
     block = options.pop("block_tangents", None)
     if block is not None:  # a share of K on the parameters whose names start with each key
         options["tangents_per_block"] = {
-            name: round(share * spec.tangents) for name, share in block.items()}
-        params = [dict(params=[p], name=n) for n, p in model.named_parameters()]
-        return task, model, SOFO(params, tangents=spec.tangents, seed=seed, **options), None
+            spec.readout if name == "readout" else name: round(share * spec.tangents) for name, share in block.items()}
+        return task, model, SOFO(model.named_parameters(), tangents=spec.tangents, seed=seed, **options), None
     return task, model, SOFO(model.parameters(), tangents=spec.tangents, seed=seed, **options), None
 
 
