@@ -68,6 +68,8 @@ OPTIONS = {
     "orthogonal cycles": dict(orthogonal_cycles=True),
     "readout tangents 1/4": dict(block_tangents={"readout": 0.25}),
 }
+# diagnostics of what limits SOFO, run by label (--stage labels), not part of the seeded stage
+DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
                 "flipflop": "lr 0.0001"}
@@ -175,12 +177,13 @@ def build(task_name: str, setting: Setting, seed: int):
     if setting.method == "Adam":
         clip = options.pop("clip")
         return task, model, torch.optim.Adam(model.parameters(), **options), clip
+    tangents = options.pop("tangents", spec.tangents)
     block = options.pop("block_tangents", None)
     if block is not None:  # a share of K on the parameters whose names start with each key
         options["tangents_per_block"] = {
-            spec.readout if name == "readout" else name: round(share * spec.tangents) for name, share in block.items()}
-        return task, model, SOFO(model.named_parameters(), tangents=spec.tangents, seed=seed, **options), None
-    return task, model, SOFO(model.parameters(), tangents=spec.tangents, seed=seed, **options), None
+            spec.readout if name == "readout" else name: round(share * tangents) for name, share in block.items()}
+        return task, model, SOFO(model.named_parameters(), tangents=tangents, seed=seed, **options), None
+    return task, model, SOFO(model.parameters(), tangents=tangents, seed=seed, **options), None
 
 
 def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
@@ -486,7 +489,7 @@ def main():
                 settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations), args.seeds, args.iterations
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
-                            for s in SWEEP if s.method == "SOFO" for name, extra in OPTIONS.items()]
+                            for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
                 known = {f"{s.method}:{s.label}": s for s in SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
