@@ -403,9 +403,28 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
                      f"{iterations} iterations (one-off compilation, {compile_seconds:.0f} s at most, not counted).\n\n"
                      + "\n".join(lines) + "\n")
         parts.append(goal_lines(task_name, groups) + "\n")
+        longer = longer_runs_table(runs, sweep_iterations, iterations)
+        if longer:
+            parts.append("Other budgets (e.g. SOFO run for as long as Adam's runs took on this CPU):\n\n" + longer + "\n")
         plot_task(task_name, groups)
         parts.append(f"![{task_name}](training_quality/{task_name}.png)\n")
     return "\n".join(parts)
+
+
+def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:
+    """Runs at budgets other than the sweep's and the seeded stage's, one row per setting and budget."""
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in runs:
+        if r["iterations"] not in (sweep_iterations, iterations):
+            groups.setdefault((r["method"], r["label"], r["iterations"]), []).append(r)
+    if not groups:
+        return ""
+    lines = ["| method | iterations | seeds | final val loss | best val loss | training time (s) |", "|---|---|---|---|---|---|"]
+    for (method, label, n), group in sorted(groups.items()):
+        seconds = statistics.mean(r["seconds_per_iteration"] * r["iterations"] for r in group)
+        lines.append(f"| {method}, {label} | {n} | {len(group)} | {mean_sd([final_loss(r) for r in group])} | "
+                     f"{mean_sd([r['best_loss'] for r in group])} | {seconds:.0f} |")
+    return "\n".join(lines)
 
 
 def goal_lines(task_name: str, groups) -> str:

@@ -144,12 +144,13 @@ def cycle_columns(num_params: int, k: int, cycle_length: int, step: int, seed: i
     cycle, position = divmod(step, cycle_length)
     key = (seed, cycle, num_params, k, cycle_length, like.dtype, like.device)
     if cache is None or cache.get("key") != key:
+        if cache is not None:
+            cache.clear()  # free the last cycle's basis before drawing the next
         generator = step_generator(seed, cycle, like.device, stream=1)
         gaussian = torch.randn(num_params, cycle_length * k, generator=generator, device=like.device, dtype=like.dtype)
         basis = torch.linalg.qr(gaussian)[0]
         if cache is None:
             return basis[:, position * k:(position + 1) * k]
-        cache.clear()
         cache.update(key=key, basis=basis)
     return cache["basis"][:, position * k:(position + 1) * k]
 

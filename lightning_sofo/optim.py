@@ -32,7 +32,6 @@ from lightning_sofo.functional import (
     solve_subspace,
     split_tangents,
     step_generator,
-    tangent_count,
 )
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
@@ -225,7 +224,7 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     def _guarded_move(self, sketch: Sketch, tangents: dict[str, Tensor], num_params: int):
         """Move the parameters if the loss, its sketches, the solve and the new parameters are all
-        finite, and return (direction, update norm); otherwise do what `on_nonfinite` says: None
+        finite, and return (direction, update norm, {key: update}); otherwise do what `on_nonfinite` says: None
         (skip), FloatingPointError (raise), or, for SOFO, solve again with 10x the relative
         damping ("increase_damping"). The parameters are written only once all is finite."""
         if not sketch.is_finite():  # no damping makes a non-finite sketch finite: skip, more cautious from now on
@@ -278,7 +277,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         returns (||lr s||, {name: lr s}), or None, with nothing written, if a new parameter
         would not be finite."""
         squared_norm = torch.zeros((), dtype=torch.float64, device=coefficients.device)
-        updates = []  # (parameter, new value, new velocity): written only once all are finite
+        updates = []  # (key, parameter, new value, new velocity): written only once all are finite
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
@@ -292,9 +291,10 @@ class SketchOptimizer(torch.optim.Optimizer):
         finite = torch.stack([torch.isfinite(new).all() for _, _, new, _ in updates]).all() & torch.isfinite(squared_norm)
         if not bool(finite):  # one read of the device, after all parameters' steps are known
             return None
-        moved = {}
+        moved = {}  # the update lr s per parameter, for the subspace memory
         for key, p, new, step in updates:
-            moved[key] = p - new
+            if self.memory > 0:
+                moved[key] = p - new
             p.copy_(new)
             if self.momentum > 0:
                 self.state[p]["momentum_buffer"] = step
@@ -307,47 +307,67 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     def draw_tangents(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The orthonormal tangents V of the current step, {key: (K', *shape)}, a pure function
-        of (seed, step count, stored memory directions). Columns, in this order, before one QR:
-          - memory: the last `memory` update directions (random columns where none is stored yet);
-          - tangents_per_block: Gaussian columns supported on one named block each;
+        of (seed, step count, stored memory directions). Columns, in this order, before one QR
+        (which keeps the span of every leading set of columns):
+          - tangents_per_block: Gaussian columns supported on one named block each (the QR keeps
+            them inside their block);
+          - memory: the last `memory` update directions (random columns where none is stored yet),
+            in the span exactly;
           - the rest of the K: Gaussian, or this step's block of its orthogonal cycle.
-        K' = K + memory. Placed first, the memory directions are in the span exactly."""
+        K' = K + memory."""
         params = self.named_params() if params is None else params
-        device = next(iter(params.values())).device
-        generator = step_generator(self.seed, self.step_count, device)
-        k = tangent_count(params, self.tangents + self.memory) - self.memory
-        if k < 1:
-            raise ValueError(f"{type(self).__name__}: memory={self.memory} leaves no room for random tangents among "
-                             f"the P={sum(p.numel() for p in params.values())} parameters; lower memory.")
+        name = type(self).__name__
+        generator = step_generator(self.seed, self.step_count, next(iter(params.values())).device)
+        num_params = sum(p.numel() for p in params.values())
+        k = self.tangents
+        if k + self.memory > num_params:
+            k = num_params - self.memory
+            if k < 1:
+                raise ValueError(f"{name}: memory={self.memory} leaves no room for random tangents among the "
+                                 f"P={num_params} parameters; lower memory.")
+            warnings.warn(f"{name}: tangents={self.tangents} plus memory={self.memory} is more than the P={num_params} "
+                          f"parameters; using K={k} random tangents (a full-rank Gauss-Newton step).", stacklevel=3)
         columns = []
+        if self.tangents_per_block:
+            named = self._named(params)
+            if sum(self.tangents_per_block.values()) > k:
+                raise ValueError(f"{name}: tangents_per_block asks for {sum(self.tangents_per_block.values())} "
+                                 f"tangents, more than the K={k} there are; lower the counts.")
+            columns.append(block_columns(named, self.tangents_per_block, generator))
         if self.memory > 0:
             columns.append(self._memory_columns(params, generator))
-        if self.tangents_per_block:
-            columns.append(block_columns(self._named(params), self.tangents_per_block, generator))
         rest = k - sum(self.tangents_per_block.values())
         if rest > 0:
-            first = next(iter(params.values()))
-            if self.orthogonal_cycles:
-                num_params = sum(p.numel() for p in params.values())
-                length = max(1, num_params // rest) if self.orthogonal_cycles is True else int(self.orthogonal_cycles)
-                length = min(length, max(1, num_params // rest))
-                if num_params * length * rest > MAX_CYCLE_ENTRIES:
-                    raise ValueError(
-                        f"{type(self).__name__}: an orthogonal cycle of {length} steps x {rest} tangents needs a "
-                        f"{num_params} x {length * rest} basis, too large to keep; set orthogonal_cycles to a cycle "
-                        f"length <= {MAX_CYCLE_ENTRIES // (num_params * rest)}.")
-                columns.append(cycle_columns(num_params, rest, length, self.step_count, self.seed, first,
-                                             self._cycle_cache))
-            else:
-                columns.append(gaussian_columns(params, rest, generator))
+            columns.append(self._random_columns(params, rest, generator))
         return split_tangents(params, orthonormal_columns(torch.cat(columns, dim=1)))
+
+    def _random_columns(self, params: dict[str, Tensor], k: int, generator: torch.Generator) -> Tensor:
+        """(P, k) Gaussian columns, or this step's block of its orthogonal cycle."""
+        num_params = sum(p.numel() for p in params.values())
+        longest = max(1, num_params // k)  # a cycle cannot hold more than P directions
+        length = longest if self.orthogonal_cycles is True else min(int(self.orthogonal_cycles), longest)
+        if not self.orthogonal_cycles or length == 1:
+            return gaussian_columns(params, k, generator)
+        if num_params * length * k > MAX_CYCLE_ENTRIES:
+            fits = MAX_CYCLE_ENTRIES // (num_params * k)
+            raise ValueError(
+                f"{type(self).__name__}: an orthogonal cycle of {length} steps x {k} tangents needs a {num_params} x "
+                f"{length * k} basis, too large to keep in memory; "
+                + (f"set orthogonal_cycles to a cycle length <= {fits}." if fits >= 2 else
+                   "this model is too large for orthogonal cycles: set orthogonal_cycles=False."))
+        return cycle_columns(num_params, k, length, self.step_count, self.seed, next(iter(params.values())),
+                             self._cycle_cache)
 
     def _named(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """params keyed by parameter name (for tangents_per_block); a block that matches no
         parameter is an error that lists the names there are."""
         named = {self.parameter_names.get(key, key): p for key, p in params.items()}
-        for prefix in self.tangents_per_block:
-            if not any(name == prefix or name.startswith(prefix + ".") for name in named):
+        for prefix, count in self.tangents_per_block.items():
+            size = sum(p.numel() for name, p in named.items() if name == prefix or name.startswith(prefix + "."))
+            if 0 < size < count:
+                raise ValueError(f"{type(self).__name__}: tangents_per_block gives {prefix!r} {count} tangents, but "
+                                 f"it has only {size} numbers; give it at most {size}.")
+            if size == 0:
                 raise ValueError(
                     f"{type(self).__name__}: tangents_per_block names {prefix!r}, which matches no parameter; "
                     f"parameters: {sorted(named)}. Build the optimizer from model.named_parameters(), or train a "

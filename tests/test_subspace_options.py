@@ -123,7 +123,7 @@ def test_memory_trains_a_recurrent_model_through_the_trainer():
     torch.manual_seed(0)
     model = TinyRNN(sofo=dict(lr=0.5, tangents=4, memory=2, damping=1e-3))
     batch = {"inputs": torch.randn(8, 6, 2), "targets": torch.randn(8, 6, 2)}
-    before = float(model.compute_loss(batch))
+    before = float(model.compute_loss(batch).detach())
     L.Trainer(strategy="sofo", max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(model, DataLoader([batch] * 10, batch_size=None))
     assert float(model.compute_loss(batch)) < before
@@ -149,22 +149,73 @@ def test_orthogonal_cycles_make_a_cycle_of_steps_span_orthonormal_directions():
     assert torch.equal(flat_tangents(optimizer.draw_tangents()), blocks[1])
 
 
-def test_orthogonal_cycles_keep_the_sketched_gradient_exact():
-    from lightning_sofo.functional import feedforward_sketch
+def test_orthogonal_cycles_hold_inside_the_optimizer_steps():
+    """The tangents the optimizer actually steps along (recorded from the closure) are mutually
+    orthogonal across the steps of a cycle, and the default path draws plain Gaussian tangents."""
+    from lightning_sofo.functional import sample_tangents, step_generator
 
     torch.manual_seed(0)
-    model = MLP(sizes=(3, 4, 2)).double()
-    inputs, targets = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    optimizer = SOFO(model.parameters(), tangents=4, orthogonal_cycles=True)
-    optimizer.step_count = 2
-    tangents = optimizer.draw_tangents()
-    names = dict(zip(optimizer.named_params(), (n for n, _ in model.named_parameters())))
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    sketch = feedforward_sketch(lambda p: torch.func.functional_call(model, p, (inputs,)), params,
-                                {names[k]: v for k, v in tangents.items()}, model.loss_fn, targets)
-    model.compute_loss({"inputs": inputs, "targets": targets}).backward()
-    grad = flat({n: p.grad for n, p in model.named_parameters()})
-    assert torch.allclose(sketch.grad, flat_tangents(tangents).T @ grad, atol=1e-12)
+    model = MLP(sizes=(3, 2, 1))  # P = 11, K = 3: cycles of 3 steps
+    batch = {"inputs": torch.randn(6, 3), "targets": torch.randn(6, 1)}
+    for cycles in (True, False):
+        optimizer = SOFO(model.parameters(), tangents=3, orthogonal_cycles=cycles, damping=1e-3, lr=0.1, seed=5)
+        seen = []
+        for _ in range(3):
+            closure = model.sketch_function(batch, optimizer)
+            expected_default = sample_tangents(optimizer.named_params(), 3,
+                                               step_generator(5, optimizer.step_count, torch.device("cpu")))
+
+            def recording(tangents, closure=closure):
+                if tangents is not None:
+                    seen.append(flat_tangents(tangents))
+                return closure(tangents)
+
+            optimizer.step(recording)
+            if not cycles:  # no option: exactly the tangents sample_tangents draws
+                assert torch.equal(seen[-1], flat_tangents(expected_default))
+        cycle = torch.cat(seen, dim=1)
+        off_diagonal = (cycle.T @ cycle - torch.eye(9)).abs().max()
+        assert (off_diagonal < 1e-5) == cycles
+
+
+def test_memory_is_not_pushed_by_rejected_or_skipped_steps():
+    model, batch = _problem()
+    optimizer = SOFO(model.parameters(), lr=1.0, tangents=2, memory=1, damping="adaptive")
+    closure = model.sketch_function(batch, optimizer)
+    rejecting = lambda tangents: closure(tangents) if tangents is not None else closure(None) + 1e6
+    optimizer.step(rejecting)  # the loss after the step is worse: taken back
+    assert optimizer.rejected_steps == 1
+    assert all("memory" not in optimizer.state[p] for p in model.parameters())
+    with pytest.warns(UserWarning, match="not finite"):
+        optimizer.step(_nan_closure(model, batch, optimizer))  # a non-finite sketch: skipped
+    assert optimizer.skipped_steps == 1
+    assert all("memory" not in optimizer.state[p] for p in model.parameters())
+    optimizer.step(model.sketch_function(batch, optimizer))
+    assert all(optimizer.state[p]["memory"].shape[0] == 1 for p in model.parameters())
+
+
+def _nan_closure(model, batch, optimizer):
+    from lightning_sofo.functional import Sketch
+
+    closure = model.sketch_function(batch, optimizer)
+
+    def spoiled(tangents):
+        sketch = closure(tangents)
+        return sketch if tangents is None else Sketch(sketch.loss * float("nan"), sketch.grad, sketch.ggn)
+    return spoiled
+
+
+def test_a_checkpoint_with_another_memory_size_loads():
+    model, batch = _problem()
+    saved = SOFO(model.parameters(), lr=0.5, tangents=3, memory=2, damping=1e-3)
+    for _ in range(3):
+        saved.step(model.sketch_function(batch, saved))
+    for memory in (0, 1, 3):
+        other = SOFO(model.parameters(), lr=0.5, tangents=3, memory=memory, damping=1e-3)
+        other.load_state_dict(saved.state_dict())
+        V = flat_tangents(other.draw_tangents())
+        assert V.shape[1] == 3 + memory and torch.allclose(V.T @ V, torch.eye(3 + memory, dtype=V.dtype), atol=1e-10)
+        other.step(model.sketch_function(batch, other))
 
 
 def test_block_tangents_move_only_their_block_and_are_named_by_the_module():
@@ -180,8 +231,16 @@ def test_block_tangents_move_only_their_block_and_are_named_by_the_module():
             assert tangents[key][:2].abs().max() < 1e-6, name  # up to the rounding of the QR
     V = flat_tangents(tangents)
     assert V.shape[1] == 5 and torch.allclose(V.T @ V, torch.eye(5), atol=1e-5)
-    C = tangents[[k for k, n in zip(optimizer.named_params(), names) if n == "C"][0]]
-    assert C[2:].abs().max() > 0  # the global tangents move it too
+    # with memory too, the block tangents stay inside their block, and the memory is in the span
+    optimizer = SOFO(model.parameters(), lr=0.5, tangents=5, memory=1, tangents_per_block={"C": 2}, damping=1e-3)
+    optimizer.step(model.sketch_function(batch, optimizer))
+    tangents = optimizer.draw_tangents()
+    for key, name in zip(optimizer.named_params(), names):
+        if name != "C":
+            assert tangents[key][:2].abs().max() < 1e-6, name
+    V = flat_tangents(tangents)
+    memory = torch.cat([optimizer.state[p]["memory"].reshape(-1) for p in model.parameters()])
+    assert torch.allclose(V @ (V.T @ memory), memory, atol=1e-5)
 
 
 def test_block_tangents_from_named_parameters_and_clear_errors():
@@ -191,6 +250,8 @@ def test_block_tangents_from_named_parameters_and_clear_errors():
     assert all(t[:2].abs().max() < 1e-6 for key, t in list(tangents.items())[:2])  # net.0.* untouched by block columns
     with pytest.raises(ValueError, match="matches no parameter.*net.0.weight"):
         SOFO(model.named_parameters(), tangents=4, tangents_per_block={"readout": 2}).draw_tangents()
+    with pytest.raises(ValueError, match="has only 2 numbers"):
+        SOFO(model.named_parameters(), tangents=4, tangents_per_block={"net.2.bias": 3}).draw_tangents()
     with pytest.raises(ValueError, match="more than tangents=4"):
         SOFO(model.parameters(), tangents=4, tangents_per_block={"net.2": 5})
     with pytest.raises(ValueError, match="memory"):
