@@ -430,21 +430,28 @@ def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:
 def goal_lines(task_name: str, groups) -> str:
     """The issue's goals, computed from the seeded runs: SOFO's best against Adam's best."""
     def best(method, key):
-        candidates = [(statistics.mean(key(r) for r in g), label) for (m, label), g in groups.items()
-                      if m == method and all(math.isfinite(key(r)) for r in g)]
+        """(mean over the runs that did not diverge, label) of the method's best seeded setting; a
+        setting that diverged on some seeds still competes on the others (said in the text)."""
+        candidates = []
+        for (m, label), g in groups.items():
+            finite = [key(r) for r in g if math.isfinite(key(r))]
+            if m == method and finite:
+                lost = len(g) - len(finite)
+                candidates.append((statistics.mean(finite), label + (f"; {lost} of {len(g)} seeds diverged" if lost else "")))
         return min(candidates, default=(math.nan, None))
 
     if task_name.startswith("kalman"):
         excess = lambda r: (r["metrics"]["mse"] - r["metrics"]["oracle_mse"]) if r["metrics"] else math.nan
         (sofo, sofo_label), (adam, adam_label) = best("SOFO", excess), best("Adam", excess)
-        ratio = [r["metrics"]["mse_over_oracle"] for (m, l), g in groups.items() if (m, l) == ("SOFO", sofo_label) for r in g]
+        ratio = [r["metrics"]["mse_over_oracle"] for (m, l), g in groups.items()
+                 if m == "SOFO" and sofo_label and sofo_label.startswith(l) for r in g if r["metrics"]]
         return (f"Goal check: excess MSE over the oracle, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) "
                 f"{adam:.4g}: ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's MSE / oracle "
                 f"{statistics.mean(ratio) if ratio else math.nan:.3f} (goal <= 1.10).")
     if task_name == "double_reach":
         (sofo, sofo_label), (adam, adam_label) = best("SOFO", lambda r: r["best_loss"]), best("Adam", lambda r: r["best_loss"])
         drift = [r["metrics"].get("hold_drift_cm", math.nan) for (m, l), g in groups.items()
-                 if (m, l) == ("SOFO", sofo_label) for r in g]
+                 if m == "SOFO" and sofo_label and sofo_label.startswith(l) for r in g if r["metrics"]]
         return (f"Goal check: best validation loss, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) {adam:.4g}: "
                 f"ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's hand drift before the go cue "
                 f"{statistics.mean(drift) if drift else math.nan:.2f} cm.")
