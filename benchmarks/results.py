@@ -14,3 +14,11 @@ def write_section(title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")
+
+
+def remove_section(title: str) -> None:
+    """Drop a named section of benchmarks/RESULTS.md (a study that a newer one replaced)."""
+    if not RESULTS.exists():
+        return
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    RESULTS.write_text(pattern.sub("", RESULTS.read_text()).rstrip() + "\n")

@@ -533,9 +533,9 @@ def main():
     text = report(tasks, args.sweep_iterations, args.iterations)
     print(text)
     if not args.no_write:
-        from results import write_section
+        from results import remove_section, write_section
 
-        write_section("Training quality: SOFO vs Adam vs FGD", "This section is replaced by the one below.")
+        remove_section("Training quality: SOFO vs Adam vs FGD")  # the equal-time study this one replaced
         write_section("Training quality: SOFO vs Adam", text)
 
 
