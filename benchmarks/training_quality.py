@@ -382,20 +382,22 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
         metrics = TASK_METRICS.get(task_name, ())
         seconds = min(statistics.mean(r["seconds_per_iteration"] * r["iterations"] for r in g) for g in groups.values())
         header = ("| method | seeds | val loss at " + f"{iterations} it | best val loss | val loss at {seconds:.0f} s | "
-                  "s / iteration | " + " | ".join(metrics) + " |")
+                  "s / iteration | steps taken back / skipped | " + " | ".join(metrics) + " |")
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
         authors = AUTHORS_ADAM.get(task_name)
         for (method, label), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "SOFO", kv[0][1])):
             name = f"{method}, {label}" + (" (SOFO authors' Adam)" if method == "Adam" and label == authors else "")
             cells = [name, str(len(group)), mean_sd([final_loss(r) for r in group]),
                      mean_sd([r["best_loss"] for r in group]), mean_sd([loss_at_seconds(r, seconds) for r in group]),
-                     f"{statistics.median(r['seconds_per_iteration'] for r in group):.3f}"]
+                     f"{statistics.median(r['seconds_per_iteration'] for r in group):.3f}",
+                     f"{statistics.mean(r['rejected_steps'] for r in group):.0f} / "
+                     f"{statistics.mean(r['skipped_steps'] for r in group):.0f}"]
             cells += [mean_sd([r["metrics"].get(m, math.nan) for r in group], 3) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         if task_name.startswith("kalman"):
             oracle = [r["metrics"]["oracle_mse"] for g in groups.values() for r in g if "oracle_mse" in r["metrics"]]
             if oracle:
-                lines.append(f"| oracle Kalman filter (floor) | | {statistics.mean(oracle):.4g} | | | | 1 |")
+                lines.append(f"| oracle Kalman filter (floor) | | {statistics.mean(oracle):.4g} | | | | | 1 |")
         compile_seconds = max(r["compile_seconds"] for g in groups.values() for r in g)
         parts.append(f"{iterations} iterations per run, mean ± sd over seeds; \"val loss at {seconds:.0f} s\" is "
                      "each run's validation loss at the wall-clock the fastest method needed for its "
