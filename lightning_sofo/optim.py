@@ -325,8 +325,13 @@ class SketchOptimizer(torch.optim.Optimizer):
             if k < 1:
                 raise ValueError(f"{name}: memory={self.memory} leaves no room for random tangents among the "
                                  f"P={num_params} parameters; lower memory.")
-            warnings.warn(f"{name}: tangents={self.tangents} plus memory={self.memory} is more than the P={num_params} "
-                          f"parameters; using K={k} random tangents (a full-rank Gauss-Newton step).", stacklevel=3)
+            if self.memory:
+                message = (f"tangents={self.tangents} plus memory={self.memory} is more than the P={num_params} "
+                           f"parameters; using K=P-memory={k} random tangents (a full-rank Gauss-Newton step).")
+            else:
+                message = (f"tangents={self.tangents} is larger than the number of parameters P={num_params}; "
+                           f"using K=P={num_params} (a full-rank Gauss-Newton step).")
+            warnings.warn(f"{name}: {message}", stacklevel=3)
         columns = []
         if self.tangents_per_block:
             named = self._named(params)
