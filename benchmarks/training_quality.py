@@ -468,19 +468,24 @@ def plot_task(task_name: str, groups) -> None:
 
     by_iteration, by_seconds = {}, {}
     for (method, label), group in sorted(groups.items()):
-        n = min(len(r["curve"]) for r in group)
-        loss = np.array([[c[2] for c in r["curve"][:n]] for r in group])
-        iterations = np.mean([[c[0] for c in r["curve"][:n]] for r in group], axis=0)
-        seconds = np.mean([[c[1] for c in r["curve"][:n]] for r in group], axis=0)
-        stats = (np.nanmean(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0))
+        longest = max(group, key=lambda r: len(r["curve"]))["curve"]
+        n = len(longest)  # a run that diverged stops early: its missing points are nan, not the others' cut
+        loss = np.array([[c[2] for c in r["curve"]] + [np.nan] * (n - len(r["curve"])) for r in group])
+        iterations = np.array([c[0] for c in longest])
+        seconds = np.array([statistics.mean(r["curve"][i][1] for r in group if i < len(r["curve"])) for i in range(n)])
+        stats = (np.nanmedian(loss, 0), np.nanmin(loss, 0), np.nanmax(loss, 0))
         by_iteration[f"{method}, {label}"] = (iterations, *stats)
         by_seconds[f"{method}, {label}"] = (seconds, *stats)
     figure = Figure(figsize=(12, 4.5))
     left, right = figure.subplots(1, 2)
-    plot_curves(by_iteration, "iteration", "validation loss", f"{task_name}: mean and range over seeds", axis=left)
+    plot_curves(by_iteration, "iteration", "validation loss", f"{task_name}: median and range over seeds", axis=left)
     plot_curves(by_seconds, "training time (s, 1 CPU thread)", "validation loss", "same runs against wall-clock", axis=right)
+    finite = [v for curve in by_iteration.values() for v in curve[2] if np.isfinite(v) and v > 0]
+    start = [curve[1][0] for curve in by_iteration.values() if np.isfinite(curve[1][0])]
     for axis in (left, right):
         axis.set_yscale("log")
+        if finite and start:  # a blow-up on one seed (1e24) would flatten every curve: tables keep it
+            axis.set_ylim(0.8 * min(finite), 1.5 * max(start))
     figure.tight_layout()
     figure.savefig(OUT / f"{task_name}.png", dpi=110)
 
