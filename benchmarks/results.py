@@ -8,10 +8,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def _section(title: str) -> re.Pattern:
+    """A "## title" section of RESULTS.md, up to the next section or the end."""
+    return re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+
+
 def write_section(title: str, body: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in benchmarks/.\n"
     section = f"## {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = _section(title)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     RESULTS.write_text(text.rstrip() + "\n")
 
@@ -20,5 +25,4 @@ def remove_section(title: str) -> None:
     """Drop a named section of benchmarks/RESULTS.md (a study that a newer one replaced)."""
     if not RESULTS.exists():
         return
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    RESULTS.write_text(pattern.sub("", RESULTS.read_text()).rstrip() + "\n")
+    RESULTS.write_text(_section(title).sub("", RESULTS.read_text()).rstrip() + "\n")

@@ -431,32 +431,33 @@ def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:
 def goal_lines(task_name: str, groups) -> str:
     """The issue's goals, computed from the seeded runs: SOFO's best against Adam's best."""
     def best(method, key):
-        """(mean over the runs that did not diverge, label) of the method's best seeded setting; a
-        setting that diverged on some seeds still competes on the others (said in the text)."""
+        """(mean over the runs that did not diverge, description, runs) of the method's best seeded
+        setting; a setting that diverged on some seeds still competes on the others (said in the text)."""
         candidates = []
         most = max((len(g) for (m, _), g in groups.items() if m == method), default=0)
         for (m, label), g in groups.items():  # the settings run on every seed, not the one-seed options
             finite = [key(r) for r in g if math.isfinite(key(r))]
             if m == method and finite and len(g) == most:
                 lost = len(g) - len(finite)
-                candidates.append((statistics.mean(finite), label + (f"; {lost} of {len(g)} seeds diverged" if lost else "")))
-        return min(candidates, default=(math.nan, None))
+                described = label + (f"; {lost} of {len(g)} seeds diverged" if lost else "")
+                candidates.append((statistics.mean(finite), described, g))
+        return min(candidates, key=lambda c: c[0], default=(math.nan, None, []))
+
+    def mean_metric(runs, name):
+        values = [r["metrics"][name] for r in runs if name in r["metrics"]]
+        return statistics.mean(values) if values else math.nan
 
     if task_name.startswith("kalman"):
         excess = lambda r: (r["metrics"]["mse"] - r["metrics"]["oracle_mse"]) if r["metrics"] else math.nan
-        (sofo, sofo_label), (adam, adam_label) = best("SOFO", excess), best("Adam", excess)
-        ratio = [r["metrics"]["mse_over_oracle"] for (m, l), g in groups.items()
-                 if m == "SOFO" and sofo_label and sofo_label.startswith(l) for r in g if r["metrics"]]
+        (sofo, sofo_label, sofo_runs), (adam, adam_label, _) = best("SOFO", excess), best("Adam", excess)
         return (f"Goal check: excess MSE over the oracle, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) "
                 f"{adam:.4g}: ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's MSE / oracle "
-                f"{statistics.mean(ratio) if ratio else math.nan:.3f} (goal <= 1.10).")
+                f"{mean_metric(sofo_runs, 'mse_over_oracle'):.3f} (goal <= 1.10).")
     if task_name == "double_reach":
-        (sofo, sofo_label), (adam, adam_label) = best("SOFO", final_loss), best("Adam", final_loss)
-        drift = [r["metrics"].get("hold_drift_cm", math.nan) for (m, l), g in groups.items()
-                 if m == "SOFO" and sofo_label and sofo_label.startswith(l) for r in g if r["metrics"]]
+        (sofo, sofo_label, sofo_runs), (adam, adam_label, _) = best("SOFO", final_loss), best("Adam", final_loss)
         return (f"Goal check: final validation loss, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) {adam:.4g}: "
                 f"ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's hand drift before the go cue "
-                f"{statistics.mean(drift) if drift else math.nan:.2f} cm.")
+                f"{mean_metric(sofo_runs, 'hold_drift_cm'):.2f} cm.")
     return ""
 
 

@@ -77,17 +77,29 @@ class SketchedLoss(Protocol):
 # --------------------------------------------------------------------------- #
 # 1. Tangents
 # --------------------------------------------------------------------------- #
-def tangent_count(params: Params, tangents: int) -> int:
-    """K clamped to P (more than P orthonormal directions do not exist), with a warning."""
+def tangent_count(params: Params, tangents: int, reserved: int = 0) -> int:
+    """K clamped to P - reserved (more than P orthonormal directions do not exist; `reserved`
+    columns are taken by other directions, e.g. SOFO's memory), with a warning."""
     num_params = sum(p.numel() for p in params.values())
-    if tangents > num_params:
-        warnings.warn(
-            f"SOFO: tangents={tangents} is larger than the number of parameters P={num_params}; "
-            f"using K=P={num_params} (a full-rank Gauss-Newton step).",
-            stacklevel=3,
-        )
-        return num_params
-    return tangents
+    if tangents + reserved <= num_params:
+        return tangents
+    k = num_params - reserved
+    if k < 1:
+        raise ValueError(f"SOFO: memory={reserved} leaves no room for random tangents among the P={num_params} "
+                         "parameters; lower memory.")
+    if reserved:
+        message = (f"tangents={tangents} plus memory={reserved} is more than the P={num_params} parameters; "
+                   f"using K=P-memory={k} random tangents (a full-rank Gauss-Newton step).")
+    else:
+        message = (f"tangents={tangents} is larger than the number of parameters P={num_params}; "
+                   f"using K=P={num_params} (a full-rank Gauss-Newton step).")
+    warnings.warn(f"SOFO: {message}", stacklevel=3)
+    return k
+
+
+def in_block(name: str, prefix: str) -> bool:
+    """True if parameter `name` belongs to the block `prefix`: the name itself or "prefix.*"."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def sample_tangents(params: Params, tangents: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -124,7 +136,7 @@ def block_columns(params: Params, blocks: Mapping[str, int], generator: torch.Ge
     for prefix, count in blocks.items():
         rows = torch.zeros(start, dtype=torch.bool, device=first.device)
         for name, (lo, hi) in offsets.items():
-            if name == prefix or name.startswith(prefix + "."):
+            if in_block(name, prefix):
                 rows[lo:hi] = True
         block = torch.randn(start, count, generator=generator, device=first.device, dtype=first.dtype)
         columns.append(block * rows[:, None])

@@ -26,12 +26,14 @@ from lightning_sofo.functional import (
     flatten_directions,
     forward_gradient_coefficients,
     gaussian_columns,
+    in_block,
     orthonormal_columns,
     predicted_change,
     reduction_ratio,
     solve_subspace,
     split_tangents,
     step_generator,
+    tangent_count,
 )
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
@@ -318,20 +320,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         params = self.named_params() if params is None else params
         name = type(self).__name__
         generator = step_generator(self.seed, self.step_count, next(iter(params.values())).device)
-        num_params = sum(p.numel() for p in params.values())
-        k = self.tangents
-        if k + self.memory > num_params:
-            k = num_params - self.memory
-            if k < 1:
-                raise ValueError(f"{name}: memory={self.memory} leaves no room for random tangents among the "
-                                 f"P={num_params} parameters; lower memory.")
-            if self.memory:
-                message = (f"tangents={self.tangents} plus memory={self.memory} is more than the P={num_params} "
-                           f"parameters; using K=P-memory={k} random tangents (a full-rank Gauss-Newton step).")
-            else:
-                message = (f"tangents={self.tangents} is larger than the number of parameters P={num_params}; "
-                           f"using K=P={num_params} (a full-rank Gauss-Newton step).")
-            warnings.warn(f"{name}: {message}", stacklevel=3)
+        k = tangent_count(params, self.tangents, self.memory)
         columns = []
         if self.tangents_per_block:
             named = self._named(params)
@@ -368,7 +357,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         parameter is an error that lists the names there are."""
         named = {self.parameter_names.get(key, key): p for key, p in params.items()}
         for prefix, count in self.tangents_per_block.items():
-            size = sum(p.numel() for name, p in named.items() if name == prefix or name.startswith(prefix + "."))
+            size = sum(p.numel() for name, p in named.items() if in_block(name, prefix))
             if 0 < size < count:
                 raise ValueError(f"{type(self).__name__}: tangents_per_block gives {prefix!r} {count} tangents, but "
                                  f"it has only {size} numbers; give it at most {size}.")
