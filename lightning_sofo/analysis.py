@@ -15,6 +15,7 @@ For a recurrent module with step(h, u) -> (F(h, u), y), at a constant input u:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,36 +23,143 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, vmap
 
-StateMap = Callable[[Tensor], Tensor]  # h (M, N) -> F(h, u) (M, N)
+StateMap = Callable[[Tensor], Tensor]  # h (M, D) -> F(h, u) (M, D)
 
 
 # --------------------------------------------------------------------------- #
-# The state map of a module at a constant input
+# Flat views of structured states (a tensor, or tuples / lists / dicts of them)
 # --------------------------------------------------------------------------- #
-def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.float64) -> tuple[StateMap, Callable]:
+@dataclass(frozen=True)
+class StateLayout:
+    """How a model's state (a tensor (B, ...) or a nested tuple / list / dict of them, such as
+    an arm controller's (network state, body state)) maps to flat vectors (B, D).
+
+    leaves: the tensors' trailing shapes in flattening order; structure: the nesting, with
+    leaf indices in place of tensors; free: the indices of the leaves the analysis solves
+    for (the others are held, see `held`)."""
+
+    structure: Any
+    shapes: tuple[tuple[int, ...], ...]
+    free: tuple[int, ...]
+
+    @staticmethod
+    def of(state: Any, free: str | tuple[int, ...] = "all") -> "StateLayout":
+        """The layout of an example state (batch dim first). free: "all" (every leaf),
+        "network" (the first leaf only: by convention the network's own state, the rest,
+        e.g. a body, is held), or a tuple of leaf indices."""
+        leaves: list[Tensor] = []
+
+        def walk(node):
+            if isinstance(node, Tensor):
+                leaves.append(node)
+                return len(leaves) - 1
+            if isinstance(node, (tuple, list)):
+                return type(node)(walk(child) for child in node)
+            if isinstance(node, dict):
+                return {key: walk(child) for key, child in node.items()}
+            raise TypeError(f"a recurrent state must be a tensor or a tuple / list / dict of tensors; found a "
+                            f"{type(node).__name__} in it.")
+
+        structure = walk(state)
+        shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
+        if free == "all":
+            chosen = tuple(range(len(leaves)))
+        elif free == "network":
+            chosen = (0,)
+        else:
+            chosen = tuple(sorted(set(free)))
+            if not chosen or any(not 0 <= i < len(leaves) for i in chosen):
+                raise ValueError(f"free leaves must be indices in 0..{len(leaves) - 1} (the state has "
+                                 f"{len(leaves)} tensors), got {free!r}.")
+        return StateLayout(structure, shapes, chosen)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def free_size(self) -> int:
+        """D, the length of the flat vector of the free leaves."""
+        return sum(self.sizes[i] for i in self.free)
+
+    def leaves(self, state: Any) -> list[Tensor]:
+        found: list[Tensor] = []
+
+        def walk(node):
+            if isinstance(node, Tensor):
+                found.append(node)
+            elif isinstance(node, (tuple, list)):
+                for child in node:
+                    walk(child)
+            elif isinstance(node, dict):
+                for child in node.values():
+                    walk(child)
+
+        walk(state)
+        return found
+
+    def flatten(self, state: Any, leaves: tuple[int, ...] | None = None) -> Tensor:
+        """State with batch dims (*batch, ...) -> (*batch, D) of the chosen leaves (default: the free ones)."""
+        chosen = self.free if leaves is None else leaves
+        parts = self.leaves(state)
+        return torch.cat([parts[i].reshape(*parts[i].shape[: parts[i].dim() - len(self.shapes[i])], -1)
+                          for i in chosen], dim=-1)
+
+    def unflatten(self, flat: Tensor, held: list[Tensor] | None = None) -> Any:
+        """(*batch, D) of the free leaves -> the structured state; the held leaves come from
+        `held` (one tensor per leaf, broadcast over the batch)."""
+        pieces = dict(zip(self.free, flat.split([self.sizes[i] for i in self.free], dim=-1)))
+        batch = flat.shape[:-1]
+
+        def leaf(i):
+            if i in pieces:
+                return pieces[i].reshape(*batch, *self.shapes[i])
+            if held is None:
+                raise ValueError("this layout holds some state leaves fixed; give their values (held=...).")
+            return held[i].to(flat.dtype).expand(*batch, *self.shapes[i])
+
+        def build(node):
+            if isinstance(node, int):
+                return leaf(node)
+            if isinstance(node, (tuple, list)):
+                return type(node)(build(child) for child in node)
+            return {key: build(child) for key, child in node.items()}
+
+        return build(self.structure)
+
+
+def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.float64,
+              layout: StateLayout | None = None, held: list[Tensor] | None = None) -> tuple[StateMap, Callable]:
     """(F, readout) of a recurrent SOFOModule at a constant input, in `dtype`, noise off.
 
     inputs: (I,) the constant input u. F(h) = module.step(h, u)[0] and readout(h) =
-    module.step(h, u)[1], for states h (M, N). The module is evaluated on a copy of its
-    parameters in `dtype` (float64 by default: fixed points to 1e-8 need it)."""
+    module.step(h, u)[1], for flat states h (M, D). A structured state (tuples of tensors)
+    needs its `layout` (StateLayout.of(an example state)); the leaves it does not leave free
+    are held at `held` (one tensor per leaf, without batch dim) and F returns the free part.
+    The module is evaluated on a copy of its parameters in `dtype` (float64 by default:
+    fixed points to 1e-8 need it)."""
     if not getattr(module, "is_recurrent", False):
         raise ValueError(f"{type(module).__name__} is not a recurrent module (it has no step); fixed points need "
                          "initial_state and step(state, inputs_t).")
-    functional_step = module._functional["step"]  # step(state, inputs_t) with the tensors swapped in
+    functional_step = module.functional("step")  # step(state, inputs_t) with the tensors swapped in
     tensors = {name: p.detach().to(dtype) for name, p in module.named_parameters()}
     tensors.update({name: b.to(dtype) if b.is_floating_point() else b for name, b in module.named_buffers()})
     u = inputs.detach().to(dtype)
+    held = None if held is None else [h.to(dtype) for h in held]
 
     def step(h: Tensor) -> tuple[Tensor, Tensor]:
         was_training = module.training
         module.eval()  # no noise: the deterministic map
         try:
-            state, outputs = functional_step(tensors, h, u.expand(h.shape[0], -1))
+            state = h if layout is None else layout.unflatten(h, held)
+            state, outputs = functional_step(tensors, state, u.expand(h.shape[0], -1))
         finally:
             module.train(was_training)
+        if layout is not None:
+            return layout.flatten(state), outputs
         if not isinstance(state, Tensor):
-            raise ValueError(f"{type(module).__name__}'s state is a {type(state).__name__}; the fixed-point analysis "
-                             "handles a single state tensor (B, N).")
+            raise ValueError(f"{type(module).__name__}'s state is a {type(state).__name__}; pass its layout "
+                             "(analysis.StateLayout.of(module.initial_state(1))).")
         return state, outputs
 
     return (lambda h: step(h)[0]), (lambda h: step(h)[1])
@@ -176,10 +284,13 @@ def minimise_speed_by_adam(step: StateMap, starts: Tensor, tolerance: float = 1e
 
 def find_fixed_points(module: nn.Module, states: Tensor, inputs: Tensor | None = None, starts: int = 256,
                       speed_tolerance: float = 1e-16, max_iterations: int = 200, unique_distance: float = 1e-3,
-                      outlier_scale: float = 10.0, start_noise: float = 0.0, seed: int = 0) -> FixedPoints:
+                      outlier_scale: float = 10.0, start_noise: float = 0.0, seed: int = 0,
+                      layout: StateLayout | None = None, held: list[Tensor] | None = None) -> FixedPoints:
     """Fixed and slow points of `module.step` at a constant input, from states of its trajectories.
 
-    states: (..., N) states visited by the network (e.g. every step of a batch of trials);
+    states: (..., N) states visited by the network (e.g. every step of a batch of trials); for a
+        structured state, the flat free part (..., D) of `layout`, the other leaves held at `held`
+        (see state_map);
         `starts` of them are drawn (seeded) as initial states, plus Gaussian noise of
         standard deviation start_noise (in units of the states' overall spread).
     inputs: (I,) the constant input; None: zeros (the network at rest).
@@ -188,7 +299,8 @@ def find_fixed_points(module: nn.Module, states: Tensor, inputs: Tensor | None =
     outlier_scale: drop points farther from the states' centroid than this times the
         median distance of the states from it.
     """
-    step, _ = state_map(module, inputs if inputs is not None else _zero_input(module, states))
+    step, _ = state_map(module, inputs if inputs is not None else _zero_input(module, states), layout=layout,
+                        held=held)
     data = states.reshape(-1, states.shape[-1]).to(torch.float64)
     generator = torch.Generator().manual_seed(seed)
     chosen = data[torch.randint(0, data.shape[0], (starts,), generator=generator)]
@@ -255,10 +367,13 @@ class Linearisation:
     time_constants: Tensor
 
 
-def linearise(module: nn.Module, point: Tensor, inputs: Tensor | None = None, dt: float = 1.0) -> Linearisation:
-    """The linear dynamics of module.step around the state `point` (N,) at a constant input."""
+def linearise(module: nn.Module, point: Tensor, inputs: Tensor | None = None, dt: float = 1.0,
+              layout: StateLayout | None = None, held: list[Tensor] | None = None) -> Linearisation:
+    """The linear dynamics of module.step around the state `point` (N,) at a constant input
+    (a structured state: `point` is the flat free part of `layout`, see state_map)."""
     point = point.detach().to(torch.float64)
-    step, readout = state_map(module, inputs if inputs is not None else _zero_input(module, point))
+    step, readout = state_map(module, inputs if inputs is not None else _zero_input(module, point), layout=layout,
+                              held=held)
     jacobian = state_jacobians(step, point[None])[0]
     readout_jacobian = jacfwd(lambda h: readout(h[None])[0])(point)  # (O, N)
     eigenvalues, eigenvectors = torch.linalg.eig(jacobian)
@@ -296,23 +411,33 @@ def pca(rates: Tensor, components: int = 3) -> PCA:
     return PCA(mean, right[:k], variance[:k] / variance.sum().clamp_min(1e-300))
 
 
-def trajectories(module: nn.Module, inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """States (B, T, N) and rates (B, T, N) of the module over a batch of inputs (B, T, I), eval mode."""
+def trajectories(module: nn.Module, inputs: Tensor, free: str | tuple[int, ...] = "all"
+                 ) -> tuple[Tensor, Tensor, StateLayout, list[Tensor]]:
+    """The module over a batch of inputs (B, T, I), eval mode: (states (B, T, D), rates (B, T, N),
+    layout, held). states are the flat free part of each state (the state itself when it is a
+    tensor; see StateLayout.of for `free`); held are the other leaves' averages over trials and
+    time (what the analysis holds them at); rates are hidden_rates(state) where the module
+    defines it, else the states."""
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            _, states = module.unroll(inputs, return_states=True)
+            _, visited = module.unroll(inputs, return_states=True)
     finally:
         module.train(was_training)
-    states = torch.stack(states, 1)
+    layout = StateLayout.of(visited[0], free)
+    states = torch.stack([layout.flatten(state) for state in visited], 1)
+    held = [torch.stack(leaves, 0).reshape(-1, *shape).mean(0)
+            for leaves, shape in zip(zip(*(layout.leaves(state) for state in visited)), layout.shapes)]
     rate_of = getattr(module, "hidden_rates", None)
-    return states, (rate_of(states) if rate_of is not None else states)
+    rates = torch.stack([rate_of(state) for state in visited], 1) if rate_of is not None else states
+    return states, rates, layout, held
 
 
 @dataclass(frozen=True)
 class Analysis:
-    """Everything `analyse` computed, for figures and reports."""
+    """Everything `analyse` computed, for figures and reports. states (B, T, D) are the flat
+    free part of the visited states (see StateLayout); the other leaves were held at `held`."""
 
     fixed_points: FixedPoints
     pca: PCA
@@ -320,14 +445,21 @@ class Analysis:
     rates: Tensor
     point_rates: Tensor
     conditions: Tensor | None
+    layout: StateLayout
+    held: list[Tensor]
 
 
 def analyse(module: nn.Module, inputs: Tensor, conditions: Tensor | None = None, constant_input: Tensor | None = None,
-            components: int = 3, **solver: Any) -> Analysis:
+            components: int = 3, free: str | tuple[int, ...] = "all", **solver: Any) -> Analysis:
     """Trajectories of a batch (inputs (B, T, I)), their PCA, and the fixed points at a constant
-    input (zeros by default) found from the visited states; `solver` goes to find_fixed_points."""
-    states, rates = trajectories(module, inputs)
-    points = find_fixed_points(module, states, constant_input, **solver)
+    input (zeros by default) found from the visited states; `solver` goes to find_fixed_points.
+    free: which parts of a structured state are solved for ("all", "network" = the first
+    tensor, e.g. an arm controller's network with the body held at its average; see StateLayout.of)."""
+    states, rates, layout, held = trajectories(module, inputs, free)
+    points = find_fixed_points(module, states, constant_input, layout=layout, held=held, **solver)
     rate_of = getattr(module, "hidden_rates", None)
-    point_rates = rate_of(points.points.to(states.dtype)) if rate_of is not None else points.points
-    return Analysis(points, pca(rates, components), states, rates, point_rates.detach(), conditions)
+    if rate_of is not None:
+        point_rates = rate_of(layout.unflatten(points.points.to(states.dtype), held))
+    else:
+        point_rates = points.points
+    return Analysis(points, pca(rates, components), states, rates, point_rates.detach(), conditions, layout, held)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import matplotlib.pyplot as plt
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 
 class TrialFigures(L.Callback):
@@ -150,22 +154,49 @@ class CurvatureMonitor(L.Callback):
         self.history = list(state_dict["history"])
 
 
-class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (a scheduler's preemption, `kill`), Lightning finishes the current step and
-    stops; this writes the Trainer's last checkpoint (ModelCheckpoint's last.ckpt) at that
-    step first, so `--ckpt_path last` resumes exactly there. SIGKILL cannot be caught: a run
-    killed that way resumes from the last checkpoint ModelCheckpoint wrote."""
+class CheckpointOnInterrupt(L.Callback):
+    """Stopping a run by SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) finishes the
+    current step, writes the Trainer's last checkpoint (ModelCheckpoint's last.ckpt) at that step,
+    and exits cleanly, so `--ckpt_path last` resumes exactly there. During fit, SIGINT is turned
+    into SIGTERM (Lightning's own graceful stop at a step boundary, on every rank); a second
+    Ctrl-C stops at once. SIGKILL cannot be caught: a run killed that way resumes from the last
+    checkpoint ModelCheckpoint wrote (checkpoints are written atomically, so that one is whole)."""
+
+    def __init__(self):
+        self._previous_handler = None
+        self._interrupts = 0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._interrupts = 0
+            self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:  # a second Ctrl-C: stop now, as Python would
+            raise KeyboardInterrupt
+        rank_zero_info("Ctrl-C: stopping after the current step and writing a checkpoint (Ctrl-C again to stop now).")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_handler(self) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore_handler()
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        self._restore_handler()
         checkpoint = trainer.checkpoint_callback
         if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
             return
         name = getattr(checkpoint, "CHECKPOINT_NAME_LAST", "last") + checkpoint.FILE_EXTENSION
         trainer.save_checkpoint(str(Path(checkpoint.dirpath) / name))
-        print(f"SIGTERM: stopped after step {trainer.global_step}; checkpoint written to "
-              f"{Path(checkpoint.dirpath) / name}. Resume with --ckpt_path last.", flush=True)
+        rank_zero_info(f"Stopped by a signal after step {trainer.global_step}; checkpoint written to "
+                       f"{Path(checkpoint.dirpath) / name}. Resume with --ckpt_path last.")
 
 
 class FixedPointFigures(L.Callback):
@@ -180,11 +211,16 @@ class FixedPointFigures(L.Callback):
         starts: initial states for the fixed-point solver.
         constant_input: the input held while looking for fixed points (None: zeros).
         save_dir: also write the figures as PNG files there.
+        state: for a model whose state is a tuple (an arm controller's (network, body)):
+            "all" solves for every part, "network" for the network's state with the rest
+            (the body) held at its average over the trials.
     """
 
     def __init__(self, n_trials: int = 32, starts: int = 256, constant_input: Sequence[float] | None = None,
-                 save_dir: str | None = None):
-        self.n_trials, self.starts, self.save_dir = n_trials, starts, save_dir
+                 save_dir: str | None = None, state: str = "all"):
+        if state not in ("all", "network"):
+            raise ValueError(f"FixedPointFigures: state must be 'all' or 'network', got {state!r}.")
+        self.n_trials, self.starts, self.save_dir, self.state = n_trials, starts, save_dir, state
         self.constant_input = None if constant_input is None else torch.tensor(constant_input, dtype=torch.float64)
         self.analysis = None
 
@@ -195,7 +231,8 @@ class FixedPointFigures(L.Callback):
         batch = first_validation_batch(task)
         if batch is None:
             return
-        analysis, figures = analyse_batch(module, batch, task, self.n_trials, self.starts, self.constant_input)
+        analysis, figures = analyse_batch(module, batch, task, self.n_trials, self.starts, self.constant_input,
+                                          self.state)
         self.analysis = analysis
         points = analysis.fixed_points
         values = {"analysis/stable_points": float(points.count("stable")),
@@ -214,15 +251,15 @@ def first_validation_batch(task: L.LightningDataModule | None) -> Any:
     return task.fixed_set("val")[0] if hasattr(task, "fixed_set") else next(iter(task.val_dataloader()))
 
 
-def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_input=None):
-    """(Analysis, {tag: Figure}) of a module on the first n_trials of a batch."""
+def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_input=None, state: str = "all"):
+    """(Analysis, {tag: Figure}) of a module on the first n_trials of a batch (state: see FixedPointFigures)."""
     from lightning_sofo.analysis import analyse
     from lightning_sofo.plots import plot_eigenvalues, plot_fixed_points
 
     inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
     inputs = inputs[:n_trials].to(module.device)
     conditions = task.conditions(batch)[:n_trials] if hasattr(task, "conditions") else None
-    analysis = analyse(module, inputs, conditions, constant_input, starts=starts, start_noise=0.5)
+    analysis = analyse(module, inputs, conditions, constant_input, free=state, starts=starts, start_noise=0.5)
     title = f"{type(task).__name__ if task is not None else ''}: {analysis.fixed_points.summary()}"
     figures = {"analysis/fixed_points": plot_fixed_points(analysis, title=title[:90]),
                "analysis/eigenvalues": plot_eigenvalues(analysis.fixed_points)}

@@ -6,8 +6,9 @@
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
 config; models/ and datamodules/ are imported so their classes are known by name. Every run
-logs to TensorBoard, keeps the last checkpoint (also when stopped by SIGTERM), and draws trials at
-each validation; `--ckpt_path last` resumes from the newest last.ckpt of earlier runs.
+logs to TensorBoard under lightning_logs/<config name>/, keeps the last checkpoint (written
+atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each validation;
+`--ckpt_path last` resumes from the newest readable checkpoint of the same config's runs.
 """
 
 from __future__ import annotations
@@ -18,17 +19,25 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_sofo  # noqa: F401  (registers strategy "sofo")
-from lightning_sofo.callbacks import CheckpointOnSigterm, TrialFigures
+from lightning_sofo.callbacks import CheckpointOnInterrupt, TrialFigures
+from lightning_sofo.checkpoints import AtomicCheckpointIO, CheckpointError, check_matches, newest_readable, read_checkpoint
 from lightning_sofo.module import SOFOModule
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class SOFOCLI(LightningCLI):
-    """LightningCLI with SOFOModule models, any LightningDataModule, persistent checkpoint
-    and figure callbacks, and a closing line that says where the results are."""
+    """LightningCLI with SOFOModule models, any LightningDataModule, atomic checkpoints kept per
+    experiment, figure and interrupt callbacks, and a closing line that says where the results are.
+
+    Each config is its own experiment: its runs log to lightning_logs/<config name>/version_<n>
+    (TensorBoard), and `--ckpt_path last` resumes from the newest readable checkpoint of that
+    experiment only."""
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         import datamodules  # noqa: F401  (so class_path: FlipFlop resolves)
@@ -46,22 +55,41 @@ class SOFOCLI(LightningCLI):
             **kwargs,
         )
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
-        # keep the last checkpoint (for --ckpt_path last) unless checkpointing is switched off
-        if config.get("enable_checkpointing") is not False:
-            callbacks = [*callbacks, ModelCheckpoint(save_last=True), CheckpointOnSigterm()]
-        return super()._instantiate_trainer(config, callbacks)
+    def experiment_name(self) -> str:
+        """The config file's name (the last --config given), else "<Model>_<DataModule>"."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        files = [str(path) for path in (config.get("config") or []) if path is not None]
+        if files:
+            return Path(files[-1]).stem
+        return f"{type(self.model).__name__}_{type(self.datamodule).__name__}"
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        # `--ckpt_path last` in a new run: Lightning looks for last.ckpt only in the new run's own
-        # (empty) version folder, warns and starts from scratch; take the newest one under the logs
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if kwargs.get("ckpt_path") == "last":
-            found = newest_last_checkpoint(self.trainer)
-            if found is not None:
-                print(f"Resuming from {found} (the newest last.ckpt under {found.parents[2]}).")
-                kwargs["ckpt_path"] = str(found)
-        return kwargs
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        trainer_config = config.get("trainer", {})
+        if trainer_config.get("logger") in (None, True):  # Lightning's default logger, one folder per config
+            root = Path(trainer_config.get("default_root_dir") or ".")
+            kwargs["logger"] = TensorBoardLogger(save_dir=str(root / "lightning_logs"), name=self.experiment_name())
+        if trainer_config.get("enable_checkpointing") is not False:
+            # keep the last checkpoint (for --ckpt_path last), and write one when stopped by a signal
+            given = trainer_config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            kwargs["callbacks"] = [*given, ModelCheckpoint(save_last=True), CheckpointOnInterrupt()]
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def resolve_checkpoint(self) -> None:
+        """Before fit / validate / test / predict: `--ckpt_path last` becomes the newest readable
+        checkpoint of this experiment; an explicit path must be a readable Lightning checkpoint."""
+        config = self.config_init[self.subcommand]
+        wanted = config.get("ckpt_path")
+        if wanted is None:
+            return
+        config["ckpt_path"] = checkpoint_to_load(self.trainer, wanted, self.subcommand)
+
+    before_fit = before_validate = before_test = before_predict = resolve_checkpoint
 
     def add_arguments_to_parser(self, parser) -> None:
         # the model's input size follows the task (e.g. another neurogym task id); the output
@@ -69,7 +97,37 @@ class SOFOCLI(LightningCLI):
         parser.link_arguments("data.input_size", "model.init_args.input_size", apply_on="instantiate")
 
     def after_fit(self) -> None:
-        print(summary(self.trainer))
+        rank_zero_info(summary(self.trainer))
+
+
+def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") -> str | None:
+    """The checkpoint path a command loads: for "last", the newest readable checkpoint of the
+    Trainer's experiment (None if there is none: fit starts afresh, the others refuse); for a
+    path, the path once it reads as a Lightning checkpoint (else CheckpointError, naming the
+    newest readable checkpoint beside it)."""
+    folders = experiment_checkpoint_folders(trainer)
+    if wanted == "last":
+        found = newest_readable(folders)
+        if found is None:
+            if command == "fit":
+                rank_zero_info(f"--ckpt_path last: no checkpoint of this experiment yet under "
+                               f"{', '.join(map(str, folders)) or 'its log folder'}; training starts from scratch.")
+                return None
+            raise CheckpointError(f"--ckpt_path last: no readable checkpoint of this experiment under "
+                                  f"{', '.join(map(str, folders)) or 'its log folder'}; train it first (sofo fit) or "
+                                  "give a checkpoint's path.")
+        rank_zero_info(f"Loading {found[0]} (the newest readable checkpoint of this experiment, step "
+                       f"{found[1].get('global_step')}).")
+        return str(found[0])
+    path = Path(wanted)
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as error:
+        beside = newest_readable([path.parent]) if path.parent.is_dir() else None
+        hint = f" The newest readable checkpoint beside it is {beside[0]}." if beside else ""
+        raise CheckpointError(f"{error}{hint}") from None
+    rank_zero_info(f"Loading {path} (step {checkpoint.get('global_step')}).")
+    return str(path)
 
 
 def summary(trainer: L.Trainer) -> str:
@@ -87,20 +145,17 @@ def summary(trainer: L.Trainer) -> str:
         f" {part[0].upper()}{part[1:]}." for part in where)
 
 
-def newest_last_checkpoint(trainer: L.Trainer) -> Path | None:
-    """The most recently written last*.ckpt of this Trainer's logger folder (all its versions)
-    or of its ModelCheckpoint's own dirpath; None if there is none."""
-    roots = []
-    if trainer.logger is not None and getattr(trainer.logger, "root_dir", None):
-        roots.append(Path(trainer.logger.root_dir))
-    roots.append(Path(trainer.default_root_dir) / "lightning_logs")
-    checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
-        roots.append(Path(checkpoint.dirpath).parent)
-    roots = list(dict.fromkeys(root.resolve() for root in roots))  # the logger's root is usually the default one
-    found = [path for root in roots if root.is_dir() for path in root.glob("*/last*.ckpt")]
-    found += [path for root in roots if root.is_dir() for path in root.glob("*/checkpoints/last*.ckpt")]
-    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+def experiment_checkpoint_folders(trainer: L.Trainer) -> list[Path]:
+    """Where this experiment's checkpoints are: <logger root>/version_*/checkpoints (every run of
+    this config), and a ModelCheckpoint's own dirpath when the config sets one."""
+    folders = []
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "root_dir", None):
+        folders += sorted(Path(logger.root_dir).glob("*/checkpoints"))
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None):
+            folders.append(Path(callback.dirpath))
+    return list(dict.fromkeys(folder.resolve() for folder in folders))
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
@@ -117,9 +172,9 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 
 
 def analyse_command(argv: list[str]) -> Path:
-    """`sofo analyse --config C --ckpt_path P [--out DIR] [--trials 32] [--starts 256] [config overrides]`:
-    fixed points, linearised dynamics and PCA trajectories of a trained recurrent network,
-    written as PNG files (fixed_points.png, eigenvalues.png) and a summary line; returns DIR."""
+    """`sofo analyse --config C --ckpt_path P [--out DIR] [--trials 32] [--starts 256] [--state all|network]
+    [config overrides]`: fixed points, linearised dynamics and PCA trajectories of a trained recurrent
+    network, written as PNG files (fixed_points.png, eigenvalues.png) and a summary line; returns DIR."""
     import argparse
 
     import matplotlib.pyplot as plt
@@ -127,41 +182,63 @@ def analyse_command(argv: list[str]) -> Path:
 
     from lightning_sofo.callbacks import analyse_batch, first_validation_batch
 
+    def positive(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        return value
+
     parser = argparse.ArgumentParser(prog="sofo analyse", description=analyse_command.__doc__)
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint, or 'last' (the newest last.ckpt)")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="a checkpoint, or 'last' (the newest readable checkpoint of this config's runs)")
     parser.add_argument("--out", default=None, help="folder for the figures (default: beside the checkpoint)")
-    parser.add_argument("--trials", type=int, default=32, help="validation trials drawn and used as starts")
-    parser.add_argument("--starts", type=int, default=256, help="initial states of the fixed-point solver")
+    parser.add_argument("--trials", type=positive, default=32, help="validation trials drawn and used as starts")
+    parser.add_argument("--starts", type=positive, default=256, help="initial states of the fixed-point solver")
     parser.add_argument("--constant_input", type=float, nargs="+", default=None,
-                        help="the input held at the fixed points (default: zeros)")
+                        help="the input held at the fixed points (default: zeros), one number per input channel")
+    parser.add_argument("--state", choices=["all", "network"], default="all",
+                        help="a model whose state is a tuple (an arm controller's network and body): solve for all of "
+                             "it, or for the network's state with the body held at its average over the trials")
     ours, rest = parser.parse_known_args(argv)
+    if ours.out is not None and Path(ours.out).exists() and not Path(ours.out).is_dir():
+        parser.error(f"--out {ours.out} is a file; give a folder for the figures (it is created if missing).")
     cli = SOFOCLI(args=resolve_config_paths(rest), run=False)
-    path = newest_last_checkpoint(cli.trainer) if ours.ckpt_path == "last" else Path(ours.ckpt_path)
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"sofo analyse: no checkpoint at {ours.ckpt_path!r}; give the path of a .ckpt file "
-                                "(e.g. lightning_logs/version_0/checkpoints/last.ckpt) or 'last'.")
-    model = cli.model
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-    task = cli.datamodule
+    model, task = cli.model, cli.datamodule
+    if not getattr(model, "is_recurrent", False):
+        parser.error(f"{type(model).__name__} is not a recurrent model (no step); the analysis finds fixed points "
+                     "of recurrent dynamics.")
+    input_size = getattr(model, "input_size", None)
+    if ours.constant_input is not None and isinstance(input_size, int) and len(ours.constant_input) != input_size:
+        parser.error(f"--constant_input has {len(ours.constant_input)} numbers but {type(model).__name__} has "
+                     f"{input_size} input channels; give {input_size} numbers (or leave it out for zeros).")
+    path = Path(checkpoint_to_load(cli.trainer, ours.ckpt_path, "analyse"))
+    checkpoint = read_checkpoint(path)
+    check_matches(model, checkpoint, path)
+    model.load_state_dict(checkpoint["state_dict"])
     batch = first_validation_batch(task)
     constant = None if ours.constant_input is None else torch.tensor(ours.constant_input, dtype=torch.float64)
-    analysis, figures = analyse_batch(model, batch, task, ours.trials, ours.starts, constant)
+    analysis, figures = analyse_batch(model, batch, task, ours.trials, ours.starts, constant, ours.state)
     out = Path(ours.out) if ours.out else path.parent.parent / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     for tag, figure in figures.items():
         figure.savefig(out / f"{tag.split('/')[-1]}.png", dpi=110)
         plt.close(figure)
-    print(f"{analysis.fixed_points.summary()}. Figures in {out}.")
+    rank_zero_info(f"{analysis.fixed_points.summary()}. Figures in {out}.")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `sofo` console script: LightningCLI's subcommands, and `analyse`."""
+    """Entry point of the `sofo` console script: LightningCLI's subcommands, and `analyse`.
+    A checkpoint that cannot be used ends the command with its message (exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["analyse"]:
-        analyse_command(argv[1:])
-        return
-    SOFOCLI(args=resolve_config_paths(argv))
+    try:
+        if argv[:1] == ["analyse"]:
+            analyse_command(argv[1:])
+            return
+        SOFOCLI(args=resolve_config_paths(argv))
+    except CheckpointError as error:
+        sys.stderr.write(f"sofo: error: {error}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

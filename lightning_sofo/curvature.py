@@ -73,11 +73,11 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     """
     from lightning_sofo.functional import recurrent_loss
 
-    inputs, targets, mask = module._validated_batch(batch)
+    inputs, targets, mask = module.validated_batch(batch)
     everything = {name: p.detach() for name, p in module.named_parameters()}
     chosen = _select(module, everything, parameters)
     fixed = {name: p for name, p in everything.items() if name not in chosen}
-    functions = module._functional
+    functions = {name: module.functional(name) for name in ("initial_state", "step", "forward")}
     loss_fn = module.loss_fn
 
     def full(params: Params) -> dict[str, Tensor]:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lightning_sofo import checkpoints
 from lightning_sofo.functional import (
     Sketch,
     feedforward_sketch,
@@ -171,7 +176,7 @@ class SOFOModule(L.LightningModule):
     def compute_loss(self, batch: Any) -> Tensor:
         return self._outputs_and_loss(batch)[1]
 
-    def _validated_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    def validated_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """(inputs, targets, mask) of a batch that fits this model and holds only finite values."""
         inputs, targets, mask = unpack_batch(batch)
         self.check_batch(inputs, targets, mask)
@@ -179,28 +184,31 @@ class SOFOModule(L.LightningModule):
         return inputs, targets, mask
 
     def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
-        inputs, targets, mask = self._validated_batch(batch)
+        inputs, targets, mask = self.validated_batch(batch)
         outputs = self(inputs)
         return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = self.compute_loss(batch)
+        with self.noise_draws(self.trainer.global_step if self._trainer is not None else 0):
+            loss = self.compute_loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "test")
+        return self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, _, _ = unpack_batch(batch)
         return self(inputs)
 
-    def _evaluate(self, batch: Any, stage: str) -> Tensor:
+    def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
-        outputs, loss = self._outputs_and_loss(batch)
+        step = self.trainer.global_step if self._trainer is not None else 0
+        with self.noise_draws(step, stream=f"{stage}/{batch_idx}"):
+            outputs, loss = self._outputs_and_loss(batch)
         # sync_dist: under sofo_ddp each rank scores its share of the validation set
         self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True)
         metrics = getattr(self, f"{stage}_metrics", None)
@@ -259,16 +267,94 @@ class SOFOModule(L.LightningModule):
                 f"({type(self.trainer.strategy).__name__}) trains by backpropagation. "
                 "Use Trainer(strategy='sofo'), or return a torch optimizer such as Adam to train by BPTT."
             )
+        loaded = self.__dict__.pop("_loaded_checkpoint", None)
+        if loaded is not None:  # resuming: the optimizer state must be one these optimizers can take
+            checkpoints.check_optimizers(self.trainer.optimizers, loaded, self.trainer.ckpt_path)
+        # the settings the config asked for, before the checkpoint's optimizer state is restored
+        self.__dict__["_configured_groups"] = [
+            [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+            for optimizer in self.trainer.optimizers
+        ]
+        self.noise_seed = self.trainer.strategy.broadcast(self.noise_seed, src=0)  # one noise seed for all ranks
 
+    def on_train_start(self) -> None:
+        """On a resumed run, the config's settings win over those stored in the checkpoint (whose
+        state, e.g. Adam's moments or SOFO's step count and adaptive damping, is kept): the
+        optimizers' hyperparameters (lr, betas, weight decay, ...) are set back to the values the
+        config gave; SOFO's own settings (tangents, damping, momentum, seed, memory) already come
+        from its constructor (SketchOptimizer.load_state_dict). Each change is reported."""
+        configured = self.__dict__.pop("_configured_groups", None)
+        if configured is None or not self.trainer.ckpt_path:
+            return
+        changes = []
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        for optimizer, groups in zip(self.trainer.optimizers, configured):
+            changes += [f"{name} {old!r} -> {new!r}" for name, (old, new) in
+                        getattr(optimizer, "settings_changed_on_load", {}).items()]
+            for index, (group, wanted) in enumerate(zip(optimizer.param_groups, groups)):
+                for key, value in wanted.items():
+                    if key in ("initial_lr", "param_names"):
+                        continue
+                    if key == "lr":
+                        changes += _apply_configured_lr(optimizer, index, wanted, schedulers)
+                    elif key in group and _differs(group[key], value):
+                        changes.append(f"{key} {group[key]!r} -> {value!r}")
+                        group[key] = value
+        if changes:
+            rank_zero_info(f"Resumed from {self.trainer.ckpt_path}: the config's settings replace the checkpoint's: "
+                           + "; ".join(dict.fromkeys(changes)) + ".")
+
+    # ---- checkpoints and noise ---------------------------------------------------------
     @property
-    def _functional(self) -> dict[str, Callable[..., Any]]:
-        """f(params, *args) for initial_state, step and forward, built once per module so
-        that torch.compile's guards on them hold from one iteration to the next."""
+    def noise_seed(self) -> int:
+        """Seed of the model's random draws (its noise): drawn once from torch's global generator
+        (so seed_everything fixes it), then saved in every checkpoint."""
+        if self.__dict__.get("_noise_seed") is None:
+            self.__dict__["_noise_seed"] = int(torch.randint(0, 2**62, (1,)))
+        return self.__dict__["_noise_seed"]
+
+    @noise_seed.setter
+    def noise_seed(self, value: int) -> None:
+        self.__dict__["_noise_seed"] = int(value)
+
+    @contextlib.contextmanager
+    def noise_draws(self, step: int, stream: str = "train") -> Iterator[None]:
+        """Inside, torch's random draws (the model's noise) are a pure function of (noise_seed,
+        step, process rank, stream): a resumed run draws exactly the noise an uninterrupted one
+        would, and under sofo_ddp each rank draws its own. torch's global generator is
+        restored on exit, so the rest of the program's random stream is not touched."""
+        rank = self.global_rank if self._trainer is not None else 0
+        key = f"{self.noise_seed}/{step}/{rank}/{stream}".encode()
+        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        device = self.device
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        checkpoint[checkpoints.METADATA_KEY] = {**checkpoints.metadata(self, optimizers), "noise_seed": self.noise_seed}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        checkpoints.check_matches(self, checkpoint, path)
+        seed = checkpoint.get(checkpoints.METADATA_KEY, {}).get("noise_seed")
+        if seed is not None:
+            self.noise_seed = seed
+        self.__dict__["_loaded_checkpoint"] = {
+            key: checkpoint.get(key) for key in (checkpoints.METADATA_KEY, "optimizer_states") if key in checkpoint}
+
+    def functional(self, method: str) -> Callable[..., Any]:
+        """f(params, *args) = self.<method>(*args) with the tensors named in `params` (a dict
+        name -> tensor, as named_parameters / named_buffers) swapped in; method is
+        "initial_state", "step" or "forward". Built once per module, so that torch.compile's
+        guards on it hold from one iteration to the next."""
         if "_functional_cache" not in self.__dict__:
             self.__dict__["_functional_cache"] = {
                 name: _functional_method(self, name) for name in ("initial_state", "step", "forward")
             }
-        return self.__dict__["_functional_cache"]
+        return self.__dict__["_functional_cache"][method]
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -284,7 +370,7 @@ class SOFOModule(L.LightningModule):
         optimizer.named_params()); parameters the optimizer does not hold, and
         buffers, stay constant.
         """
-        inputs, targets, mask = self._validated_batch(batch)
+        inputs, targets, mask = self.validated_batch(batch)
         names = {id(p): name for name, p in self.named_parameters()}
         optimized = optimizer.named_params()
         foreign = [key for key, p in optimized.items() if id(p) not in names]
@@ -299,8 +385,14 @@ class SOFOModule(L.LightningModule):
         if self.is_recurrent:
             self._check_sequence(inputs)
 
+        step = optimizer.step_count  # the noise of this iteration: one draw for its sketch and its loss checks
+
         def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            functions = self._functional
+            with self.noise_draws(step):
+                return sketch_or_loss(tangents)
+
+        def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
+            functions = {name: self.functional(name) for name in ("initial_state", "step", "forward")}
             if tangents is None:  # the loss alone, by the same (compiled) time loop
                 with torch.no_grad(), _PureFunctionCheck(self, primals):
                     if not self.is_recurrent:
@@ -325,6 +417,30 @@ class SOFOModule(L.LightningModule):
                 )
 
         return closure
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except (RuntimeError, TypeError):  # tensors
+        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+
+def _apply_configured_lr(optimizer, index: int, wanted: dict, schedulers) -> list[str]:
+    """Set group `index`'s lr to the configured one where it differs from the checkpoint's base lr,
+    keeping a scheduler's progress: lr = configured base x (restored lr / restored base)."""
+    group = optimizer.param_groups[index]
+    configured_base = wanted.get("initial_lr", wanted["lr"])
+    restored_base = group.get("initial_lr", group["lr"])
+    if not _differs(restored_base, configured_base):
+        return []
+    group["lr"] = configured_base * (group["lr"] / restored_base) if restored_base else configured_base
+    if "initial_lr" in group:
+        group["initial_lr"] = configured_base
+    for scheduler in schedulers:
+        if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs[index] = configured_base
+    return [f"lr {restored_base!r} -> {configured_base!r}"]
 
 
 def _functional_method(module: nn.Module, method: str) -> Callable[..., Any]:

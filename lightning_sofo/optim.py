@@ -138,6 +138,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.momentum = momentum
         self.seed = seed
         self.on_nonfinite = on_nonfinite
+        self.settings_changed_on_load: dict[str, tuple] = {}
         self.step_count = 0
         self.skipped_steps = 0
         self.nonfinite_steps = 0  # steps that met a non-finite loss, sketch or solve (skipped or recovered)
@@ -411,6 +412,13 @@ class SketchOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the optimizer's state (step count, and so the tangent stream; counters; momentum
+        velocity; subspace memory; the current damping of damping="adaptive"); its settings
+        (tangents, damping, momentum, seed, memory) stay those it was built with, so a resumed
+        run follows its own config. Each setting that differs from the saved one is recorded in
+        `settings_changed_on_load` ({name: (saved, now)}). The param groups' hyperparameters
+        (lr) are restored as torch.optim does (a Lightning resume sets them back to the config's,
+        see SOFOModule.on_train_start)."""
         state_dict = dict(state_dict)
         sofo = state_dict.pop("sofo", None)
         if sofo is None:
@@ -419,15 +427,31 @@ class SketchOptimizer(torch.optim.Optimizer):
                 "step count); it was not saved by a SOFO or FGD optimizer."
             )
         super().load_state_dict(state_dict)
-        self.seed = sofo["seed"]
         self.step_count = sofo["step_count"]
         self.skipped_steps = sofo["skipped_steps"]
         self.rejected_steps = sofo.get("rejected_steps", 0)
         self.nonfinite_steps = sofo.get("nonfinite_steps", 0)
         self.last_nonfinite_step = sofo.get("last_nonfinite_step", -1)
-        self.tangents = sofo["tangents"]
-        self.momentum = sofo.get("momentum", 0.0)
+        saved = {"seed": sofo["seed"], "tangents": sofo["tangents"], "momentum": sofo.get("momentum", 0.0),
+                 **self._saved_settings(sofo)}
+        self.settings_changed_on_load = {name: (value, self.settings()[name]) for name, value in saved.items()
+                                         if value != self.settings()[name]}
+        if not self.momentum:  # a velocity saved by a run with momentum has no use here
+            for state in self.state.values():
+                state.pop("momentum_buffer", None)
+        for state in self.state.values():  # memory beyond this run's m is dropped (state keeps the newest first)
+            if "memory" in state:
+                state["memory"] = state["memory"][: self.memory]
+                if not self.memory:
+                    del state["memory"]
         self._load_extra_state(sofo)
+
+    def settings(self) -> dict:
+        """The settings a resumed run takes from its own construction (see load_state_dict)."""
+        return {"seed": self.seed, "tangents": self.tangents, "momentum": self.momentum}
+
+    def _saved_settings(self, sofo: dict) -> dict:
+        return {}
 
 
 class SOFO(SketchOptimizer):
@@ -541,9 +565,17 @@ class SOFO(SketchOptimizer):
     def _extra_state(self) -> dict:
         return dict(damping=self.damping, adaptive=self.adaptive)
 
+    def settings(self) -> dict:
+        return {**super().settings(), "damping": "adaptive" if self.adaptive else self.damping}
+
+    def _saved_settings(self, sofo: dict) -> dict:
+        return {"damping": "adaptive" if sofo.get("adaptive", False) else sofo["damping"]}
+
     def _load_extra_state(self, state: dict) -> None:
-        self.damping = state["damping"]
-        self.adaptive = state.get("adaptive", False)
+        # adaptive damping is state as well as a setting: a run that stays adaptive continues from
+        # the damping it had reached; any other change starts from this run's own setting
+        if self.adaptive and state.get("adaptive", False):
+            self.damping = state["damping"]
 
 
 class FGD(SketchOptimizer):

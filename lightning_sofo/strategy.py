@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.overrides.distributed import _sync_module_states
 
+from lightning_sofo.checkpoints import AtomicCheckpointIO
 from lightning_sofo.functional import Sketch
 from lightning_sofo.module import SOFOModule, unpack_batch
 from lightning_sofo.optim import SketchOptimizer
@@ -122,6 +123,7 @@ class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
     strategy_name = "sofo"
 
     def __init__(self, device: torch.device | str | None = None, **kwargs: Any):
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(device=device or "cpu", **kwargs)
         self._explicit_device = device is not None
         self.parallel_devices: list[torch.device] = []
@@ -156,6 +158,7 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     strategy_name = "sofo_ddp"
 
     def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(*args, **kwargs)
         self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
 

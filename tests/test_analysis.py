@@ -46,7 +46,7 @@ def test_linear_rnn_fixed_point_and_eigenvalues():
     torch.manual_seed(0)
     model = LinearRNN()
     u = torch.tensor([0.3, -0.2])
-    states, _ = analysis.trajectories(model, torch.randn(4, 30, 2))
+    states, *_ = analysis.trajectories(model, torch.randn(4, 30, 2))
     found = analysis.find_fixed_points(model, states, u, starts=16)
     assert len(found.stability) == 1 and found.stability == ("stable",)  # 16 starts, one point after de-duplication
     assert found.converged == 16
@@ -182,19 +182,21 @@ def test_callback_logs_the_figures_at_the_end_of_fit(tmp_path):
     assert callback.analysis.conditions is not None  # FlipFlop colours trials by their memory state
 
 
-def test_sofo_analyse_command_writes_the_figures(tmp_path, capsys):
-    from test_cli import shrunk
+def test_sofo_analyse_command_writes_the_figures(tmp_path, capsys, caplog):
+    from test_cli import run_dir, shrunk
 
     from lightning_sofo.cli import main
 
     main(shrunk("flipflop_sofo.yaml", tmp_path))
-    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     config = shrunk("flipflop_sofo.yaml", tmp_path)[1:]  # the same model and task options, without "fit"
     main(["analyse", "--ckpt_path", str(checkpoint), "--trials", "4", "--starts", "16", "--out",
           str(tmp_path / "figures"), *config])
-    assert "points from 16 starts" in capsys.readouterr().out
+    assert "points from 16 starts" in caplog.text
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"fixed_points.png", "eigenvalues.png"}
     main(["analyse", "--ckpt_path", "last", "--trials", "4", "--starts", "16", *config])
-    assert (tmp_path / "lightning_logs" / "version_0" / "analysis" / "fixed_points.png").is_file()
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    assert (run_dir(tmp_path) / "analysis" / "fixed_points.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
         main(["analyse", "--ckpt_path", str(tmp_path / "missing.ckpt"), *config])
+    assert stopped.value.code == 2 and "no checkpoint file at" in capsys.readouterr().err

@@ -40,6 +40,17 @@ def task_and_method(config: str) -> tuple[str, str]:
     return name.removesuffix("_" + method), method
 
 
+def closing_line(text: str) -> str:
+    """The `sofo` command's closing line ("Done after N steps: ...", logged on rank zero)."""
+    line = [line for line in text.splitlines() if "Done after" in line][-1]
+    return line[line.index("Done after"):]
+
+
+def run_dir(root: Path, config: str = "flipflop_sofo", version: int = 0) -> Path:
+    """Where the `sofo` command logs a run of a config: lightning_logs/<config name>/version_<n>."""
+    return root / "lightning_logs" / config.removesuffix(".yaml") / f"version_{version}"
+
+
 def shrunk(config: str, root: Path) -> list[str]:
     task, method = task_and_method(config)
     args = ["fit", "--config", str(BUNDLED_CONFIGS / config), "--trainer.default_root_dir", str(root),
@@ -63,17 +74,17 @@ def test_every_task_has_a_sofo_and_an_adam_config():
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_config_runs_two_steps(config, tmp_path, capsys):
+def test_config_runs_two_steps(config, tmp_path, caplog):
     if "neurogym" in config:
         pytest.importorskip("neurogym")
     if "motornet" in config:
         pytest.importorskip("motornet")
     main(shrunk(config, tmp_path))
-    closing = capsys.readouterr().out.strip().splitlines()[-1]
+    closing = closing_line(caplog.text)
     assert closing.startswith("Done after 2 steps:") and "val_loss" in closing
     assert "val/" in closing, "the task's torchmetrics metrics are logged at validation"
-    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
-    events = list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+    assert (run_dir(tmp_path, config) / "checkpoints" / "last.ckpt").is_file()
+    events = list((run_dir(tmp_path, config)).glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
 
@@ -103,25 +114,25 @@ def test_digits_config_logs_curvature_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     main(shrunk("digits_sofo.yaml", tmp_path))
-    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0")).Reload()
+    events = EventAccumulator(str(run_dir(tmp_path, "digits_sofo.yaml"))).Reload()
     assert {"curvature/hessian_eigenvalue_0", "curvature/ggn_eigenvalue"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("curvature/hessian_eigenvalue_0")] == [2]  # measured at the end of fit
 
 
-def test_adaptive_damping_from_the_command_line(tmp_path, capsys):
+def test_adaptive_damping_from_the_command_line(tmp_path, caplog):
     main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--optimizer.init_args.damping", "adaptive"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Done after 2 steps:")
-    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert closing_line(caplog.text).startswith("Done after 2 steps:")
+    checkpoint = torch.load(run_dir(tmp_path, "flipflop_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=False)
     state = checkpoint["optimizer_states"][0]["sofo"]
     assert state["adaptive"] and state["damping"] != 1e-3, "the damping adapted and was checkpointed"
 
 
-def test_subspace_options_from_the_command_line(tmp_path, capsys):
+def test_subspace_options_from_the_command_line(tmp_path, caplog):
     main(shrunk("kalman_sofo.yaml", tmp_path) + ["--optimizer.init_args.memory", "2",
                                                   "--optimizer.init_args.tangents_per_block", "{readout: 3}",
                                                   "--optimizer.init_args.orthogonal_cycles", "true"])
-    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("Done after 2 steps:")
-    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert closing_line(caplog.text).startswith("Done after 2 steps:")
+    checkpoint = torch.load(run_dir(tmp_path, "kalman_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=False)
     memory = [s["memory"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert memory and all(m.shape[0] == 2 for m in memory), "the update directions are checkpointed"
 
@@ -134,8 +145,8 @@ def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_pat
     result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Done after 2 steps" in result.stdout
-    figures = [line for line in open(next((tmp_path / "lightning_logs" / "version_0").glob("events.*")), "rb")]
+    assert "Done after 2 steps" in result.stderr  # Lightning's rank-zero log
+    figures = [line for line in open(next((run_dir(tmp_path, "flipflop_sofo.yaml")).glob("events.*")), "rb")]
     assert any(b"trials/0" in line for line in figures), "trial figures are logged to TensorBoard"
 
 
@@ -169,6 +180,6 @@ def test_console_script_trains_on_two_processes_with_sofo_ddp(tmp_path):
     result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Done after 2 steps" in result.stdout
-    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "Done after 2 steps" in result.stderr  # Lightning's rank-zero log
+    checkpoint = torch.load(run_dir(tmp_path, "flipflop_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["optimizer_states"][0]["sofo"]["step_count"] == 2

@@ -183,9 +183,13 @@ def test_adaptive_damping_state_survives_a_checkpoint():
     batch = (torch.randn(3, 4, 2), torch.randn(3, 4, 2))
     for _ in range(3):
         optimizer.step(model.sketch_function(batch, optimizer))
-    restored = SOFO(model.parameters(), tangents=5, damping=1e-5)
+    restored = SOFO(model.parameters(), tangents=5, damping="adaptive")
     restored.load_state_dict(optimizer.state_dict())
-    assert restored.adaptive and restored.damping == optimizer.damping != 1e-3
+    assert restored.adaptive and restored.damping == optimizer.damping != 1e-3  # the damping reached is state
+    fixed = SOFO(model.parameters(), tangents=5, damping=1e-5)  # a run resumed with a fixed damping keeps it
+    fixed.load_state_dict(optimizer.state_dict())
+    assert not fixed.adaptive and fixed.damping == 1e-5
+    assert fixed.settings_changed_on_load == {"damping": ("adaptive", 1e-5)}
 
 
 @pytest.mark.parametrize(

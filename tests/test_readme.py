@@ -43,6 +43,7 @@ def test_main_job_as_the_readme_gives_it_lowers_the_flipflop_loss(tmp_path):
     import sys
 
     from lightning_sofo.cli import SOFOCLI
+    from test_cli import closing_line
 
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"## Install and run the main job\n\n```bash\n(.*?)\n```", readme, re.S).group(1)
@@ -54,7 +55,7 @@ def test_main_job_as_the_readme_gives_it_lowers_the_flipflop_loss(tmp_path):
     result = subprocess.run([sofo, *fit[1:3], config, *short], cwd=tmp_path, capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
-    closing = result.stdout.strip().splitlines()[-1]
+    closing = closing_line(result.stderr)
     trained = float(re.search(r"val_loss ([0-9.e-]+)", closing).group(1).rstrip("."))
     assert "lightning_logs" in closing and "last checkpoint" in closing.lower()
 
