@@ -72,7 +72,7 @@ OPTIONS = {
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
-                "flipflop": "lr 0.0001"}
+                "flipflop": "lr 0.0001", "delayed_addition": "lr 1e-05"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,12 @@ def _flipflop(seed):
     from datamodules import FlipFlop
 
     return FlipFlop(n_bits=3, n_steps=200, batch_size=32, val_trials=128, seed=seed)
+
+
+def _delayed_addition(seed):
+    from datamodules import DelayedAddition
+
+    return DelayedAddition(n_steps=1000, batch_size=32, val_trials=128, seed=seed)
 
 
 def _double_reach(seed):
@@ -137,6 +143,9 @@ TASKS = {
     "double_reach": TaskSpec(_double_reach, _arm_controller, 32,
                              "two-link arm, ReLU controller N = 32, tau 20 ms, dt = 10 ms, T = 250 (2.5 s), B = 16, "
                              "K = 32 (authors: N = 64, dt = 2 ms, T = 1000, B = 256, K = 128-256)", readout="motor"),
+    "delayed_addition": TaskSpec(_delayed_addition, _relu_rnn(32), 32,
+                                 "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 32, K = 32, scored at the last step only "
+                                 "(authors: N = 128, B = 256, K = 128)"),
     "flipflop": TaskSpec(_flipflop, _tanh_rnn(64), 64,
                          "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (main job: B = 64, K = 128)"),
 }
@@ -300,8 +309,8 @@ def best_settings(runs: list[dict], iterations: int) -> dict[str, str]:
     return {method: label for method, (_, label) in best.items()}
 
 
-def settings_for_seeds(task_name: str, sweep_iterations: int) -> list[Setting]:
-    """Each method's best sweep setting, the authors' Adam setting, and SOFO's best with each option."""
+def settings_for_seeds(task_name: str, sweep_iterations: int, options=tuple(OPTIONS)) -> list[Setting]:
+    """Each method's best sweep setting, the authors' Adam setting, and SOFO's best with each of `options`."""
     runs = load_runs(task_name)
     best = best_settings(runs, sweep_iterations)
     if set(best) != {"SOFO", "Adam"}:
@@ -310,14 +319,20 @@ def settings_for_seeds(task_name: str, sweep_iterations: int) -> list[Setting]:
     chosen = [by_label["SOFO", best["SOFO"]], by_label["Adam", best["Adam"]]]
     authors = AUTHORS_ADAM.get(task_name)
     if authors and authors != best["Adam"]:
-        chosen.append(by_label["Adam", authors])
+        chosen.append(authors_adam(authors))
     if best["SOFO"].endswith("adaptive"):  # the best fixed damping too: it is what the configs can state
         fixed = best_settings([r for r in runs if not r["label"].endswith("adaptive")], sweep_iterations)["SOFO"]
         chosen.append(by_label["SOFO", fixed])
     sofo = by_label["SOFO", best["SOFO"]]
     for name, extra in OPTIONS.items():
-        chosen.append(Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra)))
+        if name in options:
+            chosen.append(Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra)))
     return chosen
+
+
+def authors_adam(label: str) -> Setting:
+    """The SOFO authors' Adam setting ("lr 1e-05", no clipping), swept or not."""
+    return Setting("Adam", label, dict(lr=float(label.split()[1]), clip=None))
 
 
 def priority(setting: Setting, seed: int, best: dict[str, str]) -> int:
@@ -355,7 +370,8 @@ def sweep_table(runs, iterations) -> str:
 
 
 TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
-                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",)}
+                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
+                "delayed_addition": ("sum_mse",)}
 
 
 def loss_at_seconds(run, seconds: float) -> float:
@@ -507,6 +523,8 @@ def main():
     parser.add_argument("--stage", choices=["sweep", "seeds", "labels"], default="sweep")
     parser.add_argument("--labels", nargs="+", help="with --stage labels: these settings (method, label) as 'SOFO:lr 1, damping 1e-05'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS),
+                        help="with --stage seeds: the SOFO options to run beside the best settings")
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--sweep-iterations", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
@@ -520,7 +538,7 @@ def main():
             if args.stage == "sweep":
                 settings, seeds, iterations = SWEEP, [0], args.sweep_iterations
             elif args.stage == "seeds":
-                settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations), args.seeds, args.iterations
+                settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations, args.options), args.seeds, args.iterations
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
                             for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]

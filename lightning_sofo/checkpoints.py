@@ -44,6 +44,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                             "local files.")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # from a write a SIGKILL cut short
+            leftover.unlink(missing_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
             with os.fdopen(descriptor, "wb") as file:

@@ -52,6 +52,24 @@ def check_finite(**tensors: Tensor | None) -> None:
             )
 
 
+def check_mask(mask: Tensor | None) -> None:
+    """A mask weights the loss: no negative weights (they reward error), and something to score."""
+    if mask is None or mask.dtype == torch.bool:
+        if mask is not None and not bool(mask.any()):
+            raise ValueError(_EMPTY_MASK)
+        return
+    if bool((mask < 0).any()):
+        raise ValueError(f"the batch's mask has negative entries (min {float(mask.min()):g}); a mask weights each "
+                         "target's error and must be >= 0 (1 = scored, 0 = ignored). A negative weight rewards "
+                         "error and drives the loss to -inf.")
+    if not bool((mask > 0).any()):
+        raise ValueError(_EMPTY_MASK)
+
+
+_EMPTY_MASK = ("the batch's mask is all zeros: nothing in it is scored, so the loss is 0 and nothing is learned. "
+               "Check the task's mask (the response period) or the trial length.")
+
+
 class _Method(nn.Module):
     """Calls one method of a module, so torch.func.functional_call can swap its parameters."""
 
@@ -158,6 +176,18 @@ class SOFOModule(L.LightningModule):
                 f"inputs of shape {tuple(inputs.shape)} and targets of shape {tuple(targets.shape)} must share the "
                 "batch dimension (dim 0): one target per trial."
             )
+        if inputs.shape[0] == 0:
+            raise ValueError("the batch is empty (0 trials); a step needs at least one trial. Check the DataLoader "
+                             "(batch_size, drop_last) or the dataset's length.")
+        if parameter is not None and targets.is_floating_point() and targets.dtype != parameter.dtype:
+            raise ValueError(
+                f"the batch's targets are {targets.dtype} but {type(self).__name__}'s parameters are "
+                f"{parameter.dtype}; convert the targets with targets.to({parameter.dtype}) (or "
+                "Trainer(precision='64-true') for float64 throughout)."
+            )
+        if mask is not None and not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise ValueError(f"the batch's mask has dtype {mask.dtype}; a mask weights the loss: use a float or bool "
+                             "tensor (mask.float()).")
 
     def _check_sequence(self, inputs: Tensor) -> None:
         if inputs.dim() < 3:
@@ -165,6 +195,9 @@ class SOFOModule(L.LightningModule):
                 f"a recurrent module takes batch-first sequences, inputs (B, T, I); got shape {tuple(inputs.shape)}. "
                 "Add the missing dimension (e.g. inputs.unsqueeze(-1) for one input channel)."
             )
+        if inputs.shape[1] == 0:
+            raise ValueError(f"the trials have no time steps (inputs of shape {tuple(inputs.shape)}, T = 0); a "
+                             "recurrent model needs T >= 1 (check the task's n_steps).")
         expected = getattr(self, "input_size", None)
         if isinstance(expected, int) and inputs.shape[-1] != expected:
             raise ValueError(
@@ -181,6 +214,7 @@ class SOFOModule(L.LightningModule):
         inputs, targets, mask = unpack_batch(batch)
         self.check_batch(inputs, targets, mask)
         check_finite(inputs=inputs, targets=targets, mask=mask)
+        check_mask(mask)
         return inputs, targets, mask
 
     def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -200,3 +201,72 @@ def test_sofo_analyse_command_writes_the_figures(tmp_path, capsys, caplog):
     with pytest.raises(SystemExit) as stopped:
         main(["analyse", "--ckpt_path", str(tmp_path / "missing.ckpt"), *config])
     assert stopped.value.code == 2 and "no checkpoint file at" in capsys.readouterr().err
+
+
+def test_tuple_state_fixed_points_are_those_of_the_same_network_with_one_tensor():
+    """Oracle: a network whose state is split into a tuple (h[:, :3], {"rest": h[:, 3:]}) has the fixed
+    points, Jacobians and eigenvalues of the same network with a single state tensor."""
+    from lightning_sofo import SOFOModule
+    from models import VanillaRNN
+
+    torch.manual_seed(0)
+    plain = VanillaRNN(2, 6, 2, gain=1.5).double()
+
+    class Split(SOFOModule):
+        def __init__(self):
+            super().__init__()
+            self.inner = plain
+            self.input_size = 2
+
+        def initial_state(self, batch_size):
+            h = self.inner.initial_state(batch_size)
+            return h[:, :3], {"rest": h[:, 3:]}
+
+        def step(self, state, inputs_t):
+            h, y = self.inner.step(torch.cat([state[0], state[1]["rest"]], -1), inputs_t)
+            return (h[:, :3], {"rest": h[:, 3:]}), y
+
+    inputs = torch.randn(8, 40, 2, dtype=torch.float64)
+    expected = analysis.analyse(plain, inputs, starts=32)
+    split = analysis.analyse(Split(), inputs, starts=32)
+    assert split.layout.shapes == ((3,), (3,)) and split.states.shape == expected.states.shape
+    torch.testing.assert_close(split.states, expected.states)
+    assert len(split.fixed_points.points) == len(expected.fixed_points.points) > 0
+    torch.testing.assert_close(split.fixed_points.points, expected.fixed_points.points)
+    torch.testing.assert_close(split.fixed_points.eigenvalues, expected.fixed_points.eigenvalues)
+
+
+def test_held_leaves_are_solved_around_their_average():
+    """free="network" on an arm controller solves for the network's state with the body held at its
+    average; each point found is a fixed point of the network map at that body state."""
+    from models import ArmController, TwoLinkArm
+
+    torch.manual_seed(0)
+    model = ArmController(3, hidden_size=6, body=TwoLinkArm(dt=0.01), nonlinearity="tanh").double()
+    inputs = torch.randn(4, 30, 3, dtype=torch.float64)
+    result = analysis.analyse(model, inputs, free="network", starts=16, speed_tolerance=1e-14, max_iterations=300)
+    assert result.layout.free == (0,) and result.states.shape == (4, 30, 6)
+    body = [leaf for leaf in result.held[1:]]
+    assert len(result.fixed_points.points) > 0, result.fixed_points.summary()
+    for point in result.fixed_points.points:
+        state = result.layout.unflatten(point[None], result.held)
+        (hidden, _), _ = model.step(state, torch.zeros(1, 3, dtype=torch.float64))
+        torch.testing.assert_close(hidden[0], point, atol=1e-6, rtol=0)
+    assert all(torch.equal(a, b) for a, b in zip(body, result.held[1:]))
+    everything = analysis.analyse(model, inputs, free="all", starts=8)
+    assert everything.states.shape[-1] > 6  # the body's state is part of the solve
+
+
+def test_fixed_point_figures_run_at_the_end_of_an_arm_fit(tmp_path):
+    from lightning_sofo.callbacks import FixedPointFigures
+    from datamodules import Reach
+    from models import ArmController, TwoLinkArm
+
+    task = Reach(dt=0.01, n_steps=40, batch_size=4, val_trials=4, prep_range=(0.05, 0.1), movement_time=0.1)
+    model = ArmController(task.input_size, hidden_size=6, body=TwoLinkArm(dt=0.01))
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=1e-3)
+    callback = FixedPointFigures(n_trials=4, starts=8, save_dir=str(tmp_path), state="network")
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[callback], limit_val_batches=1).fit(model, task)
+    assert callback.analysis is not None and callback.analysis.layout.free == (0,)
+    assert len(list(tmp_path.glob("*.png"))) == 2

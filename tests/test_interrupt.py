@@ -1,5 +1,6 @@
-"""A `sofo fit` run killed mid-training (SIGTERM, SIGKILL) and resumed with `--ckpt_path last`
-ends with exactly the parameters, optimizer state and trial stream of an uninterrupted run."""
+"""A `sofo fit` run of a noisy network stopped mid-training (SIGTERM, Ctrl-C's SIGINT, SIGKILL) and
+resumed with `--ckpt_path last` ends with exactly the parameters, optimizer state and trial stream
+of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def run_args(root: Path) -> list[str]:
     args = shrunk("flipflop_sofo.yaml", root)
     args[args.index("--trainer.max_steps") + 1] = str(STEPS)
     args[args.index("--trainer.val_check_interval") + 1] = "10"  # ModelCheckpoint writes last.ckpt every 10 steps
-    return args + ["--trainer.log_every_n_steps", "1000"]
+    return args + ["--trainer.log_every_n_steps", "1000", "--model.init_args.recurrent_noise", "0.1",
+                   "--model.init_args.input_noise", "0.05"]
 
 
 def last_checkpoint(root: Path) -> dict:
@@ -47,7 +49,8 @@ def same_training_state(a: dict, b: dict) -> None:
     assert a["FlipFlop"] == b["FlipFlop"] == {"seed": 0, "batches_consumed": STEPS}  # the trial stream
 
 
-@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
 def test_killed_run_resumes_to_the_uninterrupted_result(signal_number, tmp_path, uninterrupted):
     sofo = str(Path(sys.executable).with_name("sofo"))
     process = subprocess.Popen([sofo, *run_args(tmp_path)], cwd=tmp_path, stdout=subprocess.PIPE,
@@ -63,8 +66,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(signal_number, tmp_path,
     output = process.communicate(timeout=120)[0]
     killed = last_checkpoint(tmp_path)
     assert killed["global_step"] < STEPS, "the run finished before it was killed; the test proved nothing"
-    if signal_number == signal.SIGTERM:
+    if signal_number in (signal.SIGTERM, signal.SIGINT):
         assert "Stopped by a signal after step" in output  # the checkpoint of the step it stopped at
+        assert process.returncode == 0, output[-2000:]  # a clean exit
     else:
         assert process.returncode == -signal.SIGKILL
         assert killed["global_step"] % 10 == 0  # from the last periodic checkpoint

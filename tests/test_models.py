@@ -110,19 +110,49 @@ def test_noise_is_drawn_in_training_only_unless_asked():
 
 
 def test_noisy_sketch_differentiates_one_noise_draw():
-    """The K tangents and the primal share one noise draw: with the same RNG state, the
-    sketched gradient equals V^T grad of the same noisy loss by reverse mode."""
+    """The K tangents and the primal share one noise draw, the step's (noise_draws): the sketched
+    gradient equals V^T grad of the same noisy loss by reverse mode."""
     model = VanillaRNN(3, 6, 2, recurrent_noise=0.2, input_noise=0.1).double().train()
     inputs, targets, mask = rnn_batch()
     optimizer, tangents = module_tangents(model, 5)
     torch.manual_seed(11)
     sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
-    torch.manual_seed(11)
-    loss = model.loss_fn(model(inputs), targets, mask)
+    torch.manual_seed(12)  # the global generator plays no part
+    again = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    assert torch.equal(sketch.loss, again.loss)
+    with model.noise_draws(optimizer.step_count):
+        loss = model.loss_fn(model(inputs), targets, mask)
     loss.backward()
     gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(sketch.loss, loss.detach())
     torch.testing.assert_close(sketch.grad, flat_tangents(tangents).T @ gradient, rtol=1e-5, atol=1e-12)
+
+
+def test_noise_is_a_pure_function_of_seed_step_and_rank(monkeypatch):
+    """Each (step, rank, stream) draws its own noise, the same every time; the global generator is untouched."""
+    model = VanillaRNN(3, 6, 2, recurrent_noise=0.2).train()
+    inputs = torch.randn(2, 5, 3)
+
+    def draw(step, stream="train"):
+        with model.noise_draws(step, stream):
+            return model(inputs)
+
+    torch.manual_seed(0)
+    assert model.noise_seed == model.noise_seed  # drawn once, from the global generator (seed_everything fixes it)
+    state = torch.get_rng_state()
+    first = draw(3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(draw(3), first) and not torch.equal(draw(4), first)
+    assert not torch.equal(draw(3, "val/0"), first)
+    monkeypatch.setattr(type(model), "global_rank", property(lambda self: 1))
+    monkeypatch.setattr(model, "_trainer", object())  # as under sofo_ddp: rank 1 of a Trainer
+    assert not torch.equal(draw(3), first)
+    other = VanillaRNN(3, 6, 2, recurrent_noise=0.2).train()
+    other.load_state_dict(model.state_dict())
+    other.noise_seed = model.noise_seed + 1
+    monkeypatch.setattr(other, "_trainer", None)
+    with other.noise_draws(3):
+        assert not torch.equal(other(inputs), first)
 
 
 def test_gru_sketch_is_reverse_mode():

@@ -9,7 +9,7 @@ import re
 import lightning as L
 import pytest
 import torch
-from conftest import MLP
+from conftest import MLP, TinyRNN
 from torch.utils.data import DataLoader
 
 from lightning_sofo import FGD, SOFO, Sketch, functional, solve_subspace
@@ -243,6 +243,15 @@ def test_exploding_dynamics_raise_policy_stops_at_the_first_step():
     ({"inputs": torch.ones(4, 3), "targets": torch.zeros(5, 2)}, "must share the batch dimension"),
     ({"inputs": [[1.0, 2.0, 3.0]], "targets": torch.zeros(1, 2)}, "inputs must be a torch.Tensor"),
     ({"inputs": torch.ones(4, 3, device="meta"), "targets": torch.zeros(4, 2)}, "inputs are on meta but MLP is on cpu"),
+    ({"inputs": torch.ones(4, 3), "targets": torch.zeros(4, 2, dtype=torch.float64)},
+     "targets are torch.float64 but MLP's parameters are torch.float32; convert the targets"),
+    ({"inputs": torch.ones(0, 3), "targets": torch.zeros(0, 2)}, "the batch is empty"),
+    ({"inputs": torch.ones(4, 3), "targets": torch.zeros(4, 2), "mask": torch.zeros(4, 2)}, "mask is all zeros"),
+    ({"inputs": torch.ones(4, 3), "targets": torch.zeros(4, 2), "mask": torch.zeros(4, 2, dtype=torch.bool)},
+     "mask is all zeros"),
+    ({"inputs": torch.ones(4, 3), "targets": torch.zeros(4, 2), "mask": -torch.ones(4, 2)}, "mask has negative entries"),
+    ({"inputs": torch.ones(4, 3), "targets": torch.zeros(4, 2), "mask": torch.ones(4, 2, dtype=torch.long)},
+     "mask has dtype torch.int64"),
 ])
 @pytest.mark.parametrize("route", ["sofo", "backprop"])
 def test_batch_checks_say_what_was_expected(batch, message, route):
@@ -270,3 +279,17 @@ def test_a_gain_that_would_build_a_broken_network_is_refused(gain):
     """Found by the fuzz test at 1000 cases: gain 1e300 built an RNN whose weights were already inf."""
     with pytest.raises(ValueError, match=re.escape(f"gain={gain!r} gives initial recurrent weights")):
         VanillaRNN(2, 4, 2, gain=gain)
+
+
+@pytest.mark.parametrize("route", ["sofo", "backprop"])
+def test_trials_without_time_steps_are_refused(route):
+    model = TinyRNN(sofo=dict(tangents=4))
+    batch = {"inputs": torch.ones(3, 0, 2), "targets": torch.zeros(3, 0, 2)}
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"no time steps .*T = 0"):
+        if route == "sofo":
+            optimizer = model.configure_optimizers()
+            optimizer.step(model.sketch_function(batch, optimizer))
+        else:
+            model.compute_loss(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
