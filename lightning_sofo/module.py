@@ -376,8 +376,11 @@ class SOFOModule(L.LightningModule):
         seed = checkpoint.get(checkpoints.METADATA_KEY, {}).get("noise_seed")
         if seed is not None:
             self.noise_seed = seed
-        self.__dict__["_loaded_checkpoint"] = {
-            key: checkpoint.get(key) for key in (checkpoints.METADATA_KEY, "optimizer_states") if key in checkpoint}
+        self.__dict__["_loaded_checkpoint"] = {  # what on_fit_start checks the optimizers against (no tensors kept)
+            checkpoints.METADATA_KEY: checkpoint.get(checkpoints.METADATA_KEY, {}),
+            "optimizer_states": [{"sofo": True} if isinstance(s, dict) and "sofo" in s else {}
+                                 for s in checkpoint.get("optimizer_states", [])],
+        }
 
     def functional(self, method: str) -> Callable[..., Any]:
         """f(params, *args) = self.<method>(*args) with the tensors named in `params` (a dict

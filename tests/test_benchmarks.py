@@ -108,3 +108,10 @@ def test_curvature_digits_run_and_report(monkeypatch, tmp_path):
     table = cd.report(runs + [dict(runs[1], label="lr 3e-3", val_accuracy=runs[1]["val_accuracy"] + 1)])
     assert "**BPTT** (best: lr 3e-3)" in table and "BPTT, lr 1e-3" in table and "**three-factor**" in table
     assert (tmp_path / "curvature_digits.png").is_file()
+
+
+def test_robustness_benchmark_counts_refusals_and_corruption():
+    """The robustness table's batch row: every bad batch, under SOFO and under Adam, refused, no parameter touched."""
+    import robustness
+
+    assert robustness.bad_batches() == (10, 0, 0)
