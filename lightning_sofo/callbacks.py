@@ -165,13 +165,18 @@ class CheckpointOnInterrupt(L.Callback):
     def __init__(self):
         self._previous_handler = None
         self._interrupts = 0
+        self._rank = 0
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._interrupts = 0
+            self._interrupts, self._rank = 0, trainer.global_rank
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame) -> None:
+        if self._rank != 0:
+            # Ctrl-C reaches every process of the job; rank 0 alone turns it into SIGTERM, which
+            # Lightning passes on to the other ranks (one stop, taken by all at the same step)
+            return
         self._interrupts += 1
         if self._interrupts > 1:  # a second Ctrl-C: stop now, as Python would
             raise KeyboardInterrupt

@@ -15,7 +15,6 @@ checkpoint belongs to the model and optimizer it is loaded into.
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 import zipfile
 from pathlib import Path
@@ -39,15 +38,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     rename; the directory is fsynced after it. No temporary file is left behind on failure."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if "://" in str(path):  # remote storage (s3://, gs://...): Lightning's own transactional write
+            return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r}); it writes "
-                            "local files.")
+            raise TypeError(f"{type(self).__name__} takes no storage_options for local files (got "
+                            f"{storage_options!r}).")
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         for leftover in target.parent.glob(f".{target.name}.*.tmp"):  # from a write a SIGKILL cut short
             leftover.unlink(missing_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            os.fchmod(descriptor, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from the lab
             with os.fdopen(descriptor, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
@@ -56,11 +58,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        directory = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        try:  # make the rename durable; some filesystems cannot fsync a directory, the file is whole anyway
+            directory = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError:
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -86,8 +97,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError, OSError, AttributeError,
-            ModuleNotFoundError, ImportError, ValueError, KeyError, TypeError) as error:
+    except Exception as error:  # noqa: BLE001  (zip, zlib, pickle, EOF...: every way a damaged file fails)
         raise CheckpointError(f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]}): it is "
                               "truncated, corrupt or from an incompatible program. Resume from another "
                               "checkpoint (or 'last', which skips unreadable files).") from error
@@ -102,8 +112,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def checkpoint_files(folders: Iterable[Path]) -> list[Path]:
     """Every *.ckpt file in the folders, newest first (modification time; last*.ckpt first on a tie)."""
-    found = {path.resolve() for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt")}
-    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+    found = {}
+    for folder in folders:
+        for path in (folder.glob("*.ckpt") if folder.is_dir() else []):
+            try:  # a running ModelCheckpoint may delete a file meanwhile
+                found[path.resolve()] = (path.stat().st_mtime, path.name.startswith("last"))
+            except OSError:
+                continue
+    return sorted(found, key=found.get, reverse=True)
 
 
 def newest_readable(folders: Iterable[Path]) -> tuple[Path, dict[str, Any]] | None:

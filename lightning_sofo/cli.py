@@ -108,7 +108,12 @@ class SOFOCLI(LightningCLI):
             check_matches(self.model, checkpoint, path)
             report_model_differences(self.model, checkpoint, path)
             if self.subcommand == "fit":
-                check_optimizers(configured_optimizers(self.model), checkpoint, path)
+                try:  # a configure_optimizers that needs the Trainer attached is checked at fit start instead
+                    optimizers = configured_optimizers(self.model)
+                except Exception:  # noqa: BLE001
+                    optimizers = None
+                if optimizers is not None:
+                    check_optimizers(optimizers, checkpoint, path)
         config["ckpt_path"] = path
 
     before_fit = before_validate = before_test = before_predict = resolve_checkpoint
@@ -127,8 +132,8 @@ def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") ->
     Trainer's experiment (None if there is none: fit starts afresh, the others refuse); for a
     path, the path once it reads as a Lightning checkpoint (else CheckpointError, naming the
     newest readable checkpoint beside it)."""
-    folders = experiment_checkpoint_folders(trainer)
     if wanted == "last":
+        folders = experiment_checkpoint_folders(trainer)
         found = newest_readable(folders)
         if found is None:
             if command == "fit":
@@ -197,13 +202,22 @@ def summary(trainer: L.Trainer) -> str:
 def experiment_checkpoint_folders(trainer: L.Trainer) -> list[Path]:
     """Where this experiment's checkpoints are: <logger root>/version_*/checkpoints (every run of
     this config), and a ModelCheckpoint's own dirpath when the config sets one."""
-    folders = []
+    folders, located = [], False
     logger = trainer.logger
-    if logger is not None and getattr(logger, "root_dir", None):
+    if logger is None:  # where ModelCheckpoint writes without a logger
+        folders.append(Path(trainer.default_root_dir) / "checkpoints")
+        located = True
+    elif getattr(logger, "root_dir", None):
         folders += sorted(Path(logger.root_dir).glob("*/checkpoints"))
+        located = True
     for callback in trainer.checkpoint_callbacks:
         if getattr(callback, "dirpath", None):
             folders.append(Path(callback.dirpath))
+            located = True
+    if not located:
+        raise CheckpointError(f"--ckpt_path last: cannot tell where this experiment's checkpoints are (the "
+                              f"{type(logger).__name__} logger has no local folder); give --ckpt_path FILE, or set "
+                              "the ModelCheckpoint's dirpath.")
     return list(dict.fromkeys(folder.resolve() for folder in folders))
 
 

@@ -223,7 +223,9 @@ class SOFOModule(L.LightningModule):
         return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        with self.noise_draws(self.trainer.global_step if self._trainer is not None else 0):
+        attached = self._trainer is not None
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
+        with self.noise_draws(self.trainer.global_step if attached else 0, stream=f"train/{micro_batch}"):
             loss = self.compute_loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
@@ -313,27 +315,28 @@ class SOFOModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """On a resumed run, the config's settings win over those stored in the checkpoint (whose
-        state, e.g. Adam's moments or SOFO's step count and adaptive damping, is kept): the
-        optimizers' hyperparameters (lr, betas, weight decay, ...) are set back to the values the
-        config gave; SOFO's own settings (tangents, damping, momentum, seed, memory) already come
-        from its constructor (SketchOptimizer.load_state_dict). Each change is reported."""
-        configured = self.__dict__.pop("_configured_groups", None)
+        state, e.g. Adam's moments, SOFO's step count and adaptive damping, a scheduler's progress,
+        is kept): a param-group hyperparameter (lr, betas, weight decay, ...) that the config now
+        sets differently from the config the checkpoint was trained with takes the new value (an
+        lr keeps the scheduler's progress: it is scaled by new base / old base). SOFO's own
+        settings (tangents, damping, momentum, seed, memory) come from its constructor
+        (SketchOptimizer.load_state_dict). Each change is reported."""
+        configured = self.__dict__.get("_configured_groups")
+        before = self.__dict__.pop("_checkpoint_configured_groups", None)
         if configured is None or not self.trainer.ckpt_path:
             return
         changes = []
         schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
-        for optimizer, groups in zip(self.trainer.optimizers, configured):
+        for number, (optimizer, groups) in enumerate(zip(self.trainer.optimizers, configured)):
             changes += [f"{name} {old!r} -> {new!r}" for name, (old, new) in
                         getattr(optimizer, "settings_changed_on_load", {}).items()]
+            scheduled = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
+            previous = before[number] if before is not None and number < len(before) else None
+            if previous is None and scheduled:
+                continue  # a checkpoint without its config, under a scheduler: the schedule's values stand
             for index, (group, wanted) in enumerate(zip(optimizer.param_groups, groups)):
-                for key, value in wanted.items():
-                    if key in ("initial_lr", "param_names"):
-                        continue
-                    if key == "lr":
-                        changes += _apply_configured_lr(optimizer, index, wanted, schedulers)
-                    elif key in group and _differs(group[key], value):
-                        changes.append(f"{key} {group[key]!r} -> {value!r}")
-                        group[key] = value
+                old = previous[index] if previous is not None and index < len(previous) else None
+                changes += _apply_configured_group(group, index, wanted, old, scheduled)
         if changes:
             rank_zero_info(f"Resumed from {self.trainer.ckpt_path}: the config's settings replace the checkpoint's: "
                            + "; ".join(dict.fromkeys(changes)) + ".")
@@ -368,19 +371,26 @@ class SOFOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         optimizers = self.trainer.optimizers if self._trainer is not None else []
-        checkpoint[checkpoints.METADATA_KEY] = {**checkpoints.metadata(self, optimizers), "noise_seed": self.noise_seed}
+        checkpoint[checkpoints.METADATA_KEY] = {
+            **checkpoints.metadata(self, optimizers), "noise_seed": self.noise_seed,
+            "configured_groups": self.__dict__.get("_configured_groups"),  # the config this run was given
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        path = self.trainer.ckpt_path if self._trainer is not None else None
-        checkpoints.check_matches(self, checkpoint, path)
-        seed = checkpoint.get(checkpoints.METADATA_KEY, {}).get("noise_seed")
-        if seed is not None:
-            self.noise_seed = seed
-        self.__dict__["_loaded_checkpoint"] = {  # what on_fit_start checks the optimizers against (no tensors kept)
-            checkpoints.METADATA_KEY: checkpoint.get(checkpoints.METADATA_KEY, {}),
-            "optimizer_states": [{"sofo": True} if isinstance(s, dict) and "sofo" in s else {}
-                                 for s in checkpoint.get("optimizer_states", [])],
-        }
+        metadata = checkpoint.get(checkpoints.METADATA_KEY, {})
+        if metadata.get("noise_seed") is not None:
+            self.noise_seed = metadata["noise_seed"]
+        if self._trainer is None:  # load_from_checkpoint: Lightning's own (strict or not) load decides
+            return
+        if self.strict_loading:
+            checkpoints.check_matches(self, checkpoint, self.trainer.ckpt_path)
+        if self.trainer.state.fn == "fit":  # resuming: what on_fit_start / on_train_start compare against
+            self.__dict__["_loaded_checkpoint"] = {  # no tensors kept
+                checkpoints.METADATA_KEY: metadata,
+                "optimizer_states": [{"sofo": True} if isinstance(s, dict) and "sofo" in s else {}
+                                     for s in checkpoint.get("optimizer_states", [])],
+            }
+            self.__dict__["_checkpoint_configured_groups"] = metadata.get("configured_groups")
 
     def functional(self, method: str) -> Callable[..., Any]:
         """f(params, *args) = self.<method>(*args) with the tensors named in `params` (a dict
@@ -463,21 +473,32 @@ def _differs(a: Any, b: Any) -> bool:
         return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
-def _apply_configured_lr(optimizer, index: int, wanted: dict, schedulers) -> list[str]:
-    """Set group `index`'s lr to the configured one where it differs from the checkpoint's base lr,
-    keeping a scheduler's progress: lr = configured base x (restored lr / restored base)."""
-    group = optimizer.param_groups[index]
-    configured_base = wanted.get("initial_lr", wanted["lr"])
-    restored_base = group.get("initial_lr", group["lr"])
-    if not _differs(restored_base, configured_base):
-        return []
-    group["lr"] = configured_base * (group["lr"] / restored_base) if restored_base else configured_base
-    if "initial_lr" in group:
-        group["initial_lr"] = configured_base
-    for scheduler in schedulers:
-        if getattr(scheduler, "optimizer", None) is optimizer and hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs[index] = configured_base
-    return [f"lr {restored_base!r} -> {configured_base!r}"]
+def _apply_configured_group(group: dict, index: int, wanted: dict, previous: dict | None, schedulers) -> list[str]:
+    """Set the keys of a restored param group that the config changed: relative to the config the
+    checkpoint was trained with (`previous`), or, for a checkpoint without it, to the restored values."""
+    changes = []
+    for key, value in wanted.items():
+        if key in ("params", "initial_lr", "param_names") or key not in group:
+            continue
+        if key == "lr":
+            new_base = wanted.get("initial_lr", value)
+            old_base = (previous.get("initial_lr", previous["lr"]) if previous is not None and "lr" in previous
+                        else group.get("initial_lr", group["lr"]))
+            if not _differs(old_base, new_base):
+                continue
+            group["lr"] = new_base * (group["lr"] / old_base) if old_base else new_base  # keeps the schedule's progress
+            if "initial_lr" in group:
+                group["initial_lr"] = new_base
+            for scheduler in schedulers:
+                if hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs[index] = new_base
+            changes.append(f"lr {old_base!r} -> {new_base!r}")
+        else:
+            old = previous.get(key, group[key]) if previous is not None else group[key]
+            if _differs(old, value):
+                changes.append(f"{key} {old!r} -> {value!r}")
+                group[key] = value
+    return changes
 
 
 def _functional_method(module: nn.Module, method: str) -> Callable[..., Any]:

@@ -406,6 +406,8 @@ class SketchOptimizer(torch.optim.Optimizer):
             nonfinite_steps=self.nonfinite_steps,
             last_nonfinite_step=self.last_nonfinite_step,
             tangents=self.tangents,
+            memory=self.memory,
+            orthogonal_cycles=self.orthogonal_cycles,
             momentum=self.momentum,
             **self._extra_state(),
         )
@@ -433,6 +435,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.nonfinite_steps = sofo.get("nonfinite_steps", 0)
         self.last_nonfinite_step = sofo.get("last_nonfinite_step", -1)
         saved = {"seed": sofo["seed"], "tangents": sofo["tangents"], "momentum": sofo.get("momentum", 0.0),
+                 "memory": sofo.get("memory", 0), "orthogonal_cycles": sofo.get("orthogonal_cycles", False),
                  **self._saved_settings(sofo)}
         self.settings_changed_on_load = {name: (value, self.settings()[name]) for name, value in saved.items()
                                          if value != self.settings()[name]}
@@ -448,7 +451,8 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     def settings(self) -> dict:
         """The settings a resumed run takes from its own construction (see load_state_dict)."""
-        return {"seed": self.seed, "tangents": self.tangents, "momentum": self.momentum}
+        return {"seed": self.seed, "tangents": self.tangents, "momentum": self.momentum, "memory": self.memory,
+                "orthogonal_cycles": self.orthogonal_cycles}
 
     def _saved_settings(self, sofo: dict) -> dict:
         return {}

@@ -266,3 +266,53 @@ def test_analyse_refuses_bad_options(option, message, two_experiments, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["analyse", "--ckpt_path", "last", *option, *config])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- resuming under a learning-rate schedule; checkpoint files stay readable by the lab --------------
+def scheduled_rnn(lr: float):
+    """A TinyRNN trained by Adam with the lr halved at every step (StepLR)."""
+    from conftest import TinyRNN
+
+    torch.manual_seed(0)
+    model = TinyRNN()
+
+    def configure_optimizers():
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    model.configure_optimizers = configure_optimizers
+    return model
+
+
+def _fit_scheduled(model, steps, ckpt_path=None, root=None):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    batches = [(torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(i)), torch.zeros(3, 4, 2)) for i in range(8)]
+    callbacks = [ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1)] if root else []
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=bool(root), callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+    return trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_resume_keeps_the_schedule_and_applies_a_new_base_lr(tmp_path, caplog):
+    straight = _fit_scheduled(scheduled_rnn(1e-2), 4)
+    _fit_scheduled(scheduled_rnn(1e-2), 2, root=tmp_path)
+    resumed = _fit_scheduled(scheduled_rnn(1e-2), 4, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed == straight == 1e-2 * 0.5**4  # the schedule's progress is state: kept
+    assert "replace the checkpoint's" not in caplog.text
+    changed = _fit_scheduled(scheduled_rnn(2e-2), 4, ckpt_path=tmp_path / "last.ckpt")
+    assert changed == pytest.approx(2e-2 * 0.5**4)  # a new base lr from the config, on the same schedule
+    assert "lr 0.01 -> 0.02" in caplog.text
+
+
+def test_checkpoints_are_readable_by_the_group(tmp_path):
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "pytorch-lightning_version": "2"}, target)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
