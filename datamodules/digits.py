@@ -179,9 +179,10 @@ class SequentialDigits(TaskDataModule):
 
     def plot_trial(self, batch: Batch, outputs: Tensor, rates: Tensor | None = None, index: int = 0):
         """The image, and the class probabilities against time with the true class bold."""
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
-        figure, (image, probabilities) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 2.5]})
+        figure = Figure(figsize=(9, 3.2))
+        image, probabilities = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1, 2.5]})
         image.imshow(batch["images"][index].detach().cpu().numpy(), cmap="gray_r")
         label = int(batch["targets"][index, -1])
         image.set_title(f"digit {label}, read row by row")

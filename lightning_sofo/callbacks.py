@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-import matplotlib.pyplot as plt
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -279,4 +278,3 @@ def _log_figure(trainer: L.Trainer, figure, tag: str, save_dir: str | None) -> N
         path = Path(save_dir) / f"{tag.replace('/', '_')}_step{trainer.global_step}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100)
-    plt.close(figure)

@@ -240,7 +240,6 @@ def analyse_command(argv: list[str]) -> Path:
     network, written as PNG files (fixed_points.png, eigenvalues.png) and a summary line; returns DIR."""
     import argparse
 
-    import matplotlib.pyplot as plt
     import torch
 
     from lightning_sofo.callbacks import analyse_batch, first_validation_batch
@@ -285,7 +284,6 @@ def analyse_command(argv: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for tag, figure in figures.items():
         figure.savefig(out / f"{tag.split('/')[-1]}.png", dpi=110)
-        plt.close(figure)
     rank_zero_info(f"{analysis.fixed_points.summary()}. Figures in {out}.")
     return out
 

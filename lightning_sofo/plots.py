@@ -1,14 +1,13 @@
-"""Figures of trials (matplotlib, Agg backend): what the network saw, what it should
-have done, what it did, and a few of its units. Each function returns a Figure."""
+"""Figures of trials: what the network saw, what it should have done, what it did, and a few of
+its units. Each function returns a matplotlib Figure object, made without pyplot, so it works under
+any backend and never changes the process's backend (inline figures in a notebook stay inline)."""
 
 from __future__ import annotations
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
 
 MAX_CHANNELS = 6
 MAX_UNITS = 8
@@ -31,7 +30,8 @@ def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, in
     grey bands mark the scored steps (mask > 0). Class-index targets are drawn with
     the softmax of the outputs."""
     rows = 3 if rates is not None else 2
-    figure, axes = plt.subplots(rows, 1, figsize=(8, 2.2 * rows), sharex=True, squeeze=False)
+    figure = Figure(figsize=(8, 2.2 * rows))
+    axes = figure.subplots(rows, 1, sharex=True, squeeze=False)
     axes = axes[:, 0]
     inputs, targets, outputs = batch["inputs"][index], batch["targets"][index], outputs[index]
     axes[0].plot(_numpy(inputs[:, :MAX_CHANNELS]))
@@ -63,7 +63,8 @@ def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, in
 def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: int = 8, title: str = ""):
     """Hand paths (outputs[..., :2], m) of up to n_trials trials, with their final targets (x) and
     the start (o); right: hand speed against time."""
-    figure, (paths, speed) = plt.subplots(1, 2, figsize=(10, 4.5))
+    figure = Figure(figsize=(10, 4.5))
+    paths, speed = figure.subplots(1, 2)
     for i in range(min(n_trials, outputs.shape[0])):
         hand = _numpy(outputs[i])
         line = paths.plot(hand[:, 0], hand[:, 1], lw=1.2)[0]
@@ -90,7 +91,7 @@ def plot_curves(curves: dict[str, tuple], xlabel: str, ylabel: str, title: str =
     (e.g. the range over seeds). Draws into `axis` if given, else a new figure; returns the figure.
     """
     if axis is None:
-        _, axis = plt.subplots(figsize=(6, 4))
+        axis = Figure(figsize=(6, 4)).subplots()
     for label, (x, y, *band) in curves.items():
         line = axis.plot(x, y, label=label)[0]
         if band:
@@ -132,10 +133,10 @@ def plot_fixed_points(analysis, dimensions: int = 3, max_trials: int = 16, title
     projected = _numpy(analysis.pca.project(analysis.rates[:max_trials]))
     points = _numpy(analysis.pca.project(analysis.point_rates))
     dimensions = min(dimensions, projected.shape[-1])
-    figure = plt.figure(figsize=(7, 6))
+    figure = Figure(figsize=(7, 6))
     axis = figure.add_subplot(projection="3d" if dimensions == 3 else None)
     conditions = analysis.conditions
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps["tab10"]
     for trial, path in enumerate(projected):
         colour = colours(int(conditions[trial]) % 10) if conditions is not None else colours(trial % 10)
         axis.plot(*path[:, :dimensions].T, color=colour, lw=0.8, alpha=0.7)
@@ -156,7 +157,8 @@ def plot_fixed_points(analysis, dimensions: int = 3, max_trials: int = 16, title
 def plot_eigenvalues(fixed_points, title: str = ""):
     """Eigenvalues of dF/dh at every fixed point in the complex plane, against the unit circle
     (inside: decaying modes; outside: growing; on it: slow, memory-holding modes)."""
-    figure, axis = plt.subplots(figsize=(5.5, 5.5))
+    figure = Figure(figsize=(5.5, 5.5))
+    axis = figure.subplots()
     circle = torch.linspace(0, 2 * torch.pi, 400)
     axis.plot(torch.cos(circle), torch.sin(circle), "k--", lw=0.8)
     for kind, style in STABILITY_STYLE.items():

@@ -270,3 +270,18 @@ def test_fixed_point_figures_run_at_the_end_of_an_arm_fit(tmp_path):
               enable_model_summary=False, callbacks=[callback], limit_val_batches=1).fit(model, task)
     assert callback.analysis is not None and callback.analysis.layout.free == (0,)
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_importing_the_package_leaves_the_matplotlib_backend_alone():
+    """Figures are Figure objects made without pyplot: importing lightning_sofo (plots, callbacks, cli)
+    and drawing a trial does not switch the process's backend (a notebook's inline figures stay)."""
+    import subprocess
+
+    code = ("import matplotlib; matplotlib.use('svg'); import lightning_sofo.plots, lightning_sofo.callbacks, "
+            "lightning_sofo.cli, datamodules, torch; from datamodules import FlipFlop; task = FlipFlop(n_steps=20, "
+            "batch_size=2, val_trials=2); batch = task.fixed_set('val')[0]; "
+            "task.plot_trial(batch, batch['targets'], None).savefig('/dev/null', format='png'); "
+            "print(matplotlib.get_backend())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "svg"
