@@ -62,8 +62,6 @@ class _SOFOSteps:
                 f"strategy='{name}' computes no gradients to clip; remove gradient_clip_val "
                 "(raise SOFO's damping to take more cautious steps)."
             )
-        # Returning None from training_step is how these strategies skip backward; Lightning warns about it.
-        warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
 
     def _sofo_optimizer(self) -> SketchOptimizer:
         if len(self.optimizers) != 1 or not isinstance(self.optimizers[0], SketchOptimizer):
@@ -106,8 +104,11 @@ class _SOFOSteps:
         return loss
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
-        # The closure runs training_step, which is the whole SOFO iteration.
-        return closure()
+        # The closure runs training_step, which is the whole SOFO iteration. Returning None from it is
+        # how these strategies skip backward; the closure warns about that, here only
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`.*")
+            return closure()
 
     def backward(self, *args: Any, **kwargs: Any):
         raise RuntimeError(f"strategy='{self.strategy_name}' runs no backward pass; training_step must return None.")

@@ -260,3 +260,17 @@ def test_update_norm_is_the_size_of_the_parameter_change():
     change = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
     assert torch.equal(model.W, before[0])
     assert optimizer.last_step.update_norm == pytest.approx(change.norm().item(), rel=1e-5)
+
+
+def test_the_strategy_leaves_the_process_warning_filters_alone():
+    """The "training_step returned None" warning is silenced around the SOFO step only."""
+    import warnings
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inside = list(warnings.filters)
+        trainer(strategy="sofo", max_steps=2).fit(TinyRNN(sofo=dict(tangents=4)), loader([sine_task(2, 3)] * 2))
+        assert list(warnings.filters) == inside
+    assert not any("returned `None`" in str(w.message) for w in caught)
+    assert list(warnings.filters) == before
