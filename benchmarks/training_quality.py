@@ -542,7 +542,8 @@ def main():
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
                             for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
-                known = {f"{s.method}:{s.label}": s for s in SWEEP + combined}
+                authors = [authors_adam(label) for label in set(AUTHORS_ADAM.values())]
+                known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
                      if not run_path(task_name, s, seed, iterations).exists()]

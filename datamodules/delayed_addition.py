@@ -1,4 +1,4 @@
-"""Delayed addition (DESIGN.md section 5).
+"""Delayed addition.
 
 Channel 0 carries numbers x_t ~ U(0, 1) at every step; channel 1 carries two
 markers, at t1 ~ U{0..first_marker_last} and t2 ~ U{t1+1..second_marker_last}.

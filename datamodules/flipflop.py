@@ -1,4 +1,4 @@
-"""N-bit flip-flop (Sussillo & Barak 2013; DESIGN.md section 5).
+"""N-bit flip-flop (Sussillo & Barak 2013).
 
 Each of N input channels receives sparse +1/-1 pulses; output channel i must
 hold the sign of the last pulse on channel i (0 before the first pulse). A pulse

@@ -1,4 +1,4 @@
-"""Adaptive Kalman filtering, the long-horizon task (DESIGN.md section 5).
+"""Adaptive Kalman filtering, the long-horizon task.
 
 Latent x_{t+1} = x_t + (b - x_t)/tau + sigma_e eps_t, sigma_e = sqrt(2/tau - 1/tau^2)
 (unit stationary variance); observation y_t = x_t + beta eta_t. A regime

@@ -1,4 +1,4 @@
-"""Lorenz attractor generation (DESIGN.md section 5).
+"""Lorenz attractor generation.
 
 sigma 10, rho 28, beta 8/3, integrated by RK4 at dt 0.01 and z-scored. A trial
 starts at a point on the attractor, shown on the inputs at the first step only;

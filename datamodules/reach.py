@@ -1,4 +1,4 @@
-"""Single and double reaching for the arm-control model (DESIGN.md section 5).
+"""Single and double reaching for the arm-control model.
 
 Time in seconds, positions in m. A trial shows hold signal(s) and the target
 coordinates (relative to the start) from the first step; each hold signal

@@ -1,6 +1,6 @@
 """The SOFO math, plain torch (no Lightning): tangents, sketches, subspace solve.
 
-Read top to bottom against DESIGN.md section 2. Notation: parameters theta
+Read top to bottom; the equations are written beside the code. Notation: parameters theta
 (P numbers in all), K tangents V = [v_1 .. v_K] in R^{P x K} with orthonormal
 columns, model outputs y, output tangents Y_k = J v_k, loss L(y) with gradient
 dL/dy and Hessian H_L with respect to the outputs.

@@ -1,4 +1,4 @@
-"""Arm models: a body (plain torch dynamics) and the RNN that controls it (DESIGN.md section 6).
+"""Arm models: a body (plain torch dynamics) and the RNN that controls it.
 
 The body and the controller are separate, as in MotorNet: a `Body` maps
 (state, action) to the next state and exposes its feedback and hand; the
@@ -49,7 +49,7 @@ class Body(nn.Module):
 
 
 class TwoLinkArm(Body):
-    """Torque-driven planar two-link arm (the SOFO authors' constants, DESIGN.md section 6).
+    """Torque-driven planar two-link arm (the SOFO authors' constants).
 
     State (B, 4): shoulder and elbow angles th (rad) and angular velocities dth (rad/s).
         M(th) th'' + C(th, th') + B th' = torque,

@@ -1,4 +1,4 @@
-"""Vanilla leaky rate RNN (DESIGN.md section 6), recurrent SOFOModule contract.
+"""Vanilla leaky rate RNN, recurrent SOFOModule contract.
 
     tau dh/dt = -h + W phi(h) + U (u + s_in xi) + b + sqrt(2 tau) s_rec zeta,
 discretised with alpha = dt / tau (Euler-Maruyama):

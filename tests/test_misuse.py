@@ -1,4 +1,4 @@
-"""Each misuse of DESIGN.md section 3 fails at once with an error that names the fix."""
+"""Each misuse of the public contract fails at once with an error that names the fix."""
 
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def test_models_reject_an_input_size_that_does_not_match():
             model(inputs)
 
 
-# ---- the two-link arm (DESIGN.md section 6), against independent facts ---------------
+# ---- the two-link arm, against independent facts ---------------
 def test_start_posture_puts_the_hand_at_0_0205():
     arm = TwoLinkArm().double()
     hand = arm.hand(arm.initial_state(3, torch.zeros((), dtype=torch.float64)))

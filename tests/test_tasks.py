@@ -1,4 +1,4 @@
-"""Each task generator against its own rules (DESIGN.md section 5), and the base class's
+"""Each task generator against its own rules, and the base class's
 reproducibility: same seed, same trials; different streams, different trials."""
 
 from __future__ import annotations
