@@ -18,7 +18,7 @@ class TrialFigures(L.Callback):
     """At the end of each validation (not the sanity check), runs the model on the
     first `n_trials` trials of the first validation batch and logs the task's
     figure (`datamodule.plot_trial`: inputs, targets against outputs, a few unit
-    rates; hand paths for reaching) to the Trainer's logger as "trials/<i>".
+    rates; hand paths for reaching) to the Trainer's logger as `"trials/<i>"`.
 
     Args:
         n_trials: trials drawn per validation.

@@ -111,7 +111,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def checkpoint_files(folders: Iterable[Path]) -> list[Path]:
-    """Every *.ckpt file in the folders, newest first (modification time; last*.ckpt first on a tie)."""
+    """Every `*.ckpt` file in the folders, newest first (modification time; `last*.ckpt` first on a tie)."""
     found = {}
     for folder in folders:
         for path in (folder.glob("*.ckpt") if folder.is_dir() else []):

@@ -6,7 +6,7 @@
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
 config; models/ and datamodules/ are imported so their classes are known by name. Every run
-logs to TensorBoard under lightning_logs/<config name>/, keeps the last checkpoint (written
+logs to TensorBoard under `lightning_logs/<config name>/`, keeps the last checkpoint (written
 atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each validation;
 `--ckpt_path last` resumes from the newest readable checkpoint of the same config's runs.
 """
@@ -43,7 +43,7 @@ class SOFOCLI(LightningCLI):
     """LightningCLI with SOFOModule models, any LightningDataModule, atomic checkpoints kept per
     experiment, figure and interrupt callbacks, and a closing line that says where the results are.
 
-    Each config is its own experiment: its runs log to lightning_logs/<config name>/version_<n>
+    Each config is its own experiment: its runs log to `lightning_logs/<config name>/version_<n>`
     (TensorBoard), and `--ckpt_path last` resumes from the newest readable checkpoint of that
     experiment only."""
 
@@ -64,7 +64,7 @@ class SOFOCLI(LightningCLI):
         )
 
     def experiment_name(self) -> str:
-        """The config file's name (the last --config given), else "<Model>_<DataModule>"."""
+        """The config file's name (the last --config given), else `"<Model>_<DataModule>"`."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         files = [str(path) for path in (config.get("config") or []) if path is not None]
         if files:
@@ -200,7 +200,7 @@ def summary(trainer: L.Trainer) -> str:
 
 
 def experiment_checkpoint_folders(trainer: L.Trainer) -> list[Path]:
-    """Where this experiment's checkpoints are: <logger root>/version_*/checkpoints (every run of
+    """Where this experiment's checkpoints are: `<logger root>/version_*/checkpoints` (every run of
     this config), and a ModelCheckpoint's own dirpath when the config sets one."""
     folders, located = [], False
     logger = trainer.logger

@@ -393,7 +393,7 @@ class SOFOModule(L.LightningModule):
             self.__dict__["_checkpoint_configured_groups"] = metadata.get("configured_groups")
 
     def functional(self, method: str) -> Callable[..., Any]:
-        """f(params, *args) = self.<method>(*args) with the tensors named in `params` (a dict
+        """`f(params, *args) = self.<method>(*args)` with the tensors named in `params` (a dict
         name -> tensor, as named_parameters / named_buffers) swapped in; method is
         "initial_state", "step" or "forward". Built once per module, so that torch.compile's
         guards on it hold from one iteration to the next."""

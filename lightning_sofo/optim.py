@@ -88,7 +88,7 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     Subclasses define `_direction(sketch, num_params) -> _Direction`.
     `step(closure)` takes closure(tangents: {name: (K, *shape)}) -> Sketch, with
-    names "<group>.<index>" (see `named_params`); SOFOModule builds it, and
+    names `"<group>.<index>"` (see `named_params`); SOFOModule builds it, and
     Trainer(strategy="sofo") calls step with it. closure(None) returns the loss at
     the current parameters (used by damping="adaptive").
     """
@@ -116,7 +116,7 @@ class SketchOptimizer(torch.optim.Optimizer):
                              f"integer >= 0, got {memory!r}.")
         if not isinstance(orthogonal_cycles, (bool, int)) or (
                 not isinstance(orthogonal_cycles, bool) and orthogonal_cycles < 1):
-            raise ValueError(f"{name}: orthogonal_cycles must be True (cycles of P // K steps), False, or a cycle "
+            raise ValueError(f"{name}: orthogonal_cycles must be True (cycles of P // K' steps, K' the random tangents), False, or a cycle "
                              f"length >= 1 (steps), got {orthogonal_cycles!r}.")
         blocks = dict(tangents_per_block or {})
         for key, count in blocks.items():
@@ -148,7 +148,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.last_sketch: Sketch | None = None  # (loss, g~, G~) of the last step: G~'s spectrum is free curvature
 
     def named_params(self) -> dict[str, Tensor]:
-        """{"<group>.<index>": parameter} over all groups, in order; parameters with
+        """`{"<group>.<index>": parameter}` over all groups, in order; parameters with
         requires_grad=False are frozen, as under any torch optimizer, and get no tangent."""
         return {
             f"{g}.{i}": p
@@ -482,14 +482,15 @@ class SOFO(SketchOptimizer):
             are never touched, the event is counted (`nonfinite_steps`,
             `last_nonfinite_step`) and: "skip" (default) skips the step with a warning;
             "raise" raises FloatingPointError; "increase_damping" multiplies the relative
-            damping by 10 (up to 1e2) and solves again if the sketch was finite, else
+            damping by 10 (at least 1e-3, at most 1e2) and solves again if the sketch was finite, else
             skips with the damping raised for the following steps.
         memory: m >= 0 previous update directions that join the K random tangents
             (K + m in all, orthonormalised together), so each solve also finds the best
             step along where the last steps went (sequential subspace optimisation;
             m = 1 plays the part of K-FAC's momentum). Kept in `state`, checkpointed.
         orthogonal_cycles: True makes the random tangents of consecutive steps mutually
-            orthogonal in cycles of P // K steps (a cycle covers all of parameter space);
+            orthogonal in cycles of P // K' steps, K' the random tangents (K less the blocks'; a cycle
+            covers all of parameter space);
             an integer sets a shorter cycle. Costs a P x (cycle x K) basis per cycle.
         tangents_per_block: {parameter name or prefix: count}: that many of the K
             tangents move only that block (e.g. {"readout": 32}: the readout is a linear

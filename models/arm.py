@@ -142,8 +142,7 @@ class ArmController(SOFOModule):
         hidden_size: N.
         body: a Body; default TwoLinkArm() (dt = 2 ms).
         tau: membrane time constant in seconds (alpha = body.dt / tau).
-        nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
-        noise_in_eval, dale_ratio, connectivity: as LeakyRNNCell.
+        nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval, dale_ratio, connectivity: as LeakyRNNCell.
         motor_scale: initial scale of the motor readout (N m or excitation per unit rate).
     """
 
