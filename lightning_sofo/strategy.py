@@ -19,7 +19,6 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.overrides.distributed import _sync_module_states
 
 from lightning_sofo.checkpoints import AtomicCheckpointIO
 from lightning_sofo.functional import Sketch
@@ -165,8 +164,10 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
 
     def configure_ddp(self) -> None:
         # no DistributedDataParallel wrapper (it exists to all-reduce gradients); the ranks start
-        # from rank 0's parameters and buffers and stay identical by taking identical steps
-        _sync_module_states(self.model)
+        # from rank 0's parameters and buffers (broadcast in place: state_dict shares their storage)
+        # and stay identical by taking identical steps
+        for tensor in self.model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
 
     def _reduce(self, closure: Callable, batch: Any) -> Callable:
         loss_fn = self.lightning_module.loss_fn

@@ -10,6 +10,7 @@ Rank 0 writes OUT (parameters, communication count, step count) and OUT.ckpt.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def main():
     L.seed_everything(0, verbose=False)
     damping = "adaptive" if args.adaptive else 1e-3
     model = TinyRNN(hidden=HIDDEN, sofo=dict(lr=0.7, tangents=K, damping=damping, seed=5)).double()
+    if os.environ.get("LOCAL_RANK") == "1":  # rank 1 starts elsewhere: the strategy must broadcast rank 0's
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(1.0)
     count_collectives()
     traffic = TrafficPerStep()
     trainer = L.Trainer(
