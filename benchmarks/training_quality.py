@@ -511,7 +511,8 @@ def report(tasks, sweep_iterations: int, iterations: int) -> str:
     import torch
 
     sections = [s for s in (report_task(t, sweep_iterations, iterations) for t in tasks) if s]
-    intro = (f"Measured on {platform.machine()} CPU (2 cores, two runs at a time, one thread each), "
+    intro = (f"Measured on {platform.machine()} CPU (2 cores, two to four runs at a time, one thread each, so "
+             "the seconds are inflated, alike for both methods), "
              f"torch {torch.__version__}. Same model, initial parameters, training trials and validation set for "
              "every method of a seed. Reproduce with `python benchmarks/training_quality.py` (see its docstring).\n")
     return intro + "\n" + "\n".join(sections)
