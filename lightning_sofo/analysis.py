@@ -49,18 +49,14 @@ class StateLayout:
         e.g. a body, is held), or a tuple of leaf indices."""
         leaves: list[Tensor] = []
 
-        def walk(node):
-            if isinstance(node, Tensor):
-                leaves.append(node)
-                return len(leaves) - 1
-            if isinstance(node, (tuple, list)):
-                return type(node)(walk(child) for child in node)
-            if isinstance(node, dict):
-                return {key: walk(child) for key, child in node.items()}
-            raise TypeError(f"a recurrent state must be a tensor or a tuple / list / dict of tensors; found a "
-                            f"{type(node).__name__} in it.")
+        def index(node):
+            if not isinstance(node, Tensor):
+                raise TypeError(f"a recurrent state must be a tensor or a tuple / list / dict of tensors; found a "
+                                f"{type(node).__name__} in it.")
+            leaves.append(node)
+            return len(leaves) - 1
 
-        structure = walk(state)
+        structure = _map_leaves(state, index)
         shapes = tuple(tuple(leaf.shape[1:]) for leaf in leaves)
         if free == "all":
             chosen = tuple(range(len(leaves)))
@@ -77,33 +73,17 @@ class StateLayout:
     def sizes(self) -> tuple[int, ...]:
         return tuple(math.prod(shape) for shape in self.shapes)
 
-    @property
-    def free_size(self) -> int:
-        """D, the length of the flat vector of the free leaves."""
-        return sum(self.sizes[i] for i in self.free)
-
     def leaves(self, state: Any) -> list[Tensor]:
+        """The state's tensors in flattening order."""
         found: list[Tensor] = []
-
-        def walk(node):
-            if isinstance(node, Tensor):
-                found.append(node)
-            elif isinstance(node, (tuple, list)):
-                for child in node:
-                    walk(child)
-            elif isinstance(node, dict):
-                for child in node.values():
-                    walk(child)
-
-        walk(state)
+        _map_leaves(state, found.append)
         return found
 
-    def flatten(self, state: Any, leaves: tuple[int, ...] | None = None) -> Tensor:
-        """State with batch dims (*batch, ...) -> (*batch, D) of the chosen leaves (default: the free ones)."""
-        chosen = self.free if leaves is None else leaves
+    def flatten(self, state: Any) -> Tensor:
+        """State with batch dims (*batch, ...) -> (*batch, D) of the free leaves."""
         parts = self.leaves(state)
         return torch.cat([parts[i].reshape(*parts[i].shape[: parts[i].dim() - len(self.shapes[i])], -1)
-                          for i in chosen], dim=-1)
+                          for i in self.free], dim=-1)
 
     def unflatten(self, flat: Tensor, held: list[Tensor] | None = None) -> Any:
         """(*batch, D) of the free leaves -> the structured state; the held leaves come from
@@ -118,14 +98,16 @@ class StateLayout:
                 raise ValueError("this layout holds some state leaves fixed; give their values (held=...).")
             return held[i].to(flat.dtype).expand(*batch, *self.shapes[i])
 
-        def build(node):
-            if isinstance(node, int):
-                return leaf(node)
-            if isinstance(node, (tuple, list)):
-                return type(node)(build(child) for child in node)
-            return {key: build(child) for key, child in node.items()}
+        return _map_leaves(self.structure, leaf)
 
-        return build(self.structure)
+
+def _map_leaves(node: Any, fn: Callable[[Any], Any]) -> Any:
+    """The same nesting of tuples / lists / dicts with fn(leaf) in place of each leaf (in order)."""
+    if isinstance(node, (tuple, list)):
+        return type(node)(_map_leaves(child, fn) for child in node)
+    if isinstance(node, dict):
+        return {key: _map_leaves(child, fn) for key, child in node.items()}
+    return fn(node)
 
 
 def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.float64,

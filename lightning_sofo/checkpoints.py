@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_sofo.optim import SketchOptimizer
+
 METADATA_KEY = "lightning_sofo"  # what SOFOModule adds to each checkpoint: model and optimizer classes
 
 
@@ -171,7 +173,7 @@ def check_optimizers(optimizers: list[torch.optim.Optimizer], checkpoint: dict[s
     states = checkpoint.get("optimizer_states", [])
     if recorded is None:  # older checkpoints: SOFO and FGD states carry a "sofo" entry, torch's do not
         recorded = ["SketchOptimizer" if isinstance(s, dict) and "sofo" in s else "a torch optimizer" for s in states]
-        ours = ["SketchOptimizer" if "sofo" in o.state_dict() else "a torch optimizer" for o in optimizers]
+        ours = ["SketchOptimizer" if isinstance(o, SketchOptimizer) else "a torch optimizer" for o in optimizers]
     else:
         ours = [_qualified(type(o)) for o in optimizers]
     short = lambda names: [n.rsplit(".", 1)[-1] for n in names]

@@ -102,9 +102,10 @@ class SOFOCLI(LightningCLI):
         wanted = config.get("ckpt_path")
         if wanted is None:
             return
-        path = checkpoint_to_load(self.trainer, wanted, self.subcommand)
-        if path is not None:  # refuse another experiment's checkpoint before anything is trained or written
-            checkpoint = read_checkpoint(path)
+        found = checkpoint_to_load(self.trainer, wanted, self.subcommand)
+        path = None
+        if found is not None:  # refuse another experiment's checkpoint before anything is trained or written
+            path, checkpoint = found
             check_matches(self.model, checkpoint, path)
             report_model_differences(self.model, checkpoint, path)
             if self.subcommand == "fit":
@@ -127,10 +128,10 @@ class SOFOCLI(LightningCLI):
         rank_zero_info(summary(self.trainer))
 
 
-def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") -> str | None:
-    """The checkpoint path a command loads: for "last", the newest readable checkpoint of the
+def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") -> tuple[str, dict] | None:
+    """(path, checkpoint) of what a command loads: for "last", the newest readable checkpoint of the
     Trainer's experiment (None if there is none: fit starts afresh, the others refuse); for a
-    path, the path once it reads as a Lightning checkpoint (else CheckpointError, naming the
+    path, that file once it reads as a Lightning checkpoint (else CheckpointError, naming the
     newest readable checkpoint beside it)."""
     if wanted == "last":
         folders = experiment_checkpoint_folders(trainer)
@@ -145,7 +146,7 @@ def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") ->
                                   "give a checkpoint's path.")
         rank_zero_info(f"Loading {found[0]} (the newest readable checkpoint of this experiment, step "
                        f"{found[1].get('global_step')}).")
-        return str(found[0])
+        return str(found[0]), found[1]
     path = Path(wanted)
     try:
         checkpoint = read_checkpoint(path)
@@ -154,7 +155,7 @@ def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") ->
         hint = f" The newest readable checkpoint beside it is {beside[0]}." if beside else ""
         raise CheckpointError(f"{error}{hint}") from None
     rank_zero_info(f"Loading {path} (step {checkpoint.get('global_step')}).")
-    return str(path)
+    return str(path), checkpoint
 
 
 def report_model_differences(module: L.LightningModule, checkpoint: dict, path) -> None:
@@ -273,8 +274,8 @@ def analyse_command(argv: list[str]) -> Path:
     if ours.constant_input is not None and isinstance(input_size, int) and len(ours.constant_input) != input_size:
         parser.error(f"--constant_input has {len(ours.constant_input)} numbers but {type(model).__name__} has "
                      f"{input_size} input channels; give {input_size} numbers (or leave it out for zeros).")
-    path = Path(checkpoint_to_load(cli.trainer, ours.ckpt_path, "analyse"))
-    checkpoint = read_checkpoint(path)
+    path, checkpoint = checkpoint_to_load(cli.trainer, ours.ckpt_path, "analyse")
+    path = Path(path)
     check_matches(model, checkpoint, path)
     model.load_state_dict(checkpoint["state_dict"])
     batch = first_validation_batch(task)

@@ -53,21 +53,17 @@ def check_finite(**tensors: Tensor | None) -> None:
 
 
 def check_mask(mask: Tensor | None) -> None:
-    """A mask weights the loss: no negative weights (they reward error), and something to score."""
-    if mask is None or mask.dtype == torch.bool:
-        if mask is not None and not bool(mask.any()):
-            raise ValueError(_EMPTY_MASK)
+    """A mask weights the loss: no negative weights (they reward error), and something to score.
+    (Called after check_finite, so a float mask without negative entries is scored where it is not 0.)"""
+    if mask is None:
         return
-    if bool((mask < 0).any()):
+    if mask.dtype != torch.bool and bool((mask < 0).any()):
         raise ValueError(f"the batch's mask has negative entries (min {float(mask.min()):g}); a mask weights each "
                          "target's error and must be >= 0 (1 = scored, 0 = ignored). A negative weight rewards "
                          "error and drives the loss to -inf.")
-    if not bool((mask > 0).any()):
-        raise ValueError(_EMPTY_MASK)
-
-
-_EMPTY_MASK = ("the batch's mask is all zeros: nothing in it is scored, so the loss is 0 and nothing is learned. "
-               "Check the task's mask (the response period) or the trial length.")
+    if not bool(mask.any()):
+        raise ValueError("the batch's mask is all zeros: nothing in it is scored, so the loss is 0 and nothing is "
+                         "learned. Check the task's mask (the response period) or the trial length.")
 
 
 class _Method(nn.Module):

@@ -437,8 +437,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         saved = {"seed": sofo["seed"], "tangents": sofo["tangents"], "momentum": sofo.get("momentum", 0.0),
                  "memory": sofo.get("memory", 0), "orthogonal_cycles": sofo.get("orthogonal_cycles", False),
                  **self._saved_settings(sofo)}
-        self.settings_changed_on_load = {name: (value, self.settings()[name]) for name, value in saved.items()
-                                         if value != self.settings()[name]}
+        now = self.settings()
+        self.settings_changed_on_load = {name: (value, now[name]) for name, value in saved.items() if value != now[name]}
         if not self.momentum:  # a velocity saved by a run with momentum has no use here
             for state in self.state.values():
                 state.pop("momentum_buffer", None)
