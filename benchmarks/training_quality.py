@@ -72,7 +72,7 @@ OPTIONS = {
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
-                "flipflop": "lr 0.0001", "delayed_addition": "lr 1e-05"}
+                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "delayed_addition": "lr 1e-05"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class TaskSpec:
     tangents: int
     sizes: str  # shown beside the table, with what was reduced from the authors' sizes
     readout: str = "readout"  # the name of the readout weights ("readout" in the options means this)
+    sweep_iterations: int = 500  # the sweep's budget (seed 0) whose best settings go on to the seeds
 
 
 def _kalman(n_steps):
@@ -92,10 +93,12 @@ def _kalman(n_steps):
     return make
 
 
-def _flipflop(seed):
-    from datamodules import FlipFlop
+def _flipflop(n_bits):
+    def make(seed):
+        from datamodules import FlipFlop
 
-    return FlipFlop(n_bits=3, n_steps=200, batch_size=32, val_trials=128, seed=seed)
+        return FlipFlop(n_bits=n_bits, n_steps=200, batch_size=32, val_trials=128, seed=seed)
+    return make
 
 
 def _delayed_addition(seed):
@@ -146,8 +149,12 @@ TASKS = {
     "delayed_addition": TaskSpec(_delayed_addition, _relu_rnn(32), 32,
                                  "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 32, K = 32, scored at the last step only "
                                  "(authors: N = 128, B = 256, K = 128)"),
-    "flipflop": TaskSpec(_flipflop, _tanh_rnn(64), 64,
+    "flipflop": TaskSpec(_flipflop(3), _tanh_rnn(64), 64,
                          "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (main job: B = 64, K = 128)"),
+    "flipflop10": TaskSpec(_flipflop(10), _tanh_rnn(64), 64,
+                           "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
+                           "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
+                           sweep_iterations=1000),
 }
 
 
@@ -370,7 +377,7 @@ def sweep_table(runs, iterations) -> str:
 
 
 TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
-                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
+                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",), "flipflop10": ("bit_accuracy",),
                 "delayed_addition": ("sum_mse",)}
 
 
@@ -507,10 +514,15 @@ def plot_task(task_name: str, groups) -> None:
     figure.savefig(OUT / f"{task_name}.png", dpi=110)
 
 
-def report(tasks, sweep_iterations: int, iterations: int) -> str:
+def sweep_budget(task_name: str, sweep_iterations: int | None) -> int:
+    """The sweep's iterations: the command line's, else the task's own."""
+    return sweep_iterations or TASKS[task_name].sweep_iterations
+
+
+def report(tasks, sweep_iterations: int | None, iterations: int) -> str:
     import torch
 
-    sections = [s for s in (report_task(t, sweep_iterations, iterations) for t in tasks) if s]
+    sections = [s for s in (report_task(t, sweep_budget(t, sweep_iterations), iterations) for t in tasks) if s]
     intro = (f"Measured on {platform.machine()} CPU (2 cores, two to four runs at a time, one thread each, so "
              "the seconds are inflated, alike for both methods), "
              f"torch {torch.__version__}. Same model, initial parameters, training trials and validation set for "
@@ -527,7 +539,8 @@ def main():
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS),
                         help="with --stage seeds: the SOFO options to run beside the best settings")
     parser.add_argument("--iterations", type=int, default=2000)
-    parser.add_argument("--sweep-iterations", type=int, default=500)
+    parser.add_argument("--sweep-iterations", type=int, default=None,
+                        help="the sweep's budget (default: each task's own, 500 for most)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only rebuild tables and plots from saved runs")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -537,9 +550,9 @@ def main():
         jobs = []
         for task_name in args.tasks:
             if args.stage == "sweep":
-                settings, seeds, iterations = SWEEP, [0], args.sweep_iterations
+                settings, seeds, iterations = SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
             elif args.stage == "seeds":
-                settings, seeds, iterations = settings_for_seeds(task_name, args.sweep_iterations, args.options), args.seeds, args.iterations
+                settings, seeds, iterations = settings_for_seeds(task_name, sweep_budget(task_name, args.sweep_iterations), args.options), args.seeds, args.iterations
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
                             for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
@@ -550,7 +563,7 @@ def main():
                      if not run_path(task_name, s, seed, iterations).exists()]
         # what the comparison needs most first (each method's best on every seed, then the options on
         # seed 0), so a study cut short still answers; within that, the slowest runs first
-        best = {t: best_settings(load_runs(t), args.sweep_iterations) for t in args.tasks}
+        best = {t: best_settings(load_runs(t), sweep_budget(t, args.sweep_iterations)) for t in args.tasks}
         jobs.sort(key=lambda j: (priority(j[1], j[2], best[j[0]]), j[0] != "double_reach" or j[1].method != "Adam"))
         print(f"{len(jobs)} runs to do", flush=True)
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
