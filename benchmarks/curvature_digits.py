@@ -58,13 +58,13 @@ COMPILE = True  # SOFO's engine in torch.compile'd chunks (the tests switch it o
 def build(method, options, seed, hidden=HIDDEN, tangents=TANGENTS):
     import torch
 
-    from datamodules import SequentialDigits
+    from lightning_sofo.datamodules import SequentialDigits
     from lightning_sofo import SOFO
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     task = SequentialDigits(steps_per_row=STEPS_PER_ROW, batch_size=BATCH, seed=seed)
     torch.manual_seed(seed)
-    model = VanillaRNN(task.input_size, hidden, 10, dt=10.0, tau=20.0, nonlinearity="tanh", gain=0.9,
+    model = VanillaRNN(task.input_size, hidden, 10, dt=0.01, tau=0.02, nonlinearity="tanh", gain=0.9,
                        loss="cross_entropy", compile_steps=task.n_steps if method == "SOFO" and COMPILE else 0,
                        learning_rule="three_factor" if method == "three-factor" else "bptt")
     model.train()

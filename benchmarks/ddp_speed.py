@@ -32,7 +32,7 @@ def child(strategy: str, devices: int, threads: int, steps: int, accelerator: st
     sys.path.insert(0, str(HERE.parent))
     import lightning_sofo  # noqa: F401
     from lightning_sofo import SOFO
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     torch.set_num_threads(threads)
 

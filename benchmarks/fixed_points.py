@@ -33,15 +33,15 @@ HIDDEN, STEPS_PER_TRIAL, BATCH = 64, 100, 64
 
 
 def task(seed: int = 0):
-    from datamodules import FlipFlop
+    from lightning_sofo.datamodules import FlipFlop
 
     return FlipFlop(n_bits=3, n_steps=STEPS_PER_TRIAL, batch_size=BATCH, val_trials=128, seed=seed)
 
 
 def network():
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
-    return VanillaRNN(3, HIDDEN, 3, dt=10.0, tau=100.0, nonlinearity="tanh", gain=0.9)
+    return VanillaRNN(3, HIDDEN, 3, dt=0.01, tau=0.1, nonlinearity="tanh", gain=0.9)
 
 
 def train(steps: int, seed: int = 0):

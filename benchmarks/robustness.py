@@ -152,7 +152,7 @@ def damaged_files(runs: int, folder: Path) -> tuple[int, int, int]:
     import torch
 
     from lightning_sofo.checkpoints import CheckpointError, check_matches, read_checkpoint
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     source = folder / "source"
     source.mkdir()
@@ -191,7 +191,7 @@ def bad_batches() -> tuple[int, int, int]:
     import torch
 
     from lightning_sofo import SOFO
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     good = lambda **kw: {"inputs": torch.randn(3, 5, 2), "targets": torch.randn(3, 5, 1), **kw}
     cases = [good(targets=torch.randn(3, 5, 1, dtype=torch.float64)),

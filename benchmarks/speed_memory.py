@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from lightning_sofo import SOFO  # noqa: E402
-from models import VanillaRNN  # noqa: E402
+from lightning_sofo.models import VanillaRNN  # noqa: E402
 
 INPUTS, OUTPUTS = 3, 2
 DEFAULTS = {  # device: (N, B, K, lengths, ks, T of the K sweep)

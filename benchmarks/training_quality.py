@@ -87,7 +87,7 @@ class TaskSpec:
 
 def _kalman(n_steps):
     def make(seed):
-        from datamodules import AdaptiveKalman
+        from lightning_sofo.datamodules import AdaptiveKalman
 
         return AdaptiveKalman(n_steps=n_steps, batch_size=16, val_trials=64, seed=seed)
     return make
@@ -95,20 +95,20 @@ def _kalman(n_steps):
 
 def _flipflop(n_bits):
     def make(seed):
-        from datamodules import FlipFlop
+        from lightning_sofo.datamodules import FlipFlop
 
         return FlipFlop(n_bits=n_bits, n_steps=200, batch_size=32, val_trials=128, seed=seed)
     return make
 
 
 def _delayed_addition(seed):
-    from datamodules import DelayedAddition
+    from lightning_sofo.datamodules import DelayedAddition
 
     return DelayedAddition(n_steps=1000, batch_size=32, val_trials=128, seed=seed)
 
 
 def _double_reach(seed):
-    from datamodules import DoubleReach
+    from lightning_sofo.datamodules import DoubleReach
 
     return DoubleReach(dt=0.01, n_steps=250, batch_size=16, val_trials=64, seed=seed)
 
@@ -116,24 +116,24 @@ def _double_reach(seed):
 def _relu_rnn(hidden_size):
     """The SOFO authors' Kalman network: ReLU, alpha = dt / tau = 0.25."""
     def make(task):
-        from models import VanillaRNN
+        from lightning_sofo.models import VanillaRNN
 
-        return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=10.0, tau=40.0, nonlinearity="relu",
+        return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu",
                           gain=0.9, compile_steps=50)
     return make
 
 
 def _tanh_rnn(hidden_size):
     def make(task):
-        from models import VanillaRNN
+        from lightning_sofo.models import VanillaRNN
 
-        return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=10.0, tau=100.0, nonlinearity="tanh",
+        return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=0.01, tau=0.1, nonlinearity="tanh",
                           gain=0.9, compile_steps=50)
     return make
 
 
 def _arm_controller(task):
-    from models import ArmController, TwoLinkArm
+    from lightning_sofo.models import ArmController, TwoLinkArm
 
     return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02, compile_steps=50)
 

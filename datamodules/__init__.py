@@ -5,12 +5,12 @@ FlipFlop, DelayedAddition, AdaptiveKalman, Lorenz, Reach, DoubleReach, Sequentia
 NeurogymTask (every neurogym task by its id; needs the [neurogym] extra).
 """
 
-from datamodules.delayed_addition import DelayedAddition
-from datamodules.digits import SequentialDigits
-from datamodules.flipflop import FlipFlop
-from datamodules.kalman import AdaptiveKalman
-from datamodules.lorenz import Lorenz
-from datamodules.neurogym_tasks import NeurogymTask
-from datamodules.reach import DoubleReach, Reach
+from .delayed_addition import DelayedAddition
+from .digits import SequentialDigits
+from .flipflop import FlipFlop
+from .kalman import AdaptiveKalman
+from .lorenz import Lorenz
+from .neurogym_tasks import NeurogymTask
+from .reach import DoubleReach, Reach
 
 __all__ = ["AdaptiveKalman", "DelayedAddition", "DoubleReach", "FlipFlop", "Lorenz", "NeurogymTask", "Reach", "SequentialDigits"]

@@ -21,6 +21,7 @@ from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_sofo.tasks import Scored, TaskDataModule
+from lightning_sofo.units import require_step
 
 
 def import_neurogym():
@@ -45,26 +46,37 @@ def neurogym_task_ids() -> list[str]:
 class NeurogymTask(TaskDataModule):
     """Args:
         task: a neurogym task id, e.g. "PerceptualDecisionMaking-v0".
-        task_kwargs: keyword arguments of the task (dt in ms, timing, ...).
+        dt: the time step in seconds (None: the task's own default); neurogym itself counts
+            milliseconds, and this class converts.
+        task_kwargs: other keyword arguments of the neurogym task, in neurogym's own units
+            (its `timing` durations are in milliseconds, as neurogym documents them).
         score_periods: names of the scored periods (None: "decision", or every step).
         score_fixation: also score the fixation period.
         n_steps: pad every trial to this length (None: to the longest trial of the batch).
         and the TaskDataModule arguments.
     """
 
-    def __init__(self, task: str = "PerceptualDecisionMaking-v0", task_kwargs: dict[str, Any] | None = None,
+    def __init__(self, task: str = "PerceptualDecisionMaking-v0", dt: float | None = None,
+                 task_kwargs: dict[str, Any] | None = None,
                  score_periods: list[str] | None = None, score_fixation: bool = False, n_steps: int | None = None,
                  **kwargs):
         super().__init__(**kwargs)
         neurogym = import_neurogym()
         known = neurogym_task_ids()
         self.require(task in known, f"unknown neurogym task {task!r}; choose one of {known}.")
+        self.require("dt" not in (task_kwargs or {}),
+                     f"give the time step as NeurogymTask(dt=...) in seconds (dt: {(task_kwargs or {}).get('dt', 0) / 1000:g} "
+                     "for neurogym's dt in ms), not in task_kwargs.")
+        options = dict(task_kwargs or {})
+        if dt is not None:
+            require_step(type(self).__name__, dt=dt)
+            options["dt"] = dt * 1000.0  # neurogym's unit: ms
         try:
-            self.env = neurogym.make(task, **(task_kwargs or {})).unwrapped
+            self.env = neurogym.make(task, **options).unwrapped
         except TypeError as error:
             raise ValueError(f"{type(self).__name__}: task {task!r} rejected task_kwargs={task_kwargs}: {error}") from None
         self.task, self.task_kwargs, self.n_steps = task, dict(task_kwargs or {}), n_steps
-        self.dt = self.env.dt
+        self.dt = self.env.dt / 1000.0  # s
         self.input_size = int(self.env.observation_space.shape[0])
         self.discrete = hasattr(self.env.action_space, "n")
         self.output_size = int(self.env.action_space.n if self.discrete else self.env.action_space.shape[0])

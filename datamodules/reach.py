@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 
 from lightning_sofo.tasks import Scored, TaskDataModule
+from lightning_sofo.units import require_step
 
 
 class Reach(TaskDataModule):
@@ -47,7 +48,7 @@ class Reach(TaskDataModule):
                  n_directions: int | None = None, max_reach: float = 0.6, hold_weight: float = 1.0,
                  target_weight: float = 4.0, **kwargs):
         super().__init__(**kwargs)
-        self.require(dt > 0, f"dt is the time step in seconds, > 0; got {dt}.")
+        require_step(type(self).__name__, dt=dt)
         self.require(0 <= prep_range[0] <= prep_range[1], f"prep_range must be (min, max) with 0 <= min <= max; got {prep_range}.")
         self.require(0 < radius_range[0] <= radius_range[1], f"radius_range must be (min, max) > 0; got {radius_range}.")
         self.require(n_directions is None or n_directions >= 1, f"n_directions must be None or >= 1; got {n_directions}.")
@@ -123,7 +124,8 @@ class Reach(TaskDataModule):
 
         if index > 0:  # one figure holds every trial's path
             return super().plot_trial(batch, outputs, rates, index)
-        return plot_hand_paths(batch, outputs, batch["reach_targets"], title=f"{type(self).__name__}: hand paths")
+        return plot_hand_paths(batch, outputs, batch["reach_targets"], title=f"{type(self).__name__}: hand paths",
+                               dt=self.dt)
 
 
 class DoubleReach(Reach):

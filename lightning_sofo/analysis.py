@@ -338,7 +338,8 @@ class Linearisation:
     jacobian (N, N); eigenvalues (N,) complex, by decreasing modulus; eigenvectors (N, N)
     complex, column k for eigenvalue k; readout_directions (O, N) complex: column k is
     dy/dh v_k, where eigenvector k points in the readout's space; time_constants (N,):
-    -dt / ln|lambda_k| in units of the step dt (inf for |lambda| = 1, negative: growth).
+    -dt / ln|lambda_k| in seconds when the module has a time step `dt` (s), else in time
+    steps (inf for |lambda| = 1, negative: growth).
     """
 
     point: Tensor
@@ -349,7 +350,7 @@ class Linearisation:
     time_constants: Tensor
 
 
-def linearise(module: nn.Module, point: Tensor, inputs: Tensor | None = None, dt: float = 1.0,
+def linearise(module: nn.Module, point: Tensor, inputs: Tensor | None = None, dt: float | None = None,
               layout: StateLayout | None = None, held: list[Tensor] | None = None) -> Linearisation:
     """The linear dynamics of module.step around the state `point` (N,) at a constant input
     (a structured state: `point` is the flat free part of `layout`, see state_map)."""
@@ -361,6 +362,8 @@ def linearise(module: nn.Module, point: Tensor, inputs: Tensor | None = None, dt
     eigenvalues, eigenvectors = torch.linalg.eig(jacobian)
     order = eigenvalues.abs().argsort(descending=True)
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    if dt is None:  # the module's own step in seconds, else count steps
+        dt = getattr(module, "dt", 1.0)
     time_constants = -dt / torch.log(eigenvalues.abs())
     return Linearisation(point, jacobian, eigenvalues, eigenvectors,
                          readout_jacobian.to(eigenvectors.dtype) @ eigenvectors, time_constants)

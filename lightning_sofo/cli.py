@@ -5,7 +5,8 @@
     sofo analyse --config flipflop_sofo --ckpt_path last        # fixed points and PCA figures of the trained net
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
-config; models/ and datamodules/ are imported so their classes are known by name. Every run
+config; lightning_sofo.models and lightning_sofo.datamodules are imported so their classes are
+also known by their short names (class_path: FlipFlop). Every run
 logs to TensorBoard under `lightning_logs/<config name>/`, keeps the last checkpoint (written
 atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each validation;
 `--ckpt_path last` resumes from the newest readable checkpoint of the same config's runs.
@@ -13,13 +14,13 @@ atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each va
 
 from __future__ import annotations
 
+import importlib.resources
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -34,12 +35,13 @@ from lightning_sofo.checkpoints import (
     newest_readable,
     read_checkpoint,
 )
+from lightning_sofo.compat import ConfigWinsOverCheckpoint
 from lightning_sofo.module import SOFOModule
 
-BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BUNDLED_CONFIGS = Path(str(importlib.resources.files("lightning_sofo.configs")))
 
 
-class SOFOCLI(LightningCLI):
+class SOFOCLI(ConfigWinsOverCheckpoint):
     """LightningCLI with SOFOModule models, any LightningDataModule, atomic checkpoints kept per
     experiment, figure and interrupt callbacks, and a closing line that says where the results are.
 
@@ -48,8 +50,8 @@ class SOFOCLI(LightningCLI):
     experiment only."""
 
     def __init__(self, args=None, run: bool = True, **kwargs):
-        import datamodules  # noqa: F401  (so class_path: FlipFlop resolves)
-        import models  # noqa: F401
+        import lightning_sofo.datamodules  # noqa: F401  (so the short class_path: FlipFlop resolves)
+        import lightning_sofo.models  # noqa: F401
 
         super().__init__(
             model_class=SOFOModule,
@@ -87,13 +89,6 @@ class SOFOCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI (2.3+) replaces the model's config with the hyperparameters saved in an explicit
-        # --ckpt_path, silently overriding the command line and the config file; here the run's own
-        # config wins, a checkpoint that does not fit it is refused, and differences are reported
-        # (resolve_checkpoint). The only private LightningCLI method overridden (tests/test_cli.py).
-        return None
 
     def resolve_checkpoint(self) -> None:
         """Before fit / validate / test / predict: `--ckpt_path last` becomes the newest readable

@@ -25,44 +25,54 @@ def _scored_steps(batch: dict, index: int) -> Tensor | None:
     return (mask.reshape(mask.shape[0], -1) > 0).any(-1) if mask.dim() > 1 else mask > 0
 
 
-def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, index: int = 0, title: str = ""):
+def _time_axis(steps: int, dt: float | None):
+    """(times, label): seconds when the step dt (s) is known, else step indices."""
+    times = torch.arange(steps, dtype=torch.float64)
+    return (_numpy(times * dt), "time (s)") if dt is not None else (_numpy(times), "time step")
+
+
+def plot_sequences(batch: dict, outputs: Tensor, rates: Tensor | None = None, index: int = 0, title: str = "",
+                   dt: float | None = None):
     """Inputs, targets (dashed) against outputs (solid), and unit rates of trial `index`;
     grey bands mark the scored steps (mask > 0). Class-index targets are drawn with
-    the softmax of the outputs."""
+    the softmax of the outputs. The time axis is in seconds when `dt` (s per step) is given."""
     rows = 3 if rates is not None else 2
     figure = Figure(figsize=(8, 2.2 * rows))
     axes = figure.subplots(rows, 1, sharex=True, squeeze=False)
     axes = axes[:, 0]
     inputs, targets, outputs = batch["inputs"][index], batch["targets"][index], outputs[index]
-    axes[0].plot(_numpy(inputs[:, :MAX_CHANNELS]))
+    times, time_label = _time_axis(inputs.shape[0], dt)
+    axes[0].plot(times, _numpy(inputs[:, :MAX_CHANNELS]))
     axes[0].set_ylabel("inputs")
     if targets.dtype in (torch.int64, torch.int32):
         probabilities = torch.softmax(outputs.float(), dim=-1)
         for c in range(min(probabilities.shape[-1], MAX_CHANNELS)):
-            line = axes[1].plot(_numpy(probabilities[:, c]), label=f"p(class {c})")[0]
-            axes[1].plot(_numpy((targets == c).float()), "--", color=line.get_color())
+            line = axes[1].plot(times, _numpy(probabilities[:, c]), label=f"p(class {c})")[0]
+            axes[1].plot(times, _numpy((targets == c).float()), "--", color=line.get_color())
         axes[1].set_ylabel("target / output")
     else:
         for c in range(min(targets.shape[-1], MAX_CHANNELS)):
-            line = axes[1].plot(_numpy(outputs[:, c]), label=f"output {c}")[0]
-            axes[1].plot(_numpy(targets[:, c]), "--", color=line.get_color())
+            line = axes[1].plot(times, _numpy(outputs[:, c]), label=f"output {c}")[0]
+            axes[1].plot(times, _numpy(targets[:, c]), "--", color=line.get_color())
         axes[1].set_ylabel("target (--) / output")
     scored = _scored_steps(batch, index)
     if scored is not None:
-        axes[1].fill_between(range(scored.shape[0]), 0, 1, where=_numpy(scored).astype(bool), step="mid",
+        axes[1].fill_between(times, 0, 1, where=_numpy(scored).astype(bool), step="mid",
                              transform=axes[1].get_xaxis_transform(), color="0.9", lw=0, zorder=-1)
     if rates is not None:
-        axes[2].plot(_numpy(rates[index][:, :MAX_UNITS]))
+        axes[2].plot(times, _numpy(rates[index][:, :MAX_UNITS]))
         axes[2].set_ylabel("unit rates")
-    axes[-1].set_xlabel("time step")
+    axes[-1].set_xlabel(time_label)
     axes[0].set_title(title)
     figure.tight_layout()
     return figure
 
 
-def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: int = 8, title: str = ""):
+def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: int = 8, title: str = "",
+                    dt: float | None = None):
     """Hand paths (outputs[..., :2], m) of up to n_trials trials, with their final targets (x) and
-    the start (o); right: hand speed against time."""
+    the start (o); right: hand speed against time (seconds when `dt`, s per step, is given)."""
+    times, time_label = _time_axis(outputs.shape[1], dt)
     figure = Figure(figsize=(10, 4.5))
     paths, speed = figure.subplots(1, 2)
     for i in range(min(n_trials, outputs.shape[0])):
@@ -70,14 +80,14 @@ def plot_hand_paths(batch: dict, outputs: Tensor, endpoints: Tensor, n_trials: i
         line = paths.plot(hand[:, 0], hand[:, 1], lw=1.2)[0]
         target = _numpy(endpoints[i])
         paths.plot(target[..., 0], target[..., 1], "x", color=line.get_color(), ms=9, mew=2)
-        speed.plot((hand[:, 2] ** 2 + hand[:, 3] ** 2) ** 0.5, color=line.get_color(), lw=1)
+        speed.plot(times, (hand[:, 2] ** 2 + hand[:, 3] ** 2) ** 0.5, color=line.get_color(), lw=1)
     start = _numpy(outputs[0, 0, :2])
     paths.plot(start[0], start[1], "ko", ms=6)
     paths.set_aspect("equal")
     paths.set_xlabel("x (m)")
     paths.set_ylabel("y (m)")
     paths.set_title(title)
-    speed.set_xlabel("time step")
+    speed.set_xlabel(time_label)
     speed.set_ylabel("hand speed (m/s)")
     figure.tight_layout()
     return figure

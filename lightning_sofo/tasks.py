@@ -13,20 +13,16 @@ Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 Batch = dict[str, Tensor]
-
-# the trial stream has a length (batches_per_epoch) and is generated in the main process
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 
@@ -50,13 +46,15 @@ class TaskDataModule(L.LightningDataModule):
             derive their own seeds from it.
 
     Subclasses set `input_size`, `output_size` and `loss` ("mse" or
-    "cross_entropy"), and implement `generate`; they may override `metrics`
+    "cross_entropy"), `dt` (seconds per step) if their trials have a physical time step,
+    and implement `generate`; they may override `metrics`
     and `plot_trial`.
     """
 
     input_size: int
     output_size: int
     loss: str = "mse"
+    dt: float | None = None  # seconds per time step; None for tasks defined in steps
 
     def __init__(self, batch_size: int = 64, batches_per_epoch: int = 100, val_trials: int = 256,
                  test_trials: int = 256, seed: int = 0):
@@ -83,7 +81,7 @@ class TaskDataModule(L.LightningDataModule):
         """A matplotlib Figure of trial `index`: inputs, targets against outputs, a few unit rates."""
         from lightning_sofo.plots import plot_sequences
 
-        return plot_sequences(batch, outputs, rates, index, title=type(self).__name__)
+        return plot_sequences(batch, outputs, rates, index, title=type(self).__name__, dt=self.dt)
 
     # ---- Lightning ------------------------------------------------------------------
     def draw(self, stream: str, index: int, n_trials: int | None = None, shard: int = 0) -> Batch:
@@ -100,8 +98,10 @@ class TaskDataModule(L.LightningDataModule):
             self._fixed[stream] = [self.draw(stream, i, n) for i, n in enumerate(sizes)]
         return self._fixed[stream]
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_TrialStream(self), batch_size=None)
+    def train_dataloader(self) -> Iterable[Batch]:
+        # a sized iterable, not a DataLoader: the stream has an epoch length and draws its trials
+        # in this process, seeded per batch and rank (Lightning takes any iterable as a loader)
+        return _TrialStream(self)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.fixed_set("val"), batch_size=None)
@@ -147,7 +147,7 @@ class TaskDataModule(L.LightningDataModule):
             self.require(ok, f"{name} must be a number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}.")
 
 
-class _TrialStream(IterableDataset):
+class _TrialStream:
     """Training batches batches_per_epoch at a time, batch i drawn from its own seed."""
 
     def __init__(self, task: TaskDataModule):

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from models.vanilla_rnn import LeakyRNNCell
+from lightning_sofo.units import require_step
+from .vanilla_rnn import LeakyRNNCell
 
 
 class Body(nn.Module):
@@ -75,8 +76,7 @@ class TwoLinkArm(Body):
         start_angles_deg: tuple[float, float] = (20.0, 140.0),
     ):
         super().__init__()
-        if dt <= 0:
-            raise ValueError(f"dt is the integration step in seconds, > 0 (e.g. 0.002); got {dt}.")
+        require_step(type(self).__name__, dt=dt)
         self.dt = dt
         self.l1, self.l2 = upper_length, lower_length
         self.a1 = upper_inertia + lower_inertia + lower_mass * upper_length**2
@@ -176,6 +176,11 @@ class ArmController(SOFOModule):
         )
         self.motor = nn.Parameter(motor_scale * torch.randn(self.body.action_size, hidden_size) / math.sqrt(hidden_size))
         self.motor_bias = nn.Parameter(torch.zeros(self.body.action_size))
+
+    @property
+    def dt(self) -> float:
+        """The time step in seconds (one step of the trial)."""
+        return self.cell.dt
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, Any]:
         """(h_0 (B, N), body start state)."""

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from models.vanilla_rnn import _check_positive_int
+from .vanilla_rnn import _check_positive_int
 
 
 class GRU(SOFOModule):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.arm import Body
+from .arm import Body
 
 State = dict[str, Tensor]
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.units import require_step, require_time_constant
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus}
 LEARNING_RULES = ("bptt", "three_factor")
@@ -36,7 +37,7 @@ class LeakyRNNCell(nn.Module):
 
     Args:
         input_size, hidden_size: I, N.
-        dt, tau: time step and membrane time constant (same unit, e.g. ms).
+        dt, tau: time step and membrane time constant in seconds (alpha = dt / tau).
         nonlinearity: phi, one of "tanh", "relu", "softplus"; rates are phi(h).
         gain: g, the initial spectral scale of W (random Gaussian W has its bulk
             of eigenvalues in the disc of radius g; with Dale's law W is rescaled
@@ -58,8 +59,8 @@ class LeakyRNNCell(nn.Module):
         self,
         input_size: int,
         hidden_size: int,
-        dt: float = 10.0,
-        tau: float = 100.0,
+        dt: float = 0.01,
+        tau: float = 0.1,
         nonlinearity: str = "tanh",
         gain: float = 0.9,
         learn_initial_state: bool = False,
@@ -76,20 +77,23 @@ class LeakyRNNCell(nn.Module):
         if learning_rule not in LEARNING_RULES:
             raise ValueError(f"learning_rule must be one of {LEARNING_RULES}, got {learning_rule!r}.")
         self.learning_rule = learning_rule
-        for name, value in {"dt": dt, "tau": tau, "gain": gain, "input_noise": input_noise,
+        require_step(type(self).__name__, dt=dt)
+        require_time_constant(type(self).__name__, tau=tau)
+        for name, value in {"gain": gain, "input_noise": input_noise,
                             "recurrent_noise": recurrent_noise}.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
-        if not (dt > 0 and tau >= dt):
-            raise ValueError(f"need 0 < dt <= tau for a stable leak, got dt={dt}, tau={tau}.")
+        if tau < dt:
+            raise ValueError(f"need dt <= tau for a stable leak (alpha = dt / tau <= 1), got dt={dt} s, tau={tau} s.")
         if input_noise < 0 or recurrent_noise < 0:
             raise ValueError(f"noise levels are standard deviations >= 0, got input_noise={input_noise}, "
                              f"recurrent_noise={recurrent_noise}.")
         if dale_ratio is not None and not 0 < dale_ratio < 1:
             raise ValueError(f"dale_ratio is the fraction of excitatory units, in (0, 1) (e.g. 0.8); got {dale_ratio}.")
         self.input_size, self.hidden_size = input_size, hidden_size
+        self.dt, self.tau = dt, tau
         self.alpha = dt / tau
         self.nonlinearity = nonlinearity
         self.phi = NONLINEARITIES[nonlinearity]
@@ -176,8 +180,8 @@ class VanillaRNN(SOFOModule):
         input_size: int,
         hidden_size: int,
         output_size: int,
-        dt: float = 10.0,
-        tau: float = 100.0,
+        dt: float = 0.01,
+        tau: float = 0.1,
         nonlinearity: str = "tanh",
         gain: float = 0.9,
         learn_initial_state: bool = False,
@@ -207,6 +211,11 @@ class VanillaRNN(SOFOModule):
         )
         self.readout = nn.Parameter(torch.randn(output_size, hidden_size) / math.sqrt(hidden_size))
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
+
+    @property
+    def dt(self) -> float:
+        """The time step in seconds (one step of the trial)."""
+        return self.cell.dt
 
     def initial_state(self, batch_size: int) -> Tensor:
         """h_0, (B, N)."""

@@ -79,14 +79,19 @@ def test_linearisation_readout_directions_and_time_constants():
     model = LinearRNN()
     u = torch.tensor([0.1, 0.4])
     point = linear_truth(model, u)
-    linear = analysis.linearise(model, point, u, dt=10.0)
+    linear = analysis.linearise(model, point, u, dt=0.01)
     A, C = model.A.detach().double(), model.C.detach().double()
     # each eigenpair: J v = lambda v; the readout of a state perturbation v after one step is C A v = lambda C v
     torch.testing.assert_close(A.to(torch.complex128) @ linear.eigenvectors,
                                linear.eigenvectors * linear.eigenvalues, atol=1e-10, rtol=0)
     torch.testing.assert_close(linear.readout_directions,
                                (C @ A).to(torch.complex128) @ linear.eigenvectors, atol=1e-10, rtol=0)
-    torch.testing.assert_close(linear.time_constants, -10.0 / torch.log(linear.eigenvalues.abs()))
+    torch.testing.assert_close(linear.time_constants, -0.01 / torch.log(linear.eigenvalues.abs()))
+    counted = analysis.linearise(model, point, u)  # no step known: time constants in steps
+    torch.testing.assert_close(counted.time_constants, -1.0 / torch.log(linear.eigenvalues.abs()))
+    model.dt = 0.02  # a model with a step (s): its time constants come in seconds
+    torch.testing.assert_close(analysis.linearise(model, point, u).time_constants,
+                               -0.02 / torch.log(linear.eigenvalues.abs()))
 
 
 def test_pca_matches_the_covariance_eigendecomposition():
@@ -161,10 +166,10 @@ def test_callback_logs_the_figures_at_the_end_of_fit(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from datamodules import FlipFlop
+    from lightning_sofo.datamodules import FlipFlop
     from lightning_sofo import SOFO
     from lightning_sofo.callbacks import FixedPointFigures
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     class Net(VanillaRNN):
         def configure_optimizers(self):
@@ -207,7 +212,7 @@ def test_tuple_state_fixed_points_are_those_of_the_same_network_with_one_tensor(
     """Oracle: a network whose state is split into a tuple (h[:, :3], {"rest": h[:, 3:]}) has the fixed
     points, Jacobians and eigenvalues of the same network with a single state tensor."""
     from lightning_sofo import SOFOModule
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     torch.manual_seed(0)
     plain = VanillaRNN(2, 6, 2, gain=1.5).double()
@@ -239,7 +244,7 @@ def test_tuple_state_fixed_points_are_those_of_the_same_network_with_one_tensor(
 def test_held_leaves_are_solved_around_their_average():
     """free="network" on an arm controller solves for the network's state with the body held at its
     average; each point found is a fixed point of the network map at that body state."""
-    from models import ArmController, TwoLinkArm
+    from lightning_sofo.models import ArmController, TwoLinkArm
 
     torch.manual_seed(0)
     model = ArmController(3, hidden_size=6, body=TwoLinkArm(dt=0.01), nonlinearity="tanh").double()
@@ -259,8 +264,8 @@ def test_held_leaves_are_solved_around_their_average():
 
 def test_fixed_point_figures_run_at_the_end_of_an_arm_fit(tmp_path):
     from lightning_sofo.callbacks import FixedPointFigures
-    from datamodules import Reach
-    from models import ArmController, TwoLinkArm
+    from lightning_sofo.datamodules import Reach
+    from lightning_sofo.models import ArmController, TwoLinkArm
 
     task = Reach(dt=0.01, n_steps=40, batch_size=4, val_trials=4, prep_range=(0.05, 0.1), movement_time=0.1)
     model = ArmController(task.input_size, hidden_size=6, body=TwoLinkArm(dt=0.01))
@@ -278,10 +283,30 @@ def test_importing_the_package_leaves_the_matplotlib_backend_alone():
     import subprocess
 
     code = ("import matplotlib; matplotlib.use('svg'); import lightning_sofo.plots, lightning_sofo.callbacks, "
-            "lightning_sofo.cli, datamodules, torch; from datamodules import FlipFlop; task = FlipFlop(n_steps=20, "
+            "lightning_sofo.cli, lightning_sofo.datamodules, torch; from lightning_sofo.datamodules import FlipFlop; task = FlipFlop(n_steps=20, "
             "batch_size=2, val_trials=2); batch = task.fixed_set('val')[0]; "
             "task.plot_trial(batch, batch['targets'], None).savefig('/dev/null', format='png'); "
             "print(matplotlib.get_backend())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "svg"
+
+
+def test_trial_figures_put_time_in_seconds_when_the_task_has_a_step():
+    from lightning_sofo.datamodules import FlipFlop, NeurogymTask, Reach
+
+    reach = Reach(dt=0.01, n_steps=150, batch_size=2, val_trials=2)
+    batch = reach.fixed_set("val")[0]
+    speed = reach.plot_trial(batch, torch.zeros(2, 150, 4)).axes[1]
+    assert speed.get_xlabel() == "time (s)" and speed.lines[0].get_xdata()[-1] == pytest.approx(1.49)
+    flipflop = FlipFlop(n_steps=20, batch_size=2, val_trials=2)
+    batch = flipflop.fixed_set("val")[0]
+    bottom = flipflop.plot_trial(batch, batch["targets"], None).axes[-1]
+    assert bottom.get_xlabel() == "time step" and bottom.lines[0].get_xdata()[-1] == 19
+    pytest.importorskip("neurogym")
+    decisions = NeurogymTask(dt=0.05, batch_size=2, val_trials=2)
+    batch = decisions.fixed_set("val")[0]
+    outputs = torch.zeros(*batch["inputs"].shape[:2], decisions.output_size)
+    bottom = decisions.plot_trial(batch, outputs, None).axes[-1]
+    steps = batch["inputs"].shape[1]
+    assert bottom.get_xlabel() == "time (s)" and bottom.lines[0].get_xdata()[-1] == pytest.approx(0.05 * (steps - 1))

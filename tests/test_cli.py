@@ -92,6 +92,21 @@ def test_config_runs_two_steps(config, tmp_path, caplog):
     assert (run_dir(tmp_path, config) / "analysis" / "fixed_points.png").is_file()
 
 
+def test_configs_name_classes_by_full_path_and_short_names_still_work(tmp_path, caplog):
+    for config in CONFIGS:
+        paths = re.findall(r"class_path: (\S+)", (BUNDLED_CONFIGS / config).read_text())
+        assert paths and all(path.startswith(("lightning_sofo.", "torch.")) for path in paths), (config, paths)
+    text = (BUNDLED_CONFIGS / "flipflop_sofo.yaml").read_text()
+    short = text.replace("lightning_sofo.models.VanillaRNN", "VanillaRNN").replace(
+        "lightning_sofo.datamodules.FlipFlop", "FlipFlop")
+    assert "class_path: VanillaRNN" in short and "class_path: FlipFlop" in short
+    (tmp_path / "short.yaml").write_text(short)
+    args = shrunk("flipflop_sofo.yaml", tmp_path)
+    args[args.index("--config") + 1] = str(tmp_path / "short.yaml")
+    main(args)
+    assert closing_line(caplog.text).startswith("Done after 2 steps:")
+
+
 def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
     import yaml
 
@@ -189,15 +204,22 @@ def test_console_script_trains_on_two_processes_with_sofo_ddp(tmp_path):
     assert checkpoint["optimizer_states"][0]["sofo"]["step_count"] == 2
 
 
-def test_the_private_lightning_cli_method_we_override_still_exists():
-    """SOFOCLI overrides LightningCLI._parse_ckpt_path (which would take the model's config from an
-    explicit --ckpt_path file and override the command line). If Lightning renames it, our override
-    is dead code and that behaviour returns: this test names it."""
-    from lightning.pytorch.cli import LightningCLI
-
+def test_the_private_lightning_names_we_rely_on_still_exist():
+    """lightning_sofo.compat is the one module that overrides private Lightning names (listed in
+    PRIVATE_NAMES, today LightningCLI._parse_ckpt_path, which would take the model's config from an
+    explicit --ckpt_path and override the command line). If Lightning renames one, the override is
+    dead code and that behaviour returns: this test names it. No other module uses one."""
+    from lightning_sofo import compat
     from lightning_sofo.cli import SOFOCLI
 
-    assert callable(getattr(LightningCLI, "_parse_ckpt_path", None)), (
-        "LightningCLI._parse_ckpt_path is gone: check whether LightningCLI still loads hyperparameters from "
-        "--ckpt_path and update SOFOCLI accordingly.")
-    assert SOFOCLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path
+    for owner, names in compat.PRIVATE_NAMES.items():
+        for name in names:
+            assert callable(getattr(owner, name, None)), (
+                f"{owner.__name__}.{name} is gone from Lightning: check what it did and update lightning_sofo.compat.")
+            assert getattr(SOFOCLI, name) is not getattr(owner, name)
+    package = Path(compat.__file__).parent
+    for source in [*package.glob("*.py"), *(package.parent / "models").glob("*.py"),
+                   *(package.parent / "datamodules").glob("*.py")]:
+        if source.name != "compat.py":
+            text = source.read_text()
+            assert not re.search(r"def _parse_ckpt_path|lightning\S*\._[a-z]", text), f"private Lightning name in {source}"

@@ -13,12 +13,12 @@ from torch.func import hessian, jacrev
 from conftest import MLP, TinyRNN
 from lightning_sofo import SOFO, curvature, sample_tangents
 from lightning_sofo.functional import step_generator
-from models import VanillaRNN
+from lightning_sofo.models import VanillaRNN
 
 
 def rnn_problem(loss="mse", parameters=None, steps=6):
     torch.manual_seed(0)
-    model = VanillaRNN(2, 5, 3, dt=10.0, tau=30.0, loss=loss).double()
+    model = VanillaRNN(2, 5, 3, dt=0.01, tau=0.03, loss=loss).double()
     inputs = torch.randn(4, steps, 2, dtype=torch.float64)
     if loss == "mse":
         targets = torch.randn(4, steps, 3, dtype=torch.float64)

@@ -10,15 +10,15 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from datamodules import SequentialDigits
+from lightning_sofo.datamodules import SequentialDigits
 from lightning_sofo import SOFO, curvature
 from lightning_sofo.callbacks import CurvatureMonitor
-from models import VanillaRNN
+from lightning_sofo.models import VanillaRNN
 
 
 class DigitsNet(VanillaRNN):
     def __init__(self, optimizer: str = "sofo", learning_rule: str = "bptt"):
-        super().__init__(8, 12, 10, dt=10.0, tau=20.0, loss="cross_entropy", learning_rule=learning_rule)
+        super().__init__(8, 12, 10, dt=0.01, tau=0.02, loss="cross_entropy", learning_rule=learning_rule)
         self.optimizer = optimizer
 
     def configure_optimizers(self):

@@ -89,7 +89,7 @@ def test_sofo_ddp_is_registered_and_sofo_points_to_it():
 
 
 def test_task_trials_differ_per_rank_and_rank_zero_keeps_the_one_process_stream():
-    from datamodules import FlipFlop
+    from lightning_sofo.datamodules import FlipFlop
 
     task = FlipFlop(n_steps=30, batch_size=4, seed=3)
     assert torch.equal(task.draw("train", 5)["inputs"], task.draw("train", 5, shard=0)["inputs"])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import SequentialDigits
-from datamodules.digits import MNIST_FILES, read_idx
+from lightning_sofo.datamodules import SequentialDigits
+from lightning_sofo.datamodules.digits import MNIST_FILES, read_idx
 
 
 def write_idx(path, array: np.ndarray, type_code: int = 0x08, compress: bool = False) -> None:

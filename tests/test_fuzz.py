@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datamodules import AdaptiveKalman, DelayedAddition, FlipFlop
+from lightning_sofo.datamodules import AdaptiveKalman, DelayedAddition, FlipFlop
 from lightning_sofo import SOFO
-from models import VanillaRNN
+from lightning_sofo.models import VanillaRNN
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ = settings(max_examples=int(os.environ.get("SOFO_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import flat_tangents, module_tangents
 
-from models import GRU, ArmController, MotorNetBody, TwoLinkArm, VanillaRNN
+from lightning_sofo.models import GRU, ArmController, MotorNetBody, TwoLinkArm, VanillaRNN
+from lightning_sofo.datamodules import Reach
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from handwritten_rnn import handwritten_sketch  # noqa: E402
@@ -55,8 +56,27 @@ def test_handwritten_lower_bound_computes_the_same_sketches():
 def test_vanilla_rnn_rejects_bad_options():
     with pytest.raises(ValueError, match="nonlinearity must be one of"):
         VanillaRNN(1, 4, 1, nonlinearity="sigmoid")
-    with pytest.raises(ValueError, match="0 < dt <= tau"):
-        VanillaRNN(1, 4, 1, dt=20.0, tau=10.0)
+    with pytest.raises(ValueError, match="need dt <= tau"):
+        VanillaRNN(1, 4, 1, dt=0.02, tau=0.01)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: VanillaRNN(1, 4, 1, dt=10.0, tau=100.0), "RNNCell: dt=10 s looks like milliseconds.*give dt=0.01"),
+    (lambda: VanillaRNN(1, 4, 1, dt=0.01, tau=100.0), "RNNCell: tau=100 s looks like milliseconds.*give tau=0.1"),
+    (lambda: VanillaRNN(1, 4, 1, dt=-0.01), "dt is a time in seconds, a finite number > 0"),
+    (lambda: TwoLinkArm(dt=2.0), "TwoLinkArm: dt=2 s looks like milliseconds"),
+    (lambda: ArmController(3, 8, tau=20.0), "tau=20 s looks like milliseconds.*give tau=0.02"),
+    (lambda: Reach(dt=2.0), "Reach: dt=2 s looks like milliseconds"),
+])
+def test_times_are_in_seconds_and_milliseconds_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_the_default_network_steps_in_seconds():
+    model = VanillaRNN(1, 4, 1)
+    assert (model.dt, model.cell.tau) == (0.01, 0.1) and model.cell.alpha == pytest.approx(0.1)
+    assert ArmController(3, 8).dt == TwoLinkArm().dt == 0.002
 
 
 # ---- VanillaRNN options ----------------------------------------------------------

@@ -9,14 +9,14 @@ import torch
 
 neurogym = pytest.importorskip("neurogym")
 
-from datamodules import NeurogymTask  # noqa: E402
+from lightning_sofo.datamodules import NeurogymTask  # noqa: E402
 from lightning_sofo import SOFO  # noqa: E402
-from models import VanillaRNN  # noqa: E402
+from lightning_sofo.models import VanillaRNN  # noqa: E402
 
 
 @pytest.mark.parametrize("task, kwargs", [
-    ("PerceptualDecisionMaking-v0", {"dt": 20}),
-    ("ContextDecisionMaking-v0", {"dt": 50}),
+    ("PerceptualDecisionMaking-v0", {}),
+    ("ContextDecisionMaking-v0", {"timing": {"stimulus": 500}}),
     ("DelayMatchSample-v0", {}),
 ])
 def test_batches_are_neurogyms_own_trials(task, kwargs):
@@ -35,11 +35,25 @@ def test_batches_are_neurogyms_own_trials(task, kwargs):
         assert torch.equal(batch["mask"][i, :steps], decision)
 
 
+def test_dt_is_in_seconds_and_reaches_neurogym_in_milliseconds():
+    data = NeurogymTask(dt=0.05, batch_size=4)
+    assert data.dt == pytest.approx(0.05)
+    batch = data.generate(4, torch.Generator().manual_seed(7))
+    env = neurogym.make("PerceptualDecisionMaking-v0", dt=50).unwrapped
+    env.seed(NeurogymTask.env_seed(torch.Generator().manual_seed(7)))
+    env.new_trial()
+    torch.testing.assert_close(batch["inputs"][0, :len(env.gt)], torch.as_tensor(env.ob, dtype=torch.float32))
+    with pytest.raises(ValueError, match="dt=20 s looks like milliseconds.*give dt=0.02"):
+        NeurogymTask(dt=20)
+    with pytest.raises(ValueError, match=r"NeurogymTask\(dt=...\) in seconds \(dt: 0.02"):
+        NeurogymTask(task_kwargs={"dt": 20})
+
+
 def test_batches_are_reproducible_and_fixation_can_be_scored():
-    a = NeurogymTask(task_kwargs={"dt": 20}, seed=3).draw("train", 5)
-    b = NeurogymTask(task_kwargs={"dt": 20}, seed=3).draw("train", 5)
+    a = NeurogymTask(dt=0.02, seed=3).draw("train", 5)
+    b = NeurogymTask(dt=0.02, seed=3).draw("train", 5)
     assert all(torch.equal(a[key], b[key]) for key in a)
-    with_fixation = NeurogymTask(task_kwargs={"dt": 20}, seed=3, score_fixation=True).draw("train", 5)
+    with_fixation = NeurogymTask(dt=0.02, seed=3, score_fixation=True).draw("train", 5)
     assert with_fixation["mask"].sum() > a["mask"].sum()
     assert (with_fixation["targets"][with_fixation["mask"] > a["mask"]] == 0).all()  # fixation is class 0
 
@@ -52,12 +66,12 @@ def test_bad_neurogym_options_get_clear_errors():
     with pytest.raises(ValueError, match="rejected task_kwargs"):
         NeurogymTask(task_kwargs={"speed": 3})
     with pytest.raises(ValueError, match="longer than n_steps=5"):
-        NeurogymTask(task_kwargs={"dt": 20}, n_steps=5).draw("train", 0)
+        NeurogymTask(dt=0.02, n_steps=5).draw("train", 0)
 
 
 class DecisionNet(VanillaRNN):
     def __init__(self, optimizer: str, **kwargs):
-        super().__init__(3, 32, 3, dt=20.0, tau=100.0, nonlinearity="relu", loss="cross_entropy", **kwargs)
+        super().__init__(3, 32, 3, dt=0.02, tau=0.1, nonlinearity="relu", loss="cross_entropy", **kwargs)
         self.optimizer = optimizer
 
     def configure_optimizers(self):
@@ -69,7 +83,7 @@ class DecisionNet(VanillaRNN):
 @pytest.mark.parametrize("optimizer, strategy, steps", [("sofo", "sofo", 40), ("adam", "auto", 150)])
 def test_perceptual_decision_making_is_learned_above_chance(optimizer, strategy, steps, tmp_path):
     L.seed_everything(0)
-    data = NeurogymTask(task_kwargs={"dt": 20, "timing": {"stimulus": 500}}, batch_size=32, val_trials=256)
+    data = NeurogymTask(dt=0.02, task_kwargs={"timing": {"stimulus": 500}}, batch_size=32, val_trials=256)
     model = DecisionNet(optimizer)
     trainer = L.Trainer(strategy=strategy, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)

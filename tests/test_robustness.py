@@ -13,7 +13,7 @@ from conftest import MLP, TinyRNN
 from torch.utils.data import DataLoader
 
 from lightning_sofo import FGD, SOFO, Sketch, functional, solve_subspace
-from models import VanillaRNN
+from lightning_sofo.models import VanillaRNN
 
 
 def fixed_sketch(grad, ggn, loss=1.0):
@@ -168,7 +168,7 @@ def test_eigendecomposition_that_fails_is_retried(monkeypatch):
 def test_float64_accumulation_over_a_long_float32_trial():
     """Summing 3000 steps of float32 sketches in float64 brings G~ closer to the float64 truth."""
     torch.manual_seed(4)
-    model = VanillaRNN(2, 16, 2, dt=10.0, tau=100.0)
+    model = VanillaRNN(2, 16, 2, dt=0.01, tau=0.1)
     batch = {"inputs": torch.randn(4, 3000, 2), "targets": torch.randn(4, 3000, 2)}
     optimizer = SOFO(model.parameters(), tangents=8)
     tangents = functional.sample_tangents(optimizer.named_params(), 8, torch.Generator().manual_seed(0))
@@ -176,7 +176,7 @@ def test_float64_accumulation_over_a_long_float32_trial():
     for accumulate in (False, True):
         model.accumulate_float64 = accumulate
         sketches[accumulate] = model.sketch_function(batch, optimizer)(tangents)
-    reference_model = VanillaRNN(2, 16, 2, dt=10.0, tau=100.0).double()
+    reference_model = VanillaRNN(2, 16, 2, dt=0.01, tau=0.1).double()
     reference_model.load_state_dict(model.state_dict())
     reference_optimizer = SOFO(reference_model.parameters(), tangents=8)
     truth = reference_model.sketch_function({k: v.double() for k, v in batch.items()}, reference_optimizer)(
@@ -191,7 +191,7 @@ class Exploding(VanillaRNN):
     """ReLU with gain 20 and dt = tau: the state grows 20x per step and overflows float32."""
 
     def __init__(self, optimizer="sofo", on_nonfinite="skip"):
-        super().__init__(2, 16, 2, dt=10.0, tau=10.0, nonlinearity="relu", gain=20.0)
+        super().__init__(2, 16, 2, dt=0.01, tau=0.01, nonlinearity="relu", gain=20.0)
         with torch.no_grad():
             self.cell.recurrent.abs_()  # all-positive W: every unit grows
             self.cell.bias.fill_(1.0)

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from datamodules import AdaptiveKalman, DelayedAddition, DoubleReach, FlipFlop, Lorenz, Reach
-from datamodules.lorenz import rk4_step
+from lightning_sofo.datamodules import AdaptiveKalman, DelayedAddition, DoubleReach, FlipFlop, Lorenz, Reach
+from lightning_sofo.datamodules.lorenz import rk4_step
 
 
 def test_flipflop_targets_hold_the_sign_of_the_last_pulse():
@@ -179,6 +179,32 @@ def test_training_stream_resumes_where_the_state_dict_left_it():
     assert torch.equal(resumed[0]["inputs"], task.draw("train", 7)["inputs"])
 
 
+def test_importing_leaves_warning_filters_alone_and_training_raises_no_loader_warning(tmp_path):
+    import subprocess
+    import warnings
+
+    import lightning as L
+
+    from lightning_sofo.models import VanillaRNN
+
+    code = ("import warnings, lightning, torch, torchmetrics, matplotlib; before = list(warnings.filters); "
+            "import lightning_sofo, lightning_sofo.tasks, lightning_sofo.cli, lightning_sofo.models, "
+            "lightning_sofo.datamodules; print(warnings.filters == before)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip().splitlines()[-1] == "True", result.stderr[-2000:]
+    class Net(VanillaRNN):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    task = FlipFlop(n_steps=20, batch_size=4, batches_per_epoch=3, val_trials=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_epochs=2, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(Net(3, 8, 3), task)
+    assert task.batches_consumed == 6, "two epochs of batches_per_epoch batches each"
+    assert not [w for w in caught if "IterableDataset" in str(w.message)]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: FlipFlop(n_steps=2), "shorter than one pulse"),
     (lambda: DelayedAddition(n_steps=400), "shorter than the marker period"),
@@ -222,8 +248,8 @@ def test_metrics_score_what_they_say():
 
 
 def test_a_missing_optional_extra_is_named(monkeypatch):
-    from datamodules import NeurogymTask
-    from models import MotorNetBody
+    from lightning_sofo.datamodules import NeurogymTask
+    from lightning_sofo.models import MotorNetBody
 
     monkeypatch.setitem(sys.modules, "neurogym", None)
     with pytest.raises(ImportError, match=r"pip install \"lightning-sofo\[neurogym\]\""):

@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_sofo import SOFO
-from models import VanillaRNN
+from lightning_sofo.models import VanillaRNN
 
 
 def two_step_problem():
     torch.manual_seed(0)
-    model = VanillaRNN(2, 4, 3, dt=10.0, tau=25.0, nonlinearity="tanh", learn_initial_state=True).double()
+    model = VanillaRNN(2, 4, 3, dt=0.01, tau=0.025, nonlinearity="tanh", learn_initial_state=True).double()
     with torch.no_grad():
         model.cell.h0.normal_()
     inputs = torch.randn(5, 2, 2, dtype=torch.float64)

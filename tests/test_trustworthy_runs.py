@@ -221,7 +221,7 @@ def _spoiled_files(data: bytes):
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_fuzzed_checkpoint_files_are_refused_clearly(data, real_checkpoint, tmp_path_factory):
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     kind, content = data.draw(_spoiled_files(real_checkpoint))
     path = tmp_path_factory.mktemp("fuzz") / "spoiled.ckpt"
@@ -244,7 +244,7 @@ def test_fuzzed_checkpoint_files_are_refused_clearly(data, real_checkpoint, tmp_
 
 
 def test_a_checkpoint_of_another_config_is_refused(real_checkpoint, tmp_path):
-    from models import VanillaRNN
+    from lightning_sofo.models import VanillaRNN
 
     path = tmp_path / "other.ckpt"
     path.write_bytes(real_checkpoint)
