@@ -40,13 +40,13 @@ def run(command: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedPro
 def installed(tmp_path_factory) -> Path:
     """The bin/ folder of a fresh virtual environment holding the wheel built from this tree."""
     root = tmp_path_factory.mktemp("package")
-    source = root / "source"
+    source = root / "source"  # built with build isolation, as pip builds it for a user
     source.mkdir()
     for name in SOURCES:  # a clean copy, so the build leaves this checkout alone
         copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
         copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if
                                             (REPO / name).is_dir() else {}))
-    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist",
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", root / "dist",
                  source], cwd=root)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = next((root / "dist").glob("lightning_sofo-*.whl"))
