@@ -22,7 +22,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 
 from lightning_sofo.checkpoints import AtomicCheckpointIO
 from lightning_sofo.functional import Sketch
-from lightning_sofo.module import SOFOModule, unpack_batch
+from lightning_sofo.batches import unpack_batch
+from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import SketchOptimizer
 
 
