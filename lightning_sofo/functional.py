@@ -251,7 +251,8 @@ def recurrent_sketch(
         dh_{t+1} = dF/dh dh_t + dF/dtheta V,   Y_t = dy_t/dh dh_t + dy_t/dtheta V,
     and the sketches are sums over steps of the per-step terms, so nothing from
     earlier steps is kept: memory O(K B N + K^2) whatever T is. A loss that is not
-    a per-step sum (a user callable) gets the stacked outputs (K B T O numbers).
+    a per-step sum (a user callable) gets the stacked outputs (K B T O numbers), by the
+    same time loop (_tangent_steps) and in the same compiled windows.
 
     compile_steps > 0 runs the time loop in torch.compile'd chunks of that many
     steps (one compilation, reused while shapes and `step` stay the same), which
@@ -273,17 +274,16 @@ def recurrent_sketch(
     # h_0 is often an expanded view (h0.expand(B, N)); forward mode needs its own memory
     state, state_tangents = tree_map(torch.Tensor.contiguous, (state, state_tangents))
 
-    if not loss.per_step:
-        outputs, output_tangents = [], []
-        for t in range(horizon):
-            (state, y), (state_tangents, dy) = _step_with_tangents(step, params, tangents, state, state_tangents, inputs[:, t])
-            outputs.append(y)
-            output_tangents.append(dy)
-        outputs, output_tangents = torch.stack(outputs, 1), torch.stack(output_tangents, 2)
-        return loss.sketch(outputs, output_tangents, targets, mask, loss.normaliser(targets, mask))
-
     normaliser = loss.normaliser(targets, mask)
     chunk = compile_steps if compile_steps > 0 else horizon
+    if not loss.per_step:  # the trial's outputs are scored together: the same windows, outputs kept
+        outputs, output_tangents = [], []
+        for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps):
+            state, state_tangents, y, dy = run(step, params, tangents, state, state_tangents, inputs[:, window])
+            outputs.append(y)
+            output_tangents.append(dy)
+        return loss.sketch(torch.cat(outputs, 1), torch.cat(output_tangents, 2), targets, mask, normaliser)
+
     total = None
     for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps):
         state, state_tangents, sums = run(
@@ -296,10 +296,18 @@ def recurrent_sketch(
     return total
 
 
-def _step_with_tangents(step, params, tangents, state, state_tangents, inputs_t):
-    return batched_jvp(
-        lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
-    )
+def _tangent_steps(step, params, tangents, state, state_tangents, inputs):
+    """The time loop of forward mode, over inputs.shape[1] steps: (h, dh) -> the new state and its
+    tangents, the outputs (B, W, O) and the output tangents (K, B, W, O) of those W steps."""
+    outputs, output_tangents = [], []
+    for t in range(inputs.shape[1]):
+        inputs_t = inputs[:, t]
+        (state, y), (state_tangents, dy) = batched_jvp(
+            lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
+        )
+        outputs.append(y)
+        output_tangents.append(dy)
+    return state, state_tangents, torch.stack(outputs, 1), torch.stack(output_tangents, 2)
 
 
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
@@ -314,22 +322,16 @@ def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, t
     the block's steps side by side, sum_t Y_t^T H_t Y_t = Y_b^T H_b Y_b, so the block
     costs two matrix products instead of two per step (memory K B O per kept step).
     """
-    total, outputs, output_tangents = None, [], []
-    horizon = inputs.shape[1]
-    for t in range(horizon):
-        (state, y), (state_tangents, dy) = _step_with_tangents(step, params, tangents, state, state_tangents, inputs[:, t])
-        outputs.append(y)
-        output_tangents.append(dy)
-        if len(outputs) == SKETCH_BLOCK or t == horizon - 1:
-            block = slice(t + 1 - len(outputs), t + 1)
-            term = loss.sketch(
-                torch.stack(outputs, 1), torch.stack(output_tangents, 2), targets[:, block],
-                None if mask is None else mask[:, block], normaliser,
-            )
-            if accumulate_dtype is not None:
-                term = Sketch(term.loss.to(accumulate_dtype), term.grad.to(accumulate_dtype), term.ggn.to(accumulate_dtype))
-            total = term if total is None else total + term
-            outputs, output_tangents = [], []
+    total = None
+    for start in range(0, inputs.shape[1], SKETCH_BLOCK):
+        block = slice(start, start + SKETCH_BLOCK)
+        state, state_tangents, outputs, output_tangents = _tangent_steps(
+            step, params, tangents, state, state_tangents, inputs[:, block])
+        term = loss.sketch(outputs, output_tangents, targets[:, block], None if mask is None else mask[:, block],
+                           normaliser)
+        if accumulate_dtype is not None:
+            term = Sketch(term.loss.to(accumulate_dtype), term.grad.to(accumulate_dtype), term.ggn.to(accumulate_dtype))
+        total = term if total is None else total + term
     return state, state_tangents, (total.loss, total.grad, total.ggn)
 
 

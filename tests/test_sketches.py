@@ -107,10 +107,17 @@ def check_sketches_against_oracles(build, loss):
     torch.testing.assert_close(sketch.ggn, V.T @ explicit_ggn @ V, rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("compile_steps", [0, 3])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy", masked_logcosh], ids=["mse", "cross_entropy", "callable"])
-def test_recurrent_path_equals_unrolled_sequence(loss):
-    """The step-by-step engine gives the sketches of the same computation unrolled as one function."""
+def test_recurrent_path_equals_unrolled_sequence(loss, compile_steps, monkeypatch):
+    """The step-by-step engine gives the sketches of the same computation unrolled as one function:
+    per-step losses (sketched in blocks of 2 steps here) and whole-trial losses (a user callable) by
+    the one time loop, eager or in compiled windows of 3 steps (T = 7: two windows and one step)."""
+    import lightning_sofo.functional as functional
+
+    monkeypatch.setattr(functional, "SKETCH_BLOCK", 2)
     model, inputs, targets, mask = recurrent_case(loss)
+    model.compile_steps = compile_steps
     optimizer, tangents = module_tangents(model, 6, seed=3)
     recurrent = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
 
