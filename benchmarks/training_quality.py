@@ -72,7 +72,7 @@ OPTIONS = {
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
-                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "delayed_addition": "lr 1e-05"}
+                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "flipflop_b64": "lr 0.0001", "delayed_addition": "lr 1e-05"}
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ def _kalman(n_steps):
     return make
 
 
-def _flipflop(n_bits):
+def _flipflop(n_bits, batch_size=32):
     def make(seed):
         from lightning_sofo.datamodules import FlipFlop
 
-        return FlipFlop(n_bits=n_bits, n_steps=200, batch_size=32, val_trials=128, seed=seed)
+        return FlipFlop(n_bits=n_bits, n_steps=200, batch_size=batch_size, val_trials=128, seed=seed)
     return make
 
 
@@ -155,6 +155,8 @@ TASKS = {
                            "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
                            "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
                            sweep_iterations=1000),
+    "flipflop_b64": TaskSpec(_flipflop(3, batch_size=64), _tanh_rnn(64), 64,
+                             "as flipflop but B = 64 (the main job's batch), each method's best B = 32 setting"),
 }
 
 
@@ -377,7 +379,8 @@ def sweep_table(runs, iterations) -> str:
 
 
 TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
-                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",), "flipflop10": ("bit_accuracy",),
+                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
+                "flipflop10": ("bit_accuracy",), "flipflop_b64": ("bit_accuracy",),
                 "delayed_addition": ("sum_mse",)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanSquaredError, MetricCollection
 
+from lightning_sofo.arguments import NonNegativeInt, PositiveInt
 from lightning_sofo.tasks import Scored, TaskDataModule
 
 
@@ -20,10 +21,11 @@ class DelayedAddition(TaskDataModule):
     input_size = 2
     output_size = 1
 
-    def __init__(self, n_steps: int = 1000, first_marker_last: int = 9, second_marker_last: int = 500, **kwargs):
+    def __init__(self, n_steps: PositiveInt = 1000, first_marker_last: NonNegativeInt = 9,
+                 second_marker_last: NonNegativeInt = 500, **kwargs):
         super().__init__(**kwargs)
-        self.require_integers(n_steps=n_steps)
-        self.require_integers(minimum=0, first_marker_last=first_marker_last, second_marker_last=second_marker_last)
+        self.require_arguments(PositiveInt, n_steps=n_steps)
+        self.require_arguments(NonNegativeInt, first_marker_last=first_marker_last, second_marker_last=second_marker_last)
         self.require(0 <= first_marker_last < second_marker_last,
                      f"need 0 <= first_marker_last < second_marker_last, got {first_marker_last}, {second_marker_last}.")
         self.require(n_steps > second_marker_last,

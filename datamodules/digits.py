@@ -21,6 +21,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sofo.arguments import PositiveInt
 from lightning_sofo.tasks import Batch, Scored, TaskDataModule
 
 MNIST_FILES = {
@@ -107,11 +108,10 @@ class SequentialDigits(TaskDataModule):
     output_size = 10
     loss = "cross_entropy"
 
-    def __init__(self, mnist_dir: str | None = None, steps_per_row: int = 1, val_trials: int = 300,
+    def __init__(self, mnist_dir: str | None = None, steps_per_row: PositiveInt = 1, val_trials: int = 300,
                  test_trials: int | None = None, **kwargs):
         super().__init__(val_trials=val_trials, test_trials=test_trials or 1, **kwargs)
-        self.require(isinstance(steps_per_row, int) and steps_per_row >= 1,
-                     f"steps_per_row must be a positive integer, got {steps_per_row!r}.")
+        self.require_arguments(PositiveInt, steps_per_row=steps_per_row)
         self.require(test_trials is None or (isinstance(test_trials, int) and test_trials >= 1),
                      f"test_trials must be a positive integer or None (the whole test split), got {test_trials!r}.")
         self.mnist_dir, self.steps_per_row, self.test_trials = mnist_dir, steps_per_row, test_trials

@@ -12,6 +12,7 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy
 
+from lightning_sofo.arguments import NonNegativeInt, PositiveInt, PositiveProbability
 from lightning_sofo.tasks import Scored, TaskDataModule
 
 
@@ -20,12 +21,12 @@ class FlipFlop(TaskDataModule):
     pulse_probability (per step and channel, when not refractory), pulse_steps,
     refractory_steps, and the TaskDataModule arguments."""
 
-    def __init__(self, n_bits: int = 3, n_steps: int = 200, pulse_probability: float = 0.02, pulse_steps: int = 3,
-                 refractory_steps: int = 10, **kwargs):
+    def __init__(self, n_bits: PositiveInt = 3, n_steps: PositiveInt = 200, pulse_probability: PositiveProbability = 0.02,
+                 pulse_steps: PositiveInt = 3, refractory_steps: NonNegativeInt = 10, **kwargs):
         super().__init__(**kwargs)
-        self.require_integers(n_bits=n_bits, n_steps=n_steps, pulse_steps=pulse_steps)
-        self.require_integers(minimum=0, refractory_steps=refractory_steps)
-        self.require_fraction(open_low=True, pulse_probability=pulse_probability)
+        self.require_arguments(PositiveInt, n_bits=n_bits, n_steps=n_steps, pulse_steps=pulse_steps)
+        self.require_arguments(NonNegativeInt, refractory_steps=refractory_steps)
+        self.require_arguments(PositiveProbability, pulse_probability=pulse_probability)
         self.require(n_steps > pulse_steps,
                      f"n_steps={n_steps} is shorter than one pulse ({pulse_steps} steps); use n_steps > pulse_steps.")
         self.n_bits, self.n_steps, self.pulse_probability = n_bits, n_steps, pulse_probability

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanSquaredError, Metric, MetricCollection
 
+from lightning_sofo.arguments import PositiveInt, Probability
 from lightning_sofo.tasks import Scored, TaskDataModule
 
 TAU_RANGE, BIAS_RANGE, NOISE_RANGE = (1.0, 10.0), (-3.0, 3.0), (0.1, 3.0)
@@ -33,10 +34,11 @@ class AdaptiveKalman(TaskDataModule):
     input_size = 1
     output_size = 1
 
-    def __init__(self, n_steps: int = 1000, min_regime_steps: int = 100, switch_probability: float = 0.01, **kwargs):
+    def __init__(self, n_steps: PositiveInt = 1000, min_regime_steps: PositiveInt = 100,
+                 switch_probability: Probability = 0.01, **kwargs):
         super().__init__(**kwargs)
-        self.require_integers(n_steps=n_steps, min_regime_steps=min_regime_steps)
-        self.require_fraction(switch_probability=switch_probability)
+        self.require_arguments(PositiveInt, n_steps=n_steps, min_regime_steps=min_regime_steps)
+        self.require_arguments(Probability, switch_probability=switch_probability)
         self.n_steps, self.min_regime_steps, self.switch_probability = n_steps, min_regime_steps, switch_probability
 
     def _draw_regime(self, n: int, generator: torch.Generator) -> Tensor:

@@ -1,6 +1,6 @@
 """Lorenz attractor generation.
 
-sigma 10, rho 28, beta 8/3, integrated by RK4 at dt 0.01 and z-scored. A trial
+sigma 10, rho 28, beta 8/3, integrated by RK4 with step 0.01 (the system's own time) and z-scored. A trial
 starts at a point on the attractor, shown on the inputs at the first step only;
 the network must then generate the next `n_steps` points (3 outputs, every step
 scored).
@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.regression import R2Score
 
+from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning_sofo.tasks import Scored, TaskDataModule
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
@@ -32,27 +33,31 @@ def rk4_step(state: Tensor, dt: float) -> Tensor:
 
 
 class Lorenz(TaskDataModule):
-    """Args: n_steps (32 points to generate), dt (0.01), burn_in (steps from the
-    initial condition to the attractor), and the TaskDataModule arguments.
+    """Args: n_steps (32 points to generate), step_size (0.01: the RK4 step, in the Lorenz
+    system's own dimensionless time, not seconds), burn_in (steps from the initial condition
+    to the attractor), and the TaskDataModule arguments.
     The z-scoring statistics come from a long reference trajectory."""
 
     input_size = 3
     output_size = 3
 
-    def __init__(self, n_steps: int = 32, dt: float = 0.01, burn_in: int = 1000, **kwargs):
+    def __init__(self, n_steps: PositiveInt = 32, step_size: PositiveFloat = 0.01, burn_in: NonNegativeInt = 1000,
+                 **kwargs):
         super().__init__(**kwargs)
-        self.require(n_steps >= 1 and dt > 0, f"need n_steps >= 1 and dt > 0, got {n_steps}, {dt}.")
-        self.n_steps, self.dt, self.burn_in = n_steps, dt, burn_in
+        self.require_arguments(PositiveInt, n_steps=n_steps)
+        self.require_arguments(PositiveFloat, step_size=step_size)
+        self.require_arguments(NonNegativeInt, burn_in=burn_in)
+        self.n_steps, self.step_size, self.burn_in = n_steps, step_size, burn_in
         reference = self._trajectories(torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64), 20000)[0]
         self.mean, self.std = reference.mean(0), reference.std(0)
 
     def _trajectories(self, start: Tensor, n_steps: int) -> Tensor:
         state = start
         for _ in range(self.burn_in):
-            state = rk4_step(state, self.dt)
+            state = rk4_step(state, self.step_size)
         points = [state]
         for _ in range(n_steps - 1):
-            state = rk4_step(state, self.dt)
+            state = rk4_step(state, self.step_size)
             points.append(state)
         return torch.stack(points, dim=1)
 

@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
+
 
 class TrialFigures(L.Callback):
     """At the end of each validation (not the sanity check), runs the model on the
@@ -88,11 +90,13 @@ class CurvatureMonitor(L.Callback):
     `history` holds one dict {"step": s, **values} per measurement; it is saved in checkpoints.
     """
 
-    def __init__(self, every_n_steps: int = 100, parameters: Sequence[str] | None = None, top_k: int = 1,
-                 trace_probes: int = 0, ggn: bool = True, max_iterations: int = 30, tolerance: float = 1e-3,
-                 seed: int = 0, batch: Any = None, max_trials: int = 64):
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+    def __init__(self, every_n_steps: PositiveInt = 100, parameters: Sequence[str] | None = None, top_k: PositiveInt = 1,
+                 trace_probes: NonNegativeInt = 0, ggn: bool = True, max_iterations: PositiveInt = 30,
+                 tolerance: PositiveFloat = 1e-3, seed: int = 0, batch: Any = None, max_trials: PositiveInt = 64):
+        require(type(self).__name__, PositiveInt, every_n_steps=every_n_steps, top_k=top_k,
+                max_iterations=max_iterations, max_trials=max_trials)
+        require(type(self).__name__, NonNegativeInt, trace_probes=trace_probes)
+        require(type(self).__name__, PositiveFloat, tolerance=tolerance)
         self.every_n_steps, self.parameters, self.top_k = every_n_steps, parameters, top_k
         self.trace_probes, self.ggn, self.max_iterations = trace_probes, ggn, max_iterations
         self.tolerance, self.seed, self.batch, self.max_trials = tolerance, seed, batch, max_trials

@@ -114,6 +114,21 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
 
     before_fit = before_validate = before_test = before_predict = resolve_checkpoint
 
+    def parse_arguments(self, parser, args) -> None:
+        # `sofo` hands LightningCLI its own command line (config names resolved to files), so
+        # Lightning's warning about `args` beside a command line would fire on every start
+        self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
+
+    def before_instantiate_classes(self) -> None:
+        # the argument types (PositiveInt, ...) check the config; the classes get plain Python
+        # numbers, so hyperparameters and checkpoints hold ints and floats that any torch.load reads
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        for key, value in list(config.items()):
+            if isinstance(value, int) and not isinstance(value, bool) and type(value) is not int:
+                config[key] = int(value)
+            elif isinstance(value, float) and type(value) is not float:
+                config[key] = float(value)
+
     def add_arguments_to_parser(self, parser) -> None:
         # the model's input size follows the task (e.g. another neurogym task id); the output
         # size and the loss are checked against the task when fit starts (SOFOModule.setup)

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from lightning_sofo.arguments import PositiveInt, require
+
 Params = Mapping[str, Tensor]
 Operator = Callable[[Tensor], Tensor]  # a symmetric P x P matrix, as v (P,) -> M v (P,)
 
@@ -190,8 +192,7 @@ def top_eigenvalues(operator: Operator, size: int, k: int = 1, max_iterations: i
     """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
         raise ValueError(f"k must be an integer in [1, P={size}], got {k!r}.")
-    if isinstance(max_iterations, bool) or not isinstance(max_iterations, int) or max_iterations < 1:
-        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations!r}.")
+    require("top_eigenvalues", PositiveInt, max_iterations=max_iterations)
     if not tolerance > 0:
         raise ValueError(f"tolerance is relative and must be > 0 (e.g. 1e-4), got {tolerance!r}.")
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -238,8 +239,9 @@ class TraceEstimate:
 def hutchinson_trace(operator: Operator, size: int, probes: int = 64, seed: int = 0,
                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TraceEstimate:
     """tr M = E[z^T M z] with Rademacher z (entries +-1), unbiased; `probes` draws seeded by `seed`."""
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 2:
-        raise ValueError(f"probes must be an integer >= 2 (a standard error needs two), got {probes!r}.")
+    require("hutchinson_trace", PositiveInt, probes=probes)
+    if probes < 2:
+        raise ValueError(f"hutchinson_trace: probes must be an integer >= 2 (a standard error needs two), got {probes!r}.")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     samples = []
     for _ in range(probes):

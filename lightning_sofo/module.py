@@ -15,6 +15,7 @@ from torch.func import functional_call
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo import checkpoints
+from lightning_sofo.arguments import NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
 from lightning_sofo.functional import (
     Sketch,
@@ -57,11 +58,10 @@ class SOFOModule(L.LightningModule):
     with the mask broadcastable to the targets.
     """
 
-    def __init__(self, loss: LossSpec = "mse", compile_steps: int = 0, accumulate_float64: bool = False):
+    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt = 0, accumulate_float64: bool = False):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
-        if isinstance(compile_steps, bool) or not isinstance(compile_steps, int) or compile_steps < 0:
-            raise ValueError(f"compile_steps must be an integer >= 0 (0: eager), got {compile_steps!r}.")
+        require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
         if not isinstance(accumulate_float64, bool):
             raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.functional import (
     LevenbergMarquardt,
     Sketch,
@@ -103,17 +104,14 @@ class SketchOptimizer(torch.optim.Optimizer):
                 f"{name}: on_nonfinite must be one of {self._nonfinite_policies} (what to do when the loss, its "
                 f"sketches or the step are not finite), got {on_nonfinite!r}."
             )
-        lr = _check_number(name, "lr", lr, 0.0, strict=True)
-        if isinstance(tangents, bool) or not isinstance(tangents, int) or tangents < 1:
-            raise ValueError(f"{name}: tangents (K) must be a positive integer, got {tangents!r}.")
+        require(name, PositiveFloat, lr=lr)
+        require(name, PositiveInt, tangents=tangents)
+        require(name, int, seed=seed)
+        require(name, NonNegativeInt, memory=memory)
+        lr = float(lr)
         momentum = _check_number(name, "momentum", momentum, 0.0, strict=False, meaning=" and < 1")
         if momentum >= 1:
             raise ValueError(f"{name}: momentum must be in [0, 1) (0: off), got {momentum!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{name}: seed must be an integer, got {seed!r}.")
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
-            raise ValueError(f"{name}: memory (previous update directions kept in the subspace) must be an "
-                             f"integer >= 0, got {memory!r}.")
         if not isinstance(orthogonal_cycles, (bool, int)) or (
                 not isinstance(orthogonal_cycles, bool) and orthogonal_cycles < 1):
             raise ValueError(f"{name}: orthogonal_cycles must be True (cycles of P // K' steps, K' the random tangents), False, or a cycle "

@@ -12,7 +12,6 @@ Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -21,6 +20,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
+
+from lightning_sofo.arguments import PositiveInt, require
 
 Batch = dict[str, Tensor]
 
@@ -56,13 +57,12 @@ class TaskDataModule(L.LightningDataModule):
     loss: str = "mse"
     dt: float | None = None  # seconds per time step; None for tasks defined in steps
 
-    def __init__(self, batch_size: int = 64, batches_per_epoch: int = 100, val_trials: int = 256,
-                 test_trials: int = 256, seed: int = 0):
+    def __init__(self, batch_size: PositiveInt = 64, batches_per_epoch: PositiveInt = 100, val_trials: PositiveInt = 256,
+                 test_trials: PositiveInt = 256, seed: int = 0):
         super().__init__()
-        for name, value in {"batch_size": batch_size, "batches_per_epoch": batches_per_epoch,
-                            "val_trials": val_trials, "test_trials": test_trials}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{type(self).__name__}: {name} must be a positive integer, got {value!r}.")
+        self.require_arguments(PositiveInt, batch_size=batch_size, batches_per_epoch=batches_per_epoch,
+                               val_trials=val_trials, test_trials=test_trials)
+        self.require_arguments(int, seed=seed)
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.val_trials, self.test_trials, self.seed = val_trials, test_trials, seed
         self.batches_consumed = 0
@@ -133,18 +133,9 @@ class TaskDataModule(L.LightningDataModule):
         if not condition:
             raise ValueError(f"{type(self).__name__}: {message}")
 
-    def require_integers(self, minimum: int = 1, **values: Any) -> None:
-        """Each value an int (not a bool) >= minimum, else a ValueError naming it."""
-        for name, value in values.items():
-            self.require(not isinstance(value, bool) and isinstance(value, int) and value >= minimum,
-                         f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-    def require_fraction(self, low: float = 0.0, high: float = 1.0, open_low: bool = False, **values: Any) -> None:
-        """Each value a finite real number in [low, high] ((low, high] with open_low)."""
-        for name, value in values.items():
-            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-            ok = ok and (low < value if open_low else low <= value) and value <= high
-            self.require(ok, f"{name} must be a number in {'(' if open_low else '['}{low:g}, {high:g}], got {value!r}.")
+    def require_arguments(self, kind: type, **values: Any) -> None:
+        """Each value of the argument type `kind` (lightning_sofo.arguments), else a ValueError naming it."""
+        require(type(self).__name__, kind, **values)
 
 
 class _TrialStream:

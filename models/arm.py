@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step
 from .vanilla_rnn import LeakyRNNCell
 
@@ -142,38 +143,36 @@ class ArmController(SOFOModule):
         hidden_size: N.
         body: a Body; default TwoLinkArm() (dt = 2 ms).
         tau: membrane time constant in seconds (alpha = body.dt / tau).
-        nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval, dale_ratio, connectivity: as LeakyRNNCell.
+        nonlinearity: phi, "relu" here (the SOFO authors' reach networks).
         motor_scale: initial scale of the motor readout (N m or excitation per unit rate).
+        loss, compile_steps: as SOFOModule.
+        **cell_options: the other options of the recurrent core, defined once in LeakyRNNCell
+            (gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval,
+            dale_ratio, connectivity, ...); its step dt is the body's.
     """
 
     def __init__(
         self,
-        input_size: int,
-        hidden_size: int = 128,
+        input_size: PositiveInt,
+        hidden_size: PositiveInt = 128,
         body: Body | None = None,
-        tau: float = 0.02,
+        tau: PositiveFloat = 0.02,
         nonlinearity: str = "relu",
-        gain: float = 0.9,
-        learn_initial_state: bool = False,
-        input_noise: float = 0.0,
-        recurrent_noise: float = 0.0,
-        noise_in_eval: bool = False,
-        dale_ratio: float | None = None,
-        connectivity: float | None = None,
         motor_scale: float = 0.1,
         loss: str = "mse",
-        compile_steps: int = 0,
+        compile_steps: NonNegativeInt = 0,
+        **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps)
         self.save_hyperparameters(ignore=["body"])
+        if "dt" in cell_options:
+            raise ValueError(f"{type(self).__name__} steps at its body's dt; set the body's dt (TwoLinkArm(dt=...), "
+                             "or the MotorNet effector's timestep) instead of the controller's.")
+        require(type(self).__name__, float, motor_scale=motor_scale)
         self.body = body if body is not None else TwoLinkArm()
         self.input_size = input_size
-        self.cell = LeakyRNNCell(
-            input_size + self.body.feedback_size, hidden_size, dt=self.body.dt, tau=tau, nonlinearity=nonlinearity,
-            gain=gain, learn_initial_state=learn_initial_state, input_noise=input_noise,
-            recurrent_noise=recurrent_noise, noise_in_eval=noise_in_eval, dale_ratio=dale_ratio,
-            connectivity=connectivity,
-        )
+        self.cell = LeakyRNNCell(input_size + self.body.feedback_size, hidden_size, dt=self.body.dt, tau=tau,
+                                 nonlinearity=nonlinearity, **cell_options)
         self.motor = nn.Parameter(motor_scale * torch.randn(self.body.action_size, hidden_size) / math.sqrt(hidden_size))
         self.motor_bias = nn.Parameter(torch.zeros(self.body.action_size))
 

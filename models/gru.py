@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from .vanilla_rnn import _check_positive_int
+from lightning_sofo.arguments import NonNegativeInt, PositiveInt, require
 
 
 class GRU(SOFOModule):
@@ -26,16 +26,16 @@ class GRU(SOFOModule):
 
     def __init__(
         self,
-        input_size: int,
-        hidden_size: int,
-        output_size: int,
+        input_size: PositiveInt,
+        hidden_size: PositiveInt,
+        output_size: PositiveInt,
         learn_initial_state: bool = False,
         loss: str = "mse",
-        compile_steps: int = 0,
+        compile_steps: NonNegativeInt = 0,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps)
         self.save_hyperparameters()
-        _check_positive_int(input_size=input_size, hidden_size=hidden_size, output_size=output_size)
+        require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)
         n = hidden_size
         self.input_size, self.output_size = input_size, output_size
         self.recurrent = nn.Parameter(torch.randn(3 * n, n) / math.sqrt(n))

@@ -21,11 +21,13 @@ eps_t = (1 - alpha) eps_{t-1} + alpha phi(h_{t-1}).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.arguments import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step, require_time_constant
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus}
@@ -57,39 +59,34 @@ class LeakyRNNCell(nn.Module):
 
     def __init__(
         self,
-        input_size: int,
-        hidden_size: int,
-        dt: float = 0.01,
-        tau: float = 0.1,
+        input_size: PositiveInt,
+        hidden_size: PositiveInt,
+        dt: PositiveFloat = 0.01,
+        tau: PositiveFloat = 0.1,
         nonlinearity: str = "tanh",
         gain: float = 0.9,
         learn_initial_state: bool = False,
-        input_noise: float = 0.0,
-        recurrent_noise: float = 0.0,
+        input_noise: NonNegativeFloat = 0.0,
+        recurrent_noise: NonNegativeFloat = 0.0,
         noise_in_eval: bool = False,
-        dale_ratio: float | None = None,
+        dale_ratio: Fraction | None = None,
         connectivity: float | Tensor | None = None,
         connectivity_seed: int = 0,
         learning_rule: str = "bptt",
     ):
         super().__init__()
-        _check_positive_int(input_size=input_size, hidden_size=hidden_size)
+        require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size)
+        require(type(self).__name__, float, gain=gain)
+        require(type(self).__name__, NonNegativeFloat, input_noise=input_noise, recurrent_noise=recurrent_noise)
         if learning_rule not in LEARNING_RULES:
             raise ValueError(f"learning_rule must be one of {LEARNING_RULES}, got {learning_rule!r}.")
         self.learning_rule = learning_rule
         require_step(type(self).__name__, dt=dt)
         require_time_constant(type(self).__name__, tau=tau)
-        for name, value in {"gain": gain, "input_noise": input_noise,
-                            "recurrent_noise": recurrent_noise}.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if nonlinearity not in NONLINEARITIES:
             raise ValueError(f"nonlinearity must be one of {sorted(NONLINEARITIES)}, got {nonlinearity!r}.")
         if tau < dt:
             raise ValueError(f"need dt <= tau for a stable leak (alpha = dt / tau <= 1), got dt={dt} s, tau={tau} s.")
-        if input_noise < 0 or recurrent_noise < 0:
-            raise ValueError(f"noise levels are standard deviations >= 0, got input_noise={input_noise}, "
-                             f"recurrent_noise={recurrent_noise}.")
         if dale_ratio is not None and not 0 < dale_ratio < 1:
             raise ValueError(f"dale_ratio is the fraction of excitatory units, in (0, 1) (e.g. 0.8); got {dale_ratio}.")
         self.input_size, self.hidden_size = input_size, hidden_size
@@ -168,47 +165,31 @@ class VanillaRNN(SOFOModule):
         output_noise: s_out, standard deviation of noise added to the outputs
             (drawn when the recurrent noise is, see `noise_in_eval`).
         loss, compile_steps, accumulate_float64: as SOFOModule.
-        **cell options: dt, tau, nonlinearity, gain, learn_initial_state,
-            input_noise, recurrent_noise, noise_in_eval, dale_ratio,
-            connectivity, connectivity_seed, learning_rule, as LeakyRNNCell.
-            learning_rule="three_factor" trains with a torch optimizer (default
-            strategy); SOFO takes exact forward-mode derivatives and refuses it.
+        **cell_options: the options of the recurrent core, defined once in LeakyRNNCell (dt,
+            tau, nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
+            noise_in_eval, dale_ratio, connectivity, connectivity_seed, learning_rule), set
+            in a config as the model's own arguments. learning_rule="three_factor" trains
+            with a torch optimizer (default strategy); SOFO takes exact forward-mode
+            derivatives and refuses it.
     """
 
     def __init__(
         self,
-        input_size: int,
-        hidden_size: int,
-        output_size: int,
-        dt: float = 0.01,
-        tau: float = 0.1,
-        nonlinearity: str = "tanh",
-        gain: float = 0.9,
-        learn_initial_state: bool = False,
-        input_noise: float = 0.0,
-        recurrent_noise: float = 0.0,
-        output_noise: float = 0.0,
-        noise_in_eval: bool = False,
-        dale_ratio: float | None = None,
-        connectivity: float | None = None,
-        connectivity_seed: int = 0,
-        learning_rule: str = "bptt",
+        input_size: PositiveInt,
+        hidden_size: PositiveInt,
+        output_size: PositiveInt,
+        output_noise: NonNegativeFloat = 0.0,
         loss: str = "mse",
-        compile_steps: int = 0,
+        compile_steps: NonNegativeInt = 0,
         accumulate_float64: bool = False,
+        **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64)
         self.save_hyperparameters()
-        _check_positive_int(output_size=output_size)
-        if output_noise < 0:
-            raise ValueError(f"output_noise is a standard deviation >= 0, got {output_noise}.")
+        require(type(self).__name__, PositiveInt, output_size=output_size)
+        require(type(self).__name__, NonNegativeFloat, output_noise=output_noise)
         self.input_size, self.output_size, self.output_noise = input_size, output_size, output_noise
-        self.cell = LeakyRNNCell(
-            input_size, hidden_size, dt=dt, tau=tau, nonlinearity=nonlinearity, gain=gain,
-            learn_initial_state=learn_initial_state, input_noise=input_noise, recurrent_noise=recurrent_noise,
-            noise_in_eval=noise_in_eval, dale_ratio=dale_ratio, connectivity=connectivity,
-            connectivity_seed=connectivity_seed, learning_rule=learning_rule,
-        )
+        self.cell = LeakyRNNCell(input_size, hidden_size, **cell_options)
         self.readout = nn.Parameter(torch.randn(output_size, hidden_size) / math.sqrt(hidden_size))
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
 
@@ -242,12 +223,6 @@ class VanillaRNN(SOFOModule):
     def hidden_rates(self, state: Tensor) -> Tensor:
         """The rates phi(h) (B, N) of a state, for plots and analysis."""
         return self.cell.rates(state)
-
-
-def _check_positive_int(**values: int) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _connectivity_mask(connectivity: float | Tensor | None, n: int, seed: int) -> Tensor | None:

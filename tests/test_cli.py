@@ -105,6 +105,19 @@ def test_configs_name_classes_by_full_path_and_short_names_still_work(tmp_path, 
     args[args.index("--config") + 1] = str(tmp_path / "short.yaml")
     main(args)
     assert closing_line(caplog.text).startswith("Done after 2 steps:")
+    # the argument types check the config, but the checkpoint holds plain numbers: torch.load's safe mode reads it
+    checkpoint = torch.load(run_dir(tmp_path, "short.yaml") / "checkpoints" / "last.ckpt", weights_only=True)
+    assert type(checkpoint["hyper_parameters"]["hidden_size"]) is int
+
+
+def test_the_cli_checks_argument_types_before_building_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--model.init_args.hidden_size", "0"])
+    assert "hidden_size" in capsys.readouterr().err
+    assert not (tmp_path / "lightning_logs").exists()
+    with pytest.raises(SystemExit):  # a cell option, resolved through VanillaRNN(**cell_options)
+        main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--model.init_args.recurrent_noise", "-1"])
+    assert "recurrent_noise" in capsys.readouterr().err
 
 
 def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
@@ -165,6 +178,7 @@ def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_pat
                             env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Done after 2 steps" in result.stderr  # Lightning's rank-zero log
+    assert "args parameter is intended" not in result.stderr, "no false warning about our own command line"
     figures = [line for line in open(next((run_dir(tmp_path, "flipflop_sofo.yaml")).glob("events.*")), "rb")]
     assert any(b"trials/0" in line for line in figures), "trial figures are logged to TensorBoard"
 

@@ -204,3 +204,25 @@ def test_sofo_over_tensors_that_are_not_the_modules_parameters():
 
     with pytest.raises(ValueError, match="not parameters of Foreign"):
         trainer(strategy="sofo", max_steps=1).fit(Foreign(), loader([regression_batch()]))
+
+
+def test_argument_types_refuse_bools_infinities_and_out_of_range_values_by_name():
+    from lightning_sofo.arguments import (NonNegativeInt, PositiveFloat, PositiveInt, PositiveProbability,
+                                          Probability, require)
+
+    require("Owner", PositiveInt, n=3)
+    require("Owner", PositiveProbability, p=1)
+    cases = [(PositiveInt, True, "a positive integer"), (PositiveInt, 2.0, "a positive integer"),
+             (NonNegativeInt, -1, "an integer >= 0"), (PositiveFloat, float("inf"), "a finite number > 0"),
+             (Probability, 1.5, r"a number in \[0, 1\]"), (PositiveProbability, 0.0, r"a number in \(0, 1\]"),
+             (int, "3", "an integer")]
+    for kind, value, meaning in cases:
+        with pytest.raises(ValueError, match=f"Owner: x must be {meaning}, got {value!r}"):
+            require("Owner", kind, x=value)
+    from lightning_sofo.datamodules import FlipFlop
+    from lightning_sofo.models import VanillaRNN
+
+    with pytest.raises(ValueError, match="FlipFlop: pulse_probability must be a number in"):
+        FlipFlop(pulse_probability=0.0)
+    with pytest.raises(ValueError, match="LeakyRNNCell: recurrent_noise must be a finite number >= 0"):
+        VanillaRNN(2, 4, 2, recurrent_noise=-0.1)
