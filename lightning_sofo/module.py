@@ -9,14 +9,14 @@ from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
+from lightning_sofo.calls import PureFunctionCheck, functional_method
 from lightning_sofo.functional import (
     Sketch,
     feedforward_sketch,
@@ -25,18 +25,6 @@ from lightning_sofo.functional import (
 )
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
-
-
-class _Method(nn.Module):
-    """Calls one method of a module, so torch.func.functional_call can swap its parameters."""
-
-    def __init__(self, module: nn.Module, method: str):
-        super().__init__()
-        self.module = module
-        self.method = method
-
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
 
 
 class SOFOModule(L.LightningModule):
@@ -238,7 +226,7 @@ class SOFOModule(L.LightningModule):
                 continue  # a checkpoint without its config, under a scheduler: the schedule's values stand
             for index, (group, wanted) in enumerate(zip(optimizer.param_groups, groups)):
                 old = previous[index] if previous is not None and index < len(previous) else None
-                changes += _apply_configured_group(group, index, wanted, old, scheduled)
+                changes += checkpoints.apply_configured_group(group, index, wanted, old, scheduled)
         if changes:
             rank_zero_info(f"Resumed from {self.trainer.ckpt_path}: the config's settings replace the checkpoint's: "
                            + "; ".join(dict.fromkeys(changes)) + ".")
@@ -301,7 +289,7 @@ class SOFOModule(L.LightningModule):
         guards on it hold from one iteration to the next."""
         if "_functional_cache" not in self.__dict__:
             self.__dict__["_functional_cache"] = {
-                name: _functional_method(self, name) for name in ("initial_state", "step", "forward")
+                name: functional_method(self, name) for name in ("initial_state", "step", "forward")
             }
         return self.__dict__["_functional_cache"][method]
 
@@ -343,7 +331,7 @@ class SOFOModule(L.LightningModule):
         def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
             functions = {name: self.functional(name) for name in ("initial_state", "step", "forward")}
             if tangents is None:  # the loss alone, by the same (compiled) time loop
-                with torch.no_grad(), _PureFunctionCheck(self, primals):
+                with torch.no_grad(), PureFunctionCheck(self, primals):
                     if not self.is_recurrent:
                         return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
                     return recurrent_loss(
@@ -351,7 +339,7 @@ class SOFOModule(L.LightningModule):
                         primals, inputs, targets, self.loss_fn, mask, compile_steps=self.compile_steps,
                     )
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
-            with _PureFunctionCheck(self, primals):
+            with PureFunctionCheck(self, primals):
                 if self.is_recurrent:
                     batch_size = inputs.shape[0]
                     return recurrent_sketch(
@@ -366,81 +354,3 @@ class SOFOModule(L.LightningModule):
                 )
 
         return closure
-
-
-def _differs(a: Any, b: Any) -> bool:
-    try:
-        return bool(a != b)
-    except (RuntimeError, TypeError):  # tensors
-        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-
-
-def _apply_configured_group(group: dict, index: int, wanted: dict, previous: dict | None, schedulers) -> list[str]:
-    """Set the keys of a restored param group that the config changed: relative to the config the
-    checkpoint was trained with (`previous`), or, for a checkpoint without it, to the restored values."""
-    changes = []
-    for key, value in wanted.items():
-        if key in ("params", "initial_lr", "param_names") or key not in group:
-            continue
-        if key == "lr":
-            new_base = wanted.get("initial_lr", value)
-            old_base = (previous.get("initial_lr", previous["lr"]) if previous is not None and "lr" in previous
-                        else group.get("initial_lr", group["lr"]))
-            if not _differs(old_base, new_base):
-                continue
-            group["lr"] = new_base * (group["lr"] / old_base) if old_base else new_base  # keeps the schedule's progress
-            if "initial_lr" in group:
-                group["initial_lr"] = new_base
-            for scheduler in schedulers:
-                if hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs[index] = new_base
-            changes.append(f"lr {old_base!r} -> {new_base!r}")
-        else:
-            old = previous.get(key, group[key]) if previous is not None else group[key]
-            if _differs(old, value):
-                changes.append(f"{key} {old!r} -> {value!r}")
-                group[key] = value
-    return changes
-
-
-def _functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
-    """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`."""
-    wrapper = _Method(module, method)
-
-    def call(params: dict[str, Tensor], *args: Any) -> Any:
-        return functional_call(wrapper, {f"module.{name}": p for name, p in params.items()}, args)
-
-    return call
-
-
-class _PureFunctionCheck:
-    """Turns the symptoms of a module that is not a pure function of its parameters
-    into an error that names the cause: batch norm in train mode, or in-place
-    writes to parameters or buffers during the forward pass."""
-
-    def __init__(self, module: nn.Module, primals: dict[str, Tensor]):
-        self.module = module
-        self.tensors = {**dict(module.named_buffers()), **primals}
-
-    def __enter__(self):
-        for name, sub in self.module.named_modules():
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
-                raise RuntimeError(
-                    f"SOFO needs the loss to be a pure function of the parameters, but {name or 'the module'} is a "
-                    f"{type(sub).__name__} in train mode, which updates its running statistics in place. "
-                    "Use track_running_stats=False, put it in eval mode, or use a normalisation without state "
-                    "(LayerNorm, GroupNorm)."
-                )
-        self.versions = {name: t._version for name, t in self.tensors.items()}
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        changed = [name for name, t in self.tensors.items() if t._version != self.versions[name]]
-        if changed or (exc_type is RuntimeError and "inplace" in str(exc).replace("-", "").lower()):
-            raise RuntimeError(
-                f"SOFO needs the loss to be a pure function of the parameters, but the forward pass of "
-                f"{type(self.module).__name__} wrote in place into {changed or 'a parameter or buffer'}. "
-                "Compute new tensors instead of updating parameters or buffers in place (no .add_(), "
-                ".data[...] = ..., or running statistics) inside forward/step."
-            ) from exc
-        return False

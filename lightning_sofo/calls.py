@@ -1,0 +1,68 @@
+"""Functional calls of a module's methods, and the check that they are pure.
+
+SOFO differentiates `initial_state`, `step` and `forward` with respect to parameters passed in
+(torch.func.functional_call under jvp and vmap), so those methods must be pure functions of the
+parameters and buffers: no in-place writes, no running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+class _Method(nn.Module):
+    """Calls one method of a module, so torch.func.functional_call can swap its parameters."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
+def functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
+    """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`."""
+    wrapper = _Method(module, method)
+
+    def call(params: dict[str, Tensor], *args: Any) -> Any:
+        return functional_call(wrapper, {f"module.{name}": p for name, p in params.items()}, args)
+
+    return call
+
+
+class PureFunctionCheck:
+    """Turns the symptoms of a module that is not a pure function of its parameters
+    into an error that names the cause: batch norm in train mode, or in-place
+    writes to parameters or buffers during the forward pass."""
+
+    def __init__(self, module: nn.Module, primals: dict[str, Tensor]):
+        self.module = module
+        self.tensors = {**dict(module.named_buffers()), **primals}
+
+    def __enter__(self):
+        for name, sub in self.module.named_modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
+                raise RuntimeError(
+                    f"SOFO needs the loss to be a pure function of the parameters, but {name or 'the module'} is a "
+                    f"{type(sub).__name__} in train mode, which updates its running statistics in place. "
+                    "Use track_running_stats=False, put it in eval mode, or use a normalisation without state "
+                    "(LayerNorm, GroupNorm)."
+                )
+        self.versions = {name: t._version for name, t in self.tensors.items()}
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        changed = [name for name, t in self.tensors.items() if t._version != self.versions[name]]
+        if changed or (exc_type is RuntimeError and "inplace" in str(exc).replace("-", "").lower()):
+            raise RuntimeError(
+                f"SOFO needs the loss to be a pure function of the parameters, but the forward pass of "
+                f"{type(self.module).__name__} wrote in place into {changed or 'a parameter or buffer'}. "
+                "Compute new tensors instead of updating parameters or buffers in place (no .add_(), "
+                ".data[...] = ..., or running statistics) inside forward/step."
+            ) from exc
+        return False
