@@ -8,6 +8,11 @@ naming the method, if a Lightning release removes or renames it.
   overriding the command line and the config file (and hiding a size mismatch). Lightning has no
   public switch for this; `ConfigWinsOverCheckpoint` turns it off, and the `sofo` command then
   checks the checkpoint against the run's own config instead (lightning_sofo.cli).
+
+One behaviour without a private name is relied on as well: Lightning's accelerator connector fills
+the `parallel_devices` attribute of any strategy that has one (as it does for its own parallel
+strategies), which is how `strategy="sofo"` learns the device of `accelerator=` / `devices=`
+(lightning_sofo.strategy.SOFOStrategy). tests/test_training.py and tests/test_misuse.py check it.
 """
 
 from __future__ import annotations
