@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,9 +99,10 @@ class SequentialDigits(TaskDataModule):
         val_trials: images held out of training for validation (from the training images).
         test_trials: size of the test set; None: 300 held-out 8x8 digits, or all of
             MNIST's 10,000 test images.
-        batch_size, batches_per_epoch, seed: as TaskDataModule. Training batches are
-            drawn from the training images without replacement within a batch, one
-            seeded generator per batch.
+        **kwargs: the other TaskDataModule arguments (batch_size, batches_per_epoch, seed).
+            Training batches are drawn from the training images without replacement
+            within a batch, one seeded generator per batch.
+
     Batches: inputs (B, T, I) in [0, 1], targets (B, T) the class at every step, mask
     (B, T) 1 at the last step only; "images" (B, H, W) for figures.
     """
@@ -109,7 +111,7 @@ class SequentialDigits(TaskDataModule):
     loss = "cross_entropy"
 
     def __init__(self, mnist_dir: str | None = None, steps_per_row: PositiveInt = 1, val_trials: int = 300,
-                 test_trials: int | None = None, **kwargs):
+                 test_trials: int | None = None, **kwargs: Any):
         super().__init__(val_trials=val_trials, test_trials=test_trials or 1, **kwargs)
         self.require_arguments(PositiveInt, steps_per_row=steps_per_row)
         self.require(test_trials is None or (isinstance(test_trials, int) and test_trials >= 1),

@@ -83,7 +83,12 @@ class CurvatureMonitor(L.Callback):
     Args:
         every_n_steps: measure at global steps n, 2n, ...
         parameters: names or prefixes of the parameters (e.g. ["cell.recurrent"]); None: all trainable.
-        top_k, trace_probes, ggn, max_iterations, tolerance, seed: as curvature.measure.
+        top_k: as curvature.measure.
+        trace_probes: as curvature.measure.
+        ggn: as curvature.measure.
+        max_iterations: as curvature.measure.
+        tolerance: as curvature.measure.
+        seed: as curvature.measure.
         batch: the batch to measure on; None: the first validation batch of the DataModule.
         max_trials: the batch is cut to this many trials.
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.functional import (
@@ -96,7 +97,7 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
 
-    def __init__(self, params, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip",
+    def __init__(self, params: ParamsT, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip",
                  memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None):
         name = type(self).__name__
         if on_nonfinite not in self._nonfinite_policies:
@@ -501,7 +502,7 @@ class SOFO(SketchOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 0.3,
         tangents: int = 128,
         damping: float | str = 1e-5,
@@ -585,7 +586,11 @@ class FGD(SketchOptimizer):
     """Forward-gradient descent from the same sketches: theta <- theta - lr V g~ = theta - lr V V^T grad L.
 
     Args:
-        params, lr, tangents, momentum, seed: as SOFO.
+        params: as SOFO.
+        lr: as SOFO.
+        tangents: as SOFO.
+        momentum: as SOFO.
+        seed: as SOFO.
         on_nonfinite: "skip" or "raise", as SOFO (FGD has no damping to raise).
         scale_by_dimension: multiply the step by P/K, which makes V V^T grad L an
             unbiased estimate of grad L (E[V V^T] = K/P I); off by default.
@@ -593,7 +598,7 @@ class FGD(SketchOptimizer):
 
     def __init__(
         self,
-        params,
+        params: ParamsT,
         lr: float = 1e-2,
         tangents: int = 128,
         momentum: float = 0.0,

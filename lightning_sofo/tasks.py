@@ -42,7 +42,8 @@ class TaskDataModule(L.LightningDataModule):
     Args:
         batch_size: trials per batch B.
         batches_per_epoch: training batches between two validations.
-        val_trials, test_trials: sizes of the fixed validation and test sets.
+        val_trials: the size of the fixed validation set.
+        test_trials: the size of the fixed test set.
         seed: the task's seed; the training stream, validation set and test set
             derive their own seeds from it.
 

@@ -145,7 +145,8 @@ class ArmController(SOFOModule):
         tau: membrane time constant in seconds (alpha = body.dt / tau).
         nonlinearity: phi, "relu" here (the SOFO authors' reach networks).
         motor_scale: initial scale of the motor readout (N m or excitation per unit rate).
-        loss, compile_steps: as SOFOModule.
+        loss: as SOFOModule.
+        compile_steps: as SOFOModule.
         **cell_options: the other options of the recurrent core, defined once in LeakyRNNCell
             (gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval,
             dale_ratio, connectivity, ...); its step dt is the body's.

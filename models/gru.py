@@ -19,9 +19,12 @@ class GRU(SOFOModule):
     """GRU with N units, I inputs and O outputs; gates stacked in (3N, .) weights [z; r; c].
 
     Args:
-        input_size, hidden_size, output_size: I, N, O.
+        input_size: I, the input channels.
+        hidden_size: N, the units.
+        output_size: O, the outputs.
         learn_initial_state: make h_0 a parameter (else h_0 = 0).
-        loss, compile_steps: as SOFOModule.
+        loss: as SOFOModule.
+        compile_steps: as SOFOModule.
     """
 
     def __init__(

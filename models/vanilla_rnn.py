@@ -38,14 +38,17 @@ class LeakyRNNCell(nn.Module):
     """The recurrent core h_t -> h_{t+1} of a leaky rate network, without readout.
 
     Args:
-        input_size, hidden_size: I, N.
-        dt, tau: time step and membrane time constant in seconds (alpha = dt / tau).
+        input_size: I, the input channels.
+        hidden_size: N, the units.
+        dt: the time step in seconds (alpha = dt / tau).
+        tau: the membrane time constant in seconds.
         nonlinearity: phi, one of "tanh", "relu", "softplus"; rates are phi(h).
         gain: g, the initial spectral scale of W (random Gaussian W has its bulk
             of eigenvalues in the disc of radius g; with Dale's law W is rescaled
             to spectral radius g exactly).
         learn_initial_state: make h_0 a parameter (else h_0 = 0).
-        input_noise, recurrent_noise: s_in, s_rec (standard deviations, units of u and h).
+        input_noise: s_in, the standard deviation of the input noise (units of u).
+        recurrent_noise: s_rec, the standard deviation of the recurrent noise (units of h).
         noise_in_eval: also draw the noise when the module is in eval mode.
         dale_ratio: fraction of excitatory units (e.g. 0.8) to impose Dale's law:
             W = |W_raw| diag(s), s_j = +1 for excitatory and -1 for inhibitory
@@ -161,10 +164,14 @@ class VanillaRNN(SOFOModule):
     """Leaky rate RNN with N units, I inputs and O outputs read out from the rates.
 
     Args:
-        input_size, hidden_size, output_size: I, N, O.
+        input_size: I, the input channels.
+        hidden_size: N, the units.
+        output_size: O, the outputs read out from the rates.
         output_noise: s_out, standard deviation of noise added to the outputs
             (drawn when the recurrent noise is, see `noise_in_eval`).
-        loss, compile_steps, accumulate_float64: as SOFOModule.
+        loss: as SOFOModule.
+        compile_steps: as SOFOModule.
+        accumulate_float64: as SOFOModule.
         **cell_options: the options of the recurrent core, defined once in LeakyRNNCell (dt,
             tau, nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
             noise_in_eval, dale_ratio, connectivity, connectivity_seed, learning_rule), set
