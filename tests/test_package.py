@@ -9,6 +9,7 @@ gigabytes), and `pip check` confirms that they satisfy the wheel's declared requ
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,12 @@ def test_the_main_job_and_analysis_run_from_an_empty_directory_with_a_decoy_mode
     assert all(str(REPO) not in line and "site-packages" in line for line in where.stdout.splitlines()), \
         f"the wheel, not this checkout, must be imported: {where.stdout}"
 
-    fit = run([installed / "sofo", "fit", "--config", "flipflop_sofo", *SHORT_RUN], tmp_path)
+    # the README's main-job command as written (its config path names a bundled config), shortened
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"## Install and run the main job\n\n```bash\n(.*?)\n```", readme, re.S).group(1)
+    main_job = command.split("&&")[-1].split()
+    assert main_job[:3] == ["sofo", "fit", "--config"], main_job
+    fit = run([installed / main_job[0], *main_job[1:], *SHORT_RUN], tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "Done after 2 steps" in fit.stderr
     assert list((tmp_path / "lightning_logs" / "flipflop_sofo").glob("version_0/checkpoints/last.ckpt"))
