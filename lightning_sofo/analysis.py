@@ -15,10 +15,13 @@ For a recurrent module with step(h, u) -> (F(h, u), y), at a constant input u:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, vmap
@@ -432,6 +435,42 @@ class Analysis:
     conditions: Tensor | None
     layout: StateLayout
     held: list[Tensor]
+
+    def save(self, folder: str | Path, name: str = "analysis") -> tuple[Path, Path]:
+        """Write the results to `folder`: `<name>.npz` (numpy arrays: fixed points, their speed q,
+        Jacobians, eigenvalues (complex), stability, the PCA's mean, components and explained
+        variance, the trajectories' states and rates, the points' rates, and the trial conditions)
+        and `<name>.json` (the counts and settings, readable without numpy). Returns both paths."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        points = self.fixed_points
+        arrays = {
+            "points": points.points, "speed": points.speed, "jacobians": points.jacobians,
+            "eigenvalues": points.eigenvalues, "point_rates": self.point_rates,
+            "pca_mean": self.pca.mean, "pca_components": self.pca.components, "pca_explained": self.pca.explained,
+            "states": self.states, "rates": self.rates,
+        }
+        if self.conditions is not None:
+            arrays["conditions"] = self.conditions
+        arrays = {key: value.detach().cpu().numpy() for key, value in arrays.items()}
+        arrays["stability"] = np.array(points.stability, dtype=str)
+        npz = folder / f"{name}.npz"
+        np.savez_compressed(npz, **arrays)
+        summary = {
+            "fixed_points": len(points.stability), "stable": points.count("stable"), "saddle": points.count("saddle"),
+            "unstable": points.count("unstable"), "starts": points.starts, "converged": points.converged,
+            "outliers": points.outliers, "iterations": points.iterations,
+            "max_speed": float(points.speed.max()) if len(points.speed) else None,
+            "stability": list(points.stability),
+            "unstable_modes": points.unstable_modes().tolist(), "slow_modes": points.slow_modes().tolist(),
+            "pca_explained": self.pca.explained.tolist(),
+            "trials": int(self.states.shape[0]), "steps": int(self.states.shape[1]),
+            "state_shapes": [list(shape) for shape in self.layout.shapes], "free_state": list(self.layout.free),
+            "arrays": {key: list(value.shape) for key, value in arrays.items()}, "npz": npz.name,
+        }
+        json_path = folder / f"{name}.json"
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return npz, json_path
 
 
 def analyse(module: nn.Module, inputs: Tensor, conditions: Tensor | None = None, constant_input: Tensor | None = None,

@@ -248,7 +248,8 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 def analyse_command(argv: list[str]) -> Path:
     """`sofo analyse --config C --ckpt_path P [--out DIR] [--trials 32] [--starts 256] [--state all|network]
     [config overrides]`: fixed points, linearised dynamics and PCA trajectories of a trained recurrent
-    network, written as PNG files (fixed_points.png, eigenvalues.png) and a summary line; returns DIR."""
+    network, written as PNG files (fixed_points.png, eigenvalues.png), analysis.npz (the arrays) and
+    analysis.json (the counts), and a summary line; returns DIR."""
     import argparse
 
     import torch
@@ -295,7 +296,8 @@ def analyse_command(argv: list[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for tag, figure in figures.items():
         figure.savefig(out / f"{tag.split('/')[-1]}.png", dpi=110)
-    rank_zero_info(f"{analysis.fixed_points.summary()}. Figures in {out}.")
+    npz, summary = analysis.save(out)
+    rank_zero_info(f"{analysis.fixed_points.summary()}. Figures, {npz.name} and {summary.name} in {out}.")
     return out
 
 

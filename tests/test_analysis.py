@@ -154,6 +154,26 @@ def test_figures_show_the_points(flipflop):
     assert len(figure.axes[0].collections) >= 2
 
 
+def test_analysis_saves_its_arrays_and_a_summary(flipflop, tmp_path):
+    import json
+
+    import numpy as np
+
+    _, result = flipflop
+    npz, summary_path = result.save(tmp_path / "out")
+    summary = json.loads(summary_path.read_text())
+    points = result.fixed_points
+    with np.load(npz) as arrays:
+        for key, tensor in [("points", points.points), ("jacobians", points.jacobians),
+                            ("eigenvalues", points.eigenvalues), ("speed", points.speed), ("rates", result.rates),
+                            ("pca_components", result.pca.components), ("states", result.states)]:
+            np.testing.assert_array_equal(arrays[key], tensor.detach().numpy(), err_msg=key)
+        assert arrays["stability"].tolist() == list(points.stability)
+    assert (summary["stable"], summary["saddle"]) == (points.count("stable"), points.count("saddle"))
+    assert summary["fixed_points"] == len(points.stability) and summary["starts"] == points.starts
+    assert summary["arrays"]["points"] == list(points.points.shape)
+
+
 def test_analysis_refuses_a_feedforward_module():
     from conftest import MLP
 
@@ -199,7 +219,8 @@ def test_sofo_analyse_command_writes_the_figures(tmp_path, capsys, caplog):
     main(["analyse", "--ckpt_path", str(checkpoint), "--trials", "4", "--starts", "16", "--out",
           str(tmp_path / "figures"), *config])
     assert "points from 16 starts" in caplog.text
-    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"fixed_points.png", "eigenvalues.png"}
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"fixed_points.png", "eigenvalues.png", "analysis.npz",
+                                                                   "analysis.json"}
     main(["analyse", "--ckpt_path", "last", "--trials", "4", "--starts", "16", *config])
     assert (run_dir(tmp_path) / "analysis" / "fixed_points.png").is_file()
     capsys.readouterr()

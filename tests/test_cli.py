@@ -3,12 +3,14 @@ command line; the console script works from any directory; bad configs fail clea
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,7 +91,13 @@ def test_config_runs_two_steps(config, tmp_path, caplog):
     # every bundled model is recurrent (tuple states included: the arm controllers): its fixed points
     main(["analyse", "--ckpt_path", "last", "--trials", "4", "--starts", "8", *shrunk(config, tmp_path)[1:]])
     assert "points from 8 starts" in caplog.text
-    assert (run_dir(tmp_path, config) / "analysis" / "fixed_points.png").is_file()
+    folder = run_dir(tmp_path, config) / "analysis"
+    assert (folder / "fixed_points.png").is_file()
+    summary = json.loads((folder / "analysis.json").read_text())
+    with np.load(folder / "analysis.npz") as arrays:
+        assert len(arrays["points"]) == summary["fixed_points"] == len(arrays["stability"])
+        assert summary["stable"] + summary["saddle"] + summary["unstable"] == summary["fixed_points"]
+        assert arrays["eigenvalues"].shape == arrays["points"].shape and np.iscomplexobj(arrays["eigenvalues"])
 
 
 def test_configs_name_classes_by_full_path_and_short_names_still_work(tmp_path, caplog):
