@@ -7,6 +7,7 @@ from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, sol
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
 from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
+from lightning_sofo.runs import TrainedRun, load
 from lightning_sofo.strategy import SOFOStrategy, register as _register
 
 _register()
@@ -26,4 +27,6 @@ __all__ = [
     "resolve_loss",
     "sample_tangents",
     "solve_subspace",
+    "load",
+    "TrainedRun",
 ]
