@@ -20,13 +20,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_sofo  # noqa: F401  (registers strategy "sofo")
-from lightning_sofo.callbacks import CheckpointOnInterrupt, TrialFigures
+from lightning_sofo.callbacks import CheckpointOnInterrupt, PredictionsToFile, TrialFigures
 from lightning_sofo.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -84,6 +84,13 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
             given = trainer_config.get("callbacks") or []
             given = given if isinstance(given, list) else [given]
             kwargs["callbacks"] = [*given, ModelCheckpoint(save_last=True), CheckpointOnInterrupt()]
+        if self.subcommand == "predict":  # outputs and rates of the test set, written beside the run
+            given = kwargs.get("callbacks")
+            if given is None:
+                given = trainer_config.get("callbacks") or []
+                given = given if isinstance(given, list) else [given]
+            if not any(isinstance(callback, BasePredictionWriter) for callback in given):
+                kwargs["callbacks"] = [*given, PredictionsToFile()]
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -128,7 +128,9 @@ class SOFOModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, _, _ = unpack_batch(batch)
-        return self(inputs)
+        step = self.trainer.global_step if self._trainer is not None else 0
+        with self.noise_draws(step, stream=f"predict/{batch_idx}"):
+            return self(inputs)
 
     def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""

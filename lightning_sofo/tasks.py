@@ -111,7 +111,9 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(self.fixed_set("test"), batch_size=None)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        # the test set's batches, through a batch sampler of one pre-drawn batch each, so that
+        # Lightning can tell a prediction writer which batch of the set each prediction is
+        return DataLoader(self.fixed_set("test"), batch_size=1, collate_fn=_the_only_item)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # the stream numbers its batches; count those the training loop has actually taken
@@ -137,6 +139,10 @@ class TaskDataModule(L.LightningDataModule):
     def require_arguments(self, kind: type, **values: Any) -> None:
         """Each value of the argument type `kind` (lightning_sofo.arguments), else a ValueError naming it."""
         require(type(self).__name__, kind, **values)
+
+
+def _the_only_item(items: list[Batch]) -> Batch:
+    return items[0]
 
 
 class _TrialStream:
