@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_sofo.psychometrics import PsychometricCurve, decision_choices, fit_psychometric
 from lightning_sofo.tasks import Scored, TaskDataModule
 from lightning_sofo.units import require_step
 
@@ -97,13 +99,15 @@ class NeurogymTask(TaskDataModule):
 
     def generate(self, n_trials, generator):
         self.env.seed(self.env_seed(generator))
-        trials = []
+        trials, parameters = [], []
         for _ in range(n_trials):
             self.env.new_trial()
             scored = torch.zeros(len(self.env.gt))
             for period in self.score_periods:
                 scored[self.env.start_ind[period]: self.env.end_ind[period]] = 1.0
             trials.append((torch.as_tensor(self.env.ob, dtype=torch.float32), torch.as_tensor(self.env.gt), scored))
+            parameters.append({key: float(value) for key, value in self.env.trial.items()
+                               if isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_))})
         longest = max(len(scored) for _, _, scored in trials)
         length = self.n_steps or longest
         self.require(longest <= length, f"a {self.task} trial lasts {longest} steps, longer than n_steps={length}; "
@@ -117,7 +121,30 @@ class NeurogymTask(TaskDataModule):
             inputs[i, :steps] = observation
             targets[i, :steps] = truth.long() if self.discrete else truth.float().reshape(steps, -1)
             mask[i, :steps] = scored
-        return {"inputs": inputs, "targets": targets, "mask": mask if self.discrete else mask[..., None]}
+        batch = {"inputs": inputs, "targets": targets, "mask": mask if self.discrete else mask[..., None]}
+        # neurogym's trial parameters (coherence, ground truth, context, ...), one number per trial
+        shared = set.intersection(*(set(p) for p in parameters))
+        batch.update({f"trial_{key}": torch.tensor([p[key] for p in parameters], dtype=torch.float64)
+                      for key in sorted(shared)})
+        return batch
+
+    def psychometric(self, batches: list[dict], outputs: list[torch.Tensor]) -> PsychometricCurve | None:
+        """The psychometric curve of a two-choice task whose trials have a coherence `coh` (%) and a
+        `ground_truth` side (0 or 1), with the actions fixate, choose side 0, choose side 1 (as
+        PerceptualDecisionMaking-v0): the fraction of trials choosing side 1 against the coherence
+        signed towards side 1, over the trials that chose a side, fitted with lapse rates
+        (lightning_sofo.psychometrics). None for tasks without those parameters."""
+        needed = ("trial_coh", "trial_ground_truth")
+        if not self.discrete or self.output_size != 3 or not all(key in b for b in batches for key in needed):
+            return None
+        side = torch.cat([b["trial_ground_truth"] for b in batches]).cpu()
+        coherence = torch.cat([b["trial_coh"] for b in batches]).cpu()
+        signed = torch.where(side == 1, coherence, -coherence)
+        choice = torch.cat([decision_choices(o, b) for o, b in zip(outputs, batches)]).cpu()
+        chose_side = choice > 0
+        if int(chose_side.sum()) == 0:
+            return None
+        return fit_psychometric(signed[chose_side].numpy(), (choice[chose_side] == 2).numpy())
 
     def metrics(self):
         if self.discrete:

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
+from lightning_sofo.psychometrics import plot_psychometric
 
 
 class TrialFigures(L.Callback):
@@ -49,9 +50,28 @@ class TrialFigures(L.Callback):
         for index in range(min(self.n_trials, batch["inputs"].shape[0])):
             figure = task.plot_trial(batch, outputs, rates, index=index)
             self._log(trainer, figure, f"trials/{index}")
+        curve = psychometric_curve(module, task)
+        if curve is not None:
+            self._log(trainer, plot_psychometric(curve, title=f"{type(task).__name__}, step {trainer.global_step}",
+                                                 xlabel="signed coherence (%)"), "psychometric")
 
     def _log(self, trainer: L.Trainer, figure, tag: str) -> None:
         _log_figure(trainer, figure, tag, self.save_dir)
+
+
+def psychometric_curve(module: L.LightningModule, task: Any, stream: str = "val"):
+    """The task's psychometric curve (task.psychometric) on its whole validation (or test) set, or
+    None when the task has none or the fit does not converge (an untrained network)."""
+    if not hasattr(task, "psychometric") or not hasattr(task, "fixed_set"):
+        return None
+    batches = [module.transfer_batch_to_device(batch, module.device, 0) for batch in task.fixed_set(stream)]
+    with torch.no_grad():
+        outputs = [module(batch["inputs"]) for batch in batches]
+    try:
+        return task.psychometric(batches, outputs)
+    except (RuntimeError, ValueError) as error:  # curve_fit's non-convergence, or too few levels chosen
+        rank_zero_info(f"No psychometric curve this time: {error}")
+        return None
 
 
 def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

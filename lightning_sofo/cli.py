@@ -15,6 +15,7 @@ atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each va
 from __future__ import annotations
 
 import importlib.resources
+import json
 import sys
 from pathlib import Path
 
@@ -261,7 +262,8 @@ def analyse_command(argv: list[str]) -> Path:
 
     import torch
 
-    from lightning_sofo.callbacks import analyse_batch, first_validation_batch
+    from lightning_sofo.callbacks import analyse_batch, first_validation_batch, psychometric_curve
+    from lightning_sofo.psychometrics import plot_psychometric
 
     def positive(text: str) -> int:
         value = int(text)
@@ -305,6 +307,14 @@ def analyse_command(argv: list[str]) -> Path:
         figure.savefig(out / f"{tag.split('/')[-1]}.png", dpi=110)
     npz, summary = analysis.save(out)
     rank_zero_info(f"{analysis.fixed_points.summary()}. Figures, {npz.name} and {summary.name} in {out}.")
+    model.eval()
+    curve = psychometric_curve(model, task)
+    if curve is not None:
+        plot_psychometric(curve, title=type(task).__name__, xlabel="signed coherence (%)").savefig(
+            out / "psychometric.png", dpi=110)
+        (out / "psychometric.json").write_text(json.dumps(curve.summary(), indent=2) + "\n")
+        rank_zero_info(f"Psychometric curve: bias {curve.mu:.3g}, scale {curve.sigma:.3g}, lapses "
+                       f"{curve.gamma:.2f} / {curve.lapse:.2f}; psychometric.png and .json in {out}.")
     return out
 
 

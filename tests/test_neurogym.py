@@ -4,6 +4,7 @@ the same trials, and both SOFO and Adam learn PerceptualDecisionMaking above cha
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,8 @@ neurogym = pytest.importorskip("neurogym")
 from lightning_sofo.datamodules import NeurogymTask  # noqa: E402
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
+from lightning_sofo.callbacks import TrialFigures, psychometric_curve  # noqa: E402
+from lightning_sofo.psychometrics import decision_choices, fit_psychometric, logistic_with_lapses  # noqa: E402
 
 
 @pytest.mark.parametrize("task, kwargs", [
@@ -47,6 +50,44 @@ def test_dt_is_in_seconds_and_reaches_neurogym_in_milliseconds():
         NeurogymTask(dt=20)
     with pytest.raises(ValueError, match=r"NeurogymTask\(dt=...\) in seconds \(dt: 0.02"):
         NeurogymTask(task_kwargs={"dt": 20})
+
+
+def test_batches_carry_neurogyms_trial_parameters():
+    data = NeurogymTask(dt=0.02, batch_size=6)
+    batch = data.generate(6, torch.Generator().manual_seed(11))
+    env = neurogym.make("PerceptualDecisionMaking-v0", dt=20).unwrapped
+    env.seed(NeurogymTask.env_seed(torch.Generator().manual_seed(11)))
+    for i in range(6):
+        env.new_trial()
+        assert batch["trial_coh"][i] == float(env.trial["coh"])
+        assert batch["trial_ground_truth"][i] == float(env.trial["ground_truth"])
+
+
+def test_psychometric_fit_recovers_a_known_observer():
+    """Choices drawn from a known logistic with lapses (20,000 trials): the fit finds its parameters."""
+    rng = np.random.default_rng(0)
+    levels = np.array([-51.2, -25.6, -12.8, -6.4, 0.0, 6.4, 12.8, 25.6, 51.2])
+    evidence = rng.choice(levels, size=20000)
+    truth = dict(mu=3.0, sigma=6.0, gamma=0.05, lapse=0.1)
+    chose_right = rng.random(20000) < logistic_with_lapses(evidence, **truth)
+    curve = fit_psychometric(evidence, chose_right)
+    for name, value in truth.items():
+        assert abs(getattr(curve, name) - value) < 0.15 * abs(value) + 0.02, (name, getattr(curve, name), value)
+    assert curve.trials.sum() == 20000 and np.allclose(curve(levels), logistic_with_lapses(levels, curve.mu,
+                                                                                          curve.sigma, curve.gamma,
+                                                                                          curve.lapse))
+    with pytest.raises(ValueError, match="at least 3 evidence levels"):
+        fit_psychometric([1.0, -1.0], [True, False])
+
+
+def test_decision_choice_is_the_argmax_over_the_scored_steps():
+    outputs = torch.zeros(2, 5, 3)
+    outputs[0, 3:, 2] = 5.0  # trial 0 chooses 2 in its decision period
+    outputs[1, :3, 2] = 9.0  # trial 1: 2 outside the decision period, 1 inside
+    outputs[1, 3:, 1] = 1.0
+    mask = torch.zeros(2, 5)
+    mask[:, 3:] = 1.0
+    assert decision_choices(outputs, {"mask": mask}).tolist() == [2, 1]
 
 
 def test_batches_are_reproducible_and_fixation_can_be_scored():
@@ -92,3 +133,10 @@ def test_perceptual_decision_making_is_learned_above_chance(optimizer, strategy,
     after = trainer.validate(model, data, verbose=False)[0]["val/decision_accuracy"]
     # chance on the decision period is 1/2 (left or right); 256 trials: 0.7 is far above it
     assert after > 0.7 and after > before + 0.15, (before, after)
+    # the trained network's psychometric curve: more "side 1" choices as the evidence for side 1 grows
+    model.eval()
+    curve = psychometric_curve(model, data)
+    assert curve is not None and curve.p_right[-1] > 0.8 and curve.p_right[0] < 0.2, curve.summary()
+    assert abs(curve.mu) < 25 and curve.sigma > 0
+    TrialFigures(save_dir=str(tmp_path / "figures")).on_validation_epoch_end(trainer, model)  # as at each validation
+    assert (tmp_path / "figures" / f"psychometric_step{steps}.png").is_file()
