@@ -151,6 +151,68 @@ def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, dim=0)
 
 
+class Curriculum(L.Callback):
+    """Steps a task's difficulty when a validation metric crosses a threshold: the task starts at
+    `values[0]` of its setting and moves to the next value after each validation whose `monitor`
+    is below `threshold` (mode "min") or above it (mode "max"), through task.set_difficulty (the
+    constructor's checks apply; the validation set is drawn again at the new difficulty). The
+    level is saved in checkpoints, so a resumed run continues at the difficulty it had reached,
+    and the trial stream continues where it was. Logs `curriculum/level` and the setting's value.
+
+    Args:
+        setting: the task's constructor argument to step, e.g. "n_steps" (delayed addition) or
+            "second_go_delay" (double reach, seconds).
+        values: its values, easiest first.
+        monitor: a metric logged at validation, e.g. "val_loss" or "val/sum_mse".
+        threshold: the level of `monitor` that moves the task on.
+        mode: "min" (lower is better) or "max".
+    """
+
+    def __init__(self, setting: str, values: Sequence[Any], monitor: str = "val_loss", threshold: float = 0.0,
+                 mode: str = "min"):
+        if mode not in ("min", "max"):
+            raise ValueError(f"Curriculum: mode is 'min' or 'max', got {mode!r}.")
+        if len(values) < 2:
+            raise ValueError(f"Curriculum: give at least two values of {setting!r} (easiest first), got {list(values)}.")
+        self.setting, self.values, self.monitor = setting, list(values), monitor
+        self.threshold, self.mode = threshold, mode
+        self.level = 0
+        self.history: list[dict[str, Any]] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._apply(trainer)  # level 0, or the level a resumed checkpoint had reached
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.level == len(self.values) - 1:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise KeyError(f"Curriculum: no metric {self.monitor!r} was logged at validation; logged: "
+                           f"{sorted(trainer.callback_metrics)}.")
+        value = float(value)
+        if value < self.threshold if self.mode == "min" else value > self.threshold:
+            self.level += 1
+            self._apply(trainer)
+            self.history.append({"step": trainer.global_step, "level": self.level, self.monitor: value})
+            rank_zero_info(f"Curriculum: {self.monitor} {value:.4g} crossed {self.threshold:g} at step "
+                           f"{trainer.global_step}; {self.setting} = {self.values[self.level]!r} (level {self.level}).")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"curriculum/level": float(self.level)}, step=trainer.global_step)
+
+    def _apply(self, trainer: L.Trainer) -> None:
+        task = trainer.datamodule
+        if not hasattr(task, "set_difficulty"):
+            raise TypeError(f"Curriculum needs a task with set_difficulty (a TaskDataModule), got {type(task).__name__}.")
+        if getattr(task, self.setting, None) != self.values[self.level]:
+            task.set_difficulty(**{self.setting: self.values[self.level]})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.level, self.history = state_dict["level"], list(state_dict.get("history", []))
+
+
 class CurvatureMonitor(L.Callback):
     """Every `every_n_steps` training steps (and once at the end of fit), measures the
     curvature of the training loss on one fixed batch and logs it to the Trainer's

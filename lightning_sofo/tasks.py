@@ -12,6 +12,7 @@ Batches are dicts {inputs (B, T, I), targets (B, T, O) or class indices
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable
 
 import lightning as L
@@ -90,6 +91,24 @@ class TaskDataModule(L.LightningDataModule):
         time it is asked for."""
         generator = torch.Generator().manual_seed(stream_seed(self.seed, stream, index, shard))
         return self.generate(n_trials or self.batch_size, generator)
+
+    def set_difficulty(self, **settings: Any) -> None:
+        """Change constructor settings of this task in place (a curriculum step, e.g. n_steps=500):
+        the task is built again with them (so the constructor's checks apply, with a clear error and
+        nothing changed if they fail), the training stream goes on from where it is, and the fixed
+        validation and test sets are drawn again at the new settings."""
+        parameters = {name for cls in type(self).__mro__ if issubclass(cls, TaskDataModule)
+                      for name, p in inspect.signature(cls.__init__).parameters.items()
+                      if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        unknown = sorted(set(settings) - parameters)
+        self.require(not unknown, f"set_difficulty: {unknown} are not settings of {type(self).__name__}; "
+                                  f"it has {sorted(parameters)}.")
+        current = {name: getattr(self, name) for name in parameters if hasattr(self, name)}
+        current = {name: value.tolist() if isinstance(value, Tensor) else value for name, value in current.items()}
+        rebuilt = type(self)(**{**current, **settings})  # raises, naming the problem, if they do not fit
+        kept = {"trainer", "batches_consumed", "_fixed"}  # where the run is, and who runs it
+        self.__dict__.update({key: value for key, value in rebuilt.__dict__.items() if key not in kept})
+        self._fixed.clear()
 
     def fixed_set(self, stream: str) -> list[Batch]:
         """The validation or test set: batches of at most batch_size trials, drawn once."""
