@@ -151,6 +151,95 @@ def _concatenate(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors, dim=0)
 
 
+class Perturbation(L.Callback):
+    """Lesion and perturbation experiments on a trained network, during validation and test:
+    clamp the rates of chosen units (rate 0.0 silences them, in the recurrence and in every
+    readout), and/or add a pulse to their state h between `start` and `stop` (seconds of the
+    trial; the model's dt converts them to steps). Nothing changes during training, and the model
+    is left as it was after each evaluation.
+
+        sofo validate --config flipflop_sofo --ckpt_path last \
+            --trainer.callbacks+=lightning_sofo.callbacks.Perturbation --trainer.callbacks.units=[0,1,2]
+
+    Args:
+        units: indices of the network's units.
+        rate: clamp their rates phi(h) to this value (None: no clamp).
+        pulse: add this to their state h at each step in [start, stop) (None: no pulse).
+        start: the pulse's first time (s).
+        stop: the pulse's end (s); None: to the end of the trial.
+        stages: the evaluations it applies to ("validate", "test"; "fit" adds the validations
+            during training).
+    """
+
+    def __init__(self, units: Sequence[int], rate: float | None = 0.0, pulse: float | None = None,
+                 start: float = 0.0, stop: float | None = None, stages: Sequence[str] = ("validate", "test")):
+        if not units:
+            raise ValueError("Perturbation: give the indices of at least one unit.")
+        if rate is None and pulse is None:
+            raise ValueError("Perturbation: set rate (a clamp, 0.0 silences) and/or pulse (added to the state).")
+        unknown = sorted(set(stages) - {"fit", "validate", "test"})
+        if unknown:
+            raise ValueError(f"Perturbation: stages are 'fit', 'validate' or 'test', got {unknown}.")
+        self.units, self.rate, self.pulse = [int(u) for u in units], rate, pulse
+        self.start, self.stop, self.stages = start, stop, tuple(stages)
+
+    def install(self, module: L.LightningModule) -> None:
+        """Apply the perturbation to `module` (undone by `remove`)."""
+        cell = getattr(module, "cell", None)
+        size = getattr(cell, "hidden_size", None)
+        if size is None or not hasattr(cell, "clamped_rates"):
+            raise TypeError(f"Perturbation works on models with a LeakyRNNCell (VanillaRNN, ArmController); "
+                            f"{type(module).__name__} has none.")
+        bad = [u for u in self.units if not 0 <= u < size]
+        if bad:
+            raise ValueError(f"Perturbation: units {bad} do not exist; {type(module).__name__} has {size} (0 to {size - 1}).")
+        units = torch.tensor(self.units, dtype=torch.long)
+        if self.rate is not None:
+            cell.clamped_rates = (units, float(self.rate))
+        if self.pulse is not None:
+            dt = getattr(module, "dt", None)
+            if dt is None:
+                raise TypeError(f"Perturbation: a pulse is timed in seconds and {type(module).__name__} has no dt.")
+            first = round(self.start / dt)
+            last = None if self.stop is None else round(self.stop / dt)
+            amount = float(self.pulse)
+
+            def add_pulse(state, t):
+                if t < first or (last is not None and t >= last):
+                    return state
+                hidden = state[0] if isinstance(state, tuple) else state
+                hidden = hidden.index_add(-1, units.to(hidden.device),
+                                          torch.full((*hidden.shape[:-1], len(units)), amount,
+                                                     dtype=hidden.dtype, device=hidden.device))
+                return (hidden, *state[1:]) if isinstance(state, tuple) else hidden
+
+            module.__dict__["state_perturbation"] = add_pulse
+
+    @staticmethod
+    def remove(module: L.LightningModule) -> None:
+        cell = getattr(module, "cell", None)
+        if cell is not None and hasattr(cell, "clamped_rates"):
+            cell.clamped_rates = None
+        module.__dict__.pop("state_perturbation", None)
+
+    def _applies(self, trainer: L.Trainer) -> bool:
+        return trainer.state.fn is not None and trainer.state.fn.value in self.stages
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._applies(trainer):
+            self.install(pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.remove(pl_module)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._applies(trainer):
+            self.install(pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.remove(pl_module)
+
+
 class Curriculum(L.Callback):
     """Steps a task's difficulty when a validation metric crosses a threshold: the task starts at
     `values[0]` of its setting and moves to the next value after each validation whose `monitor`

@@ -82,7 +82,10 @@ class SOFOModule(L.LightningModule):
         check_sequence(type(self).__name__, inputs, getattr(self, "input_size", None))
         state = self.initial_state(inputs.shape[0])
         outputs, states = [], []
+        perturb = self.__dict__.get("state_perturbation")  # (state, t) -> state; see callbacks.Perturbation
         for t in range(inputs.shape[1]):
+            if perturb is not None:
+                state = perturb(state, t)
             state, y = self.step(state, inputs[:, t])
             outputs.append(y)
             if return_states:

@@ -94,6 +94,7 @@ class LeakyRNNCell(nn.Module):
             raise ValueError(f"dale_ratio is the fraction of excitatory units, in (0, 1) (e.g. 0.8); got {dale_ratio}.")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.dt, self.tau = dt, tau
+        self.clamped_rates: tuple[Tensor, float] | None = None  # (unit indices, rate) while perturbed
         self.alpha = dt / tau
         self.nonlinearity = nonlinearity
         self.phi = NONLINEARITIES[nonlinearity]
@@ -144,14 +145,20 @@ class LeakyRNNCell(nn.Module):
         return self.h0.expand(batch_size, -1)
 
     def rates(self, state: Tensor) -> Tensor:
-        return self.phi(state)
+        """phi(h) (B, N); units in `clamped_rates` (a perturbation, see callbacks.Perturbation) fire
+        at their clamped rate instead, in the recurrence and in every readout."""
+        rates = self.phi(state)
+        if self.clamped_rates is not None:
+            units, value = self.clamped_rates
+            rates = rates.index_fill(-1, units.to(rates.device), value)
+        return rates
 
     def forward(self, state: Tensor, inputs_t: Tensor) -> Tensor:
         """(h_t (B, N), u_t (B, I)) -> h_{t+1} (B, N)."""
         if self.noisy and self.input_noise > 0:
             inputs_t = inputs_t + self.input_noise * torch.randn_like(inputs_t)
         presynaptic = state.detach() if self.learning_rule == "three_factor" and self.training else state
-        drive = self.phi(presynaptic) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
+        drive = self.rates(presynaptic) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
         # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
         # Python decomposition under torch.func's forward mode (README, Benchmarks)
         state = torch.lerp(state, drive, self.alpha)
