@@ -212,6 +212,23 @@ def batched_jvp(fn: Callable[..., Any], primals: tuple, tangents: tuple, batched
     return vmap(lambda *t: jvp(fn, primals, t), in_dims=in_dims, out_dims=(None, 0), randomness="same")(*tangents)
 
 
+def weight_penalty(params: Params, strength: float) -> Tensor:
+    """P(theta) = strength * sum ||theta||^2 over `params` (an L2 penalty on the weights)."""
+    return strength * sum((p * p).sum() for p in params.values())
+
+
+def weight_penalty_sketch(params: Params, tangents: Params, strength: float) -> Sketch:
+    """The sketch of P(theta) = strength ||theta||^2, exact (P is quadratic, so its Gauss-Newton
+    matrix is its Hessian 2 strength I):
+        loss P,   g~ = 2 strength V^T theta,   G~ = 2 strength V^T V,
+    with V the tangents (K, *shape) of the parameters in `tangents`; parameters without tangents
+    still count in P."""
+    flat = [(tangents[name].reshape(tangents[name].shape[0], -1), params[name].reshape(-1)) for name in tangents]
+    grad = 2 * strength * sum(v @ theta for v, theta in flat)
+    ggn = 2 * strength * sum(v @ v.T for v, _ in flat)
+    return Sketch(weight_penalty(params, strength), grad, ggn)
+
+
 def feedforward_sketch(
     forward: Callable[[Params], Tensor],
     params: Params,

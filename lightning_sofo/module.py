@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo import checkpoints
-from lightning_sofo.arguments import NonNegativeInt, require
+from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
 from lightning_sofo.calls import PureFunctionCheck, functional_method
 from lightning_sofo.functional import (
@@ -22,6 +22,8 @@ from lightning_sofo.functional import (
     feedforward_sketch,
     recurrent_loss,
     recurrent_sketch,
+    weight_penalty,
+    weight_penalty_sketch,
 )
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
@@ -41,15 +43,22 @@ class SOFOModule(L.LightningModule):
         compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps (0: eager).
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
             float64, for float32 models on long trials.
+        weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters,
+            added to the training objective under backpropagation and under SOFO, where its
+            gradient and exact curvature enter the sketches (g~ += 2 lambda V^T theta,
+            G~ += 2 lambda V^T V). Validation and test losses are the task's alone.
 
     Batches are dicts {"inputs", "targets"[, "mask"]} or tuples in that order,
     with the mask broadcastable to the targets.
     """
 
-    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt = 0, accumulate_float64: bool = False):
+    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt = 0, accumulate_float64: bool = False,
+                 weight_l2: NonNegativeFloat = 0.0):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
         require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
+        require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2)
+        self.weight_l2 = float(weight_l2)
         if not isinstance(accumulate_float64, bool):
             raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps
@@ -120,6 +129,8 @@ class SOFOModule(L.LightningModule):
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
         with self.noise_draws(self.trainer.global_step if attached else 0, stream=f"train/{micro_batch}"):
             loss = self.compute_loss(batch)
+        if self.weight_l2:  # the training objective, as SOFO's sketches have it
+            loss = loss + weight_penalty({n: p for n, p in self.named_parameters() if p.requires_grad}, self.weight_l2)
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
@@ -331,7 +342,13 @@ class SOFOModule(L.LightningModule):
 
         def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
             with self.noise_draws(step):
-                return sketch_or_loss(tangents)
+                result = sketch_or_loss(tangents)
+            if not self.weight_l2:
+                return result
+            if tangents is None:
+                return result + weight_penalty(primals, self.weight_l2)
+            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
+            return result + weight_penalty_sketch(primals, named_tangents, self.weight_l2)
 
         def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
             functions = {name: self.functional(name) for name in ("initial_state", "step", "forward")}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
+from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step
 from .vanilla_rnn import LeakyRNNCell
 
@@ -147,6 +147,7 @@ class ArmController(SOFOModule):
         motor_scale: initial scale of the motor readout (N m or excitation per unit rate).
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
+        weight_l2: as SOFOModule.
         **cell_options: the other options of the recurrent core, defined once in LeakyRNNCell
             (gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval,
             dale_ratio, connectivity, ...); its step dt is the body's.
@@ -162,9 +163,10 @@ class ArmController(SOFOModule):
         motor_scale: float = 0.1,
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
+        weight_l2: NonNegativeFloat = 0.0,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps)
+        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2)
         self.save_hyperparameters(ignore=["body"])
         if "dt" in cell_options:
             raise ValueError(f"{type(self).__name__} steps at its body's dt; set the body's dt (TwoLinkArm(dt=...), "

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from lightning_sofo.arguments import NonNegativeInt, PositiveInt, require
+from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveInt, require
 
 
 class GRU(SOFOModule):
@@ -25,6 +25,7 @@ class GRU(SOFOModule):
         learn_initial_state: make h_0 a parameter (else h_0 = 0).
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
+        weight_l2: as SOFOModule.
     """
 
     def __init__(
@@ -35,8 +36,9 @@ class GRU(SOFOModule):
         learn_initial_state: bool = False,
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
+        weight_l2: NonNegativeFloat = 0.0,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps)
+        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2)
         self.save_hyperparameters()
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)
         n = hidden_size

@@ -179,6 +179,7 @@ class VanillaRNN(SOFOModule):
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
         accumulate_float64: as SOFOModule.
+        weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
         **cell_options: the options of the recurrent core, defined once in LeakyRNNCell (dt,
             tau, nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
             noise_in_eval, dale_ratio, connectivity, connectivity_seed, learning_rule), set
@@ -196,9 +197,11 @@ class VanillaRNN(SOFOModule):
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
         accumulate_float64: bool = False,
+        weight_l2: NonNegativeFloat = 0.0,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64)
+        super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64,
+                         weight_l2=weight_l2)
         self.save_hyperparameters()
         require(type(self).__name__, PositiveInt, output_size=output_size)
         require(type(self).__name__, NonNegativeFloat, output_noise=output_noise)
