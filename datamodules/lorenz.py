@@ -35,19 +35,22 @@ def rk4_step(state: Tensor, dt: float) -> Tensor:
 class Lorenz(TaskDataModule):
     """Args: n_steps (32 points to generate), step_size (0.01: the RK4 step, in the Lorenz
     system's own dimensionless time, not seconds), burn_in (steps from the initial condition
-    to the attractor), and the TaskDataModule arguments.
+    to the attractor), score_last_only (score the final point of the trajectory only, the SOFO
+    authors' sparse supervision; the metric r2 then covers that point), and the TaskDataModule
+    arguments.
     The z-scoring statistics come from a long reference trajectory."""
 
     input_size = 3
     output_size = 3
 
     def __init__(self, n_steps: PositiveInt = 32, step_size: PositiveFloat = 0.01, burn_in: NonNegativeInt = 1000,
-                 **kwargs):
+                 score_last_only: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.require_arguments(PositiveInt, n_steps=n_steps)
         self.require_arguments(PositiveFloat, step_size=step_size)
         self.require_arguments(NonNegativeInt, burn_in=burn_in)
         self.n_steps, self.step_size, self.burn_in = n_steps, step_size, burn_in
+        self.score_last_only = score_last_only
         reference = self._trajectories(torch.tensor([[1.0, 1.0, 1.0]], dtype=torch.float64), 20000)[0]
         self.mean, self.std = reference.mean(0), reference.std(0)
 
@@ -66,11 +69,16 @@ class Lorenz(TaskDataModule):
         path = (self._trajectories(start, self.n_steps + 1) - self.mean) / self.std
         inputs = torch.zeros(n_trials, self.n_steps, 3, dtype=torch.float64)
         inputs[:, 0] = path[:, 0]
-        return {"inputs": inputs.float(), "targets": path[:, 1:].float(), "mask": torch.ones(n_trials, self.n_steps, 1)}
+        mask = torch.ones(n_trials, self.n_steps, 1)
+        if self.score_last_only:  # the SOFO authors' sparse supervision: the final point only
+            mask[:, :-1] = 0.0
+        return {"inputs": inputs.float(), "targets": path[:, 1:].float(), "mask": mask}
 
     def metrics(self):
         return MetricCollection({"r2": Scored(R2Score(), flat_points)})
 
 
 def flat_points(outputs, batch):
-    return outputs.reshape(-1, 3), batch["targets"].reshape(-1, 3)
+    """The scored points (B', 3) and their targets."""
+    scored = batch["mask"][..., 0] > 0
+    return outputs[scored], batch["targets"][scored]

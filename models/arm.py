@@ -148,6 +148,9 @@ class ArmController(SOFOModule):
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
         weight_l2: as SOFOModule.
+        motor_noise: s_m, signal-dependent (multiplicative) noise on the motor readout,
+            m <- m (1 + s_m xi) with xi standard normal, drawn when the network's noise is
+            (training, or with noise_in_eval), as the SOFO authors' reach networks have.
         **cell_options: the other options of the recurrent core, defined once in LeakyRNNCell
             (gain, learn_initial_state, input_noise, recurrent_noise, noise_in_eval,
             dale_ratio, connectivity, ...); its step dt is the body's.
@@ -164,9 +167,12 @@ class ArmController(SOFOModule):
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
         weight_l2: NonNegativeFloat = 0.0,
+        motor_noise: NonNegativeFloat = 0.0,
         **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2)
+        require(type(self).__name__, NonNegativeFloat, motor_noise=motor_noise)
+        self.motor_noise = float(motor_noise)
         self.save_hyperparameters(ignore=["body"])
         if "dt" in cell_options:
             raise ValueError(f"{type(self).__name__} steps at its body's dt; set the body's dt (TwoLinkArm(dt=...), "
@@ -193,7 +199,10 @@ class ArmController(SOFOModule):
         """((h_t, body_t), u_t (B, I)) -> ((h_{t+1}, body_{t+1}), hand_{t+1} (B, 4))."""
         hidden, body_state = state
         hidden = self.cell(hidden, torch.cat([inputs_t, self.body.feedback(body_state)], dim=-1))
-        action = self.body.motor_command(self.cell.rates(hidden) @ self.motor.T + self.motor_bias)
+        motor = self.cell.rates(hidden) @ self.motor.T + self.motor_bias
+        if self.motor_noise > 0 and (self.training or self.cell.noise_in_eval):
+            motor = motor * (1.0 + self.motor_noise * torch.randn_like(motor))
+        action = self.body.motor_command(motor)
         body_state = self.body.step(body_state, action)
         return (hidden, body_state), self.body.hand(body_state)
 

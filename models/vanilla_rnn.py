@@ -180,6 +180,9 @@ class VanillaRNN(SOFOModule):
         compile_steps: as SOFOModule.
         accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
+        readout_init: "random" (Gaussian, scale 1/sqrt(N)) or "pinv_input": the pseudo-inverse of
+            the input weights, C = U^+ (O = I), so that the untrained network reads out what it
+            is given (the SOFO authors' Kalman-filter networks).
         **cell_options: the options of the recurrent core, defined once in LeakyRNNCell (dt,
             tau, nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
             noise_in_eval, dale_ratio, connectivity, connectivity_seed, learning_rule), set
@@ -198,6 +201,7 @@ class VanillaRNN(SOFOModule):
         compile_steps: NonNegativeInt = 0,
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
+        readout_init: str = "random",
         **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64,
@@ -207,7 +211,15 @@ class VanillaRNN(SOFOModule):
         require(type(self).__name__, NonNegativeFloat, output_noise=output_noise)
         self.input_size, self.output_size, self.output_noise = input_size, output_size, output_noise
         self.cell = LeakyRNNCell(input_size, hidden_size, **cell_options)
-        self.readout = nn.Parameter(torch.randn(output_size, hidden_size) / math.sqrt(hidden_size))
+        if readout_init not in ("random", "pinv_input"):
+            raise ValueError(f"readout_init is 'random' or 'pinv_input', got {readout_init!r}.")
+        if readout_init == "pinv_input" and output_size != input_size:
+            raise ValueError(f"readout_init='pinv_input' reads out the inputs, so output_size must equal input_size; "
+                             f"got output_size={output_size}, input_size={input_size}.")
+        readout = torch.randn(output_size, hidden_size) / math.sqrt(hidden_size)
+        if readout_init == "pinv_input":
+            readout = torch.linalg.pinv(self.cell.input_weights.detach())  # (I, N): C U = I
+        self.readout = nn.Parameter(readout)
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
 
     @property

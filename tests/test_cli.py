@@ -33,7 +33,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
 }
 
 
-METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum")  # config names are <task>_<method>.yaml
+METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors")  # config names are <task>_<method>.yaml
 
 
 def task_and_method(config: str) -> tuple[str, str]:
@@ -62,7 +62,7 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
     if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
         args += ["--model.init_args.compile_steps", "0"]
-    if method in ("sofo", "fgd", "curriculum"):
+    if method in ("sofo", "fgd", "curriculum", "authors"):
         args += ["--optimizer.init_args.tangents", "8"]
     if method == "curriculum":  # its first level places the second marker by step 50
         args += ["--data.init_args.n_steps", "60", "--data.init_args.second_marker_last", "50"]
