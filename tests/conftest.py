@@ -93,3 +93,16 @@ def module_tangents(module: SOFOModule, k: int, seed: int = 0) -> tuple[SOFO, di
     optimizer = SOFO(module.parameters(), tangents=k, seed=seed)
     params = optimizer.named_params()
     return optimizer, sample_tangents(params, k, step_generator(seed, 0, torch.device("cpu")))
+
+
+def assert_noisy_sketch_matches_reverse_mode(model: SOFOModule, batch, optimizer, tangents) -> None:
+    """The sketch of one SOFO iteration equals V^T grad of the same noisy loss (the iteration's
+    noise draw, noise_draws(step)) by reverse mode."""
+    inputs, targets, mask = batch
+    sketch = model.sketch_function(batch, optimizer)(tangents)
+    with model.noise_draws(optimizer.step_count):
+        loss = model.loss_fn(model(inputs), targets, mask)
+    loss.backward()
+    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(sketch.loss, loss.detach())
+    torch.testing.assert_close(sketch.grad, flat_tangents(tangents).T @ gradient, rtol=1e-5, atol=1e-12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import flat_tangents, module_tangents
+from conftest import assert_noisy_sketch_matches_reverse_mode, module_tangents
 
 from lightning_sofo.datamodules import Lorenz
 from lightning_sofo.models import ArmController, VanillaRNN
@@ -59,10 +59,4 @@ def test_motor_noise_is_multiplicative_drawn_in_training_and_sketched_on_one_dra
     model = ArmController(3, 8, motor_noise=0.3).double().train()
     targets = torch.randn(2, 10, 4, dtype=torch.float64)
     optimizer, tangents = module_tangents(model, 5)
-    sketch = model.sketch_function((inputs, targets, None), optimizer)(tangents)
-    with model.noise_draws(optimizer.step_count):
-        loss = model.loss_fn(model(inputs), targets, None)
-    loss.backward()
-    gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-    torch.testing.assert_close(sketch.loss, loss.detach())
-    torch.testing.assert_close(sketch.grad, flat_tangents(tangents).T @ gradient, rtol=1e-5, atol=1e-12)
+    assert_noisy_sketch_matches_reverse_mode(model, (inputs, targets, None), optimizer, tangents)
