@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -54,7 +55,13 @@ class LeakyRNNCell(nn.Module):
             W = |W_raw| diag(s), s_j = +1 for excitatory and -1 for inhibitory
             presynaptic units j; None leaves the signs free.
         connectivity: density p in (0, 1] of a fixed random mask on W (drawn once
-            from `connectivity_seed`), or an (N, N) 0/1 tensor; None is all-to-all.
+            from `connectivity_seed`), an (N, N) 0/1 tensor (e.g. from block_connectivity),
+            or the path of a .pt / .npy file holding one; None is all-to-all.
+        connectivity_seed: the seed of the random mask.
+        autapses: keep the self-connections W_ii (False: the mask's diagonal is 0).
+        input_mask: a fixed (N, I) 0/1 mask on the input weights U (a tensor or a .pt / .npy
+            path), e.g. inputs that reach one area only; None: all inputs reach all units.
+        dale_inputs: with Dale's law, the inputs are excitatory projections: U = |U_raw|.
         learning_rule: "bptt" (exact gradient) or "three_factor" (the gradient through
             h_t in W phi(h_t) is stopped in train mode; see the module docstring).
             Values are the same either way; only backpropagated gradients differ.
@@ -73,9 +80,12 @@ class LeakyRNNCell(nn.Module):
         recurrent_noise: NonNegativeFloat = 0.0,
         noise_in_eval: bool = False,
         dale_ratio: Fraction | None = None,
-        connectivity: float | Tensor | None = None,
+        connectivity: float | Tensor | str | None = None,
         connectivity_seed: int = 0,
         learning_rule: str = "bptt",
+        autapses: bool = True,
+        input_mask: Tensor | str | None = None,
+        dale_inputs: bool = False,
     ):
         super().__init__()
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size)
@@ -103,6 +113,13 @@ class LeakyRNNCell(nn.Module):
 
         n = hidden_size
         mask = _connectivity_mask(connectivity, n, connectivity_seed)
+        if not autapses:
+            mask = (torch.ones(n, n) if mask is None else mask) * (1 - torch.eye(n))
+        if dale_inputs and dale_ratio is None:
+            raise ValueError("dale_inputs=True makes the inputs excitatory under Dale's law; set dale_ratio too.")
+        self.dale_inputs = dale_inputs
+        input_mask = _fixed_mask(input_mask, (n, input_size), "input_mask")
+        self.register_buffer("input_mask", input_mask, persistent=input_mask is not None)
         self.register_buffer("connectivity", mask, persistent=mask is not None)
         density = 1.0 if mask is None else max(mask.float().mean().item(), 1.0 / n)
         if dale_ratio is None:
@@ -137,6 +154,12 @@ class LeakyRNNCell(nn.Module):
         return weights
 
     @property
+    def effective_input_weights(self) -> Tensor:
+        """The effective U (N, I): non-negative under dale_inputs, and the input mask applied."""
+        weights = self.input_weights.abs() if self.dale_inputs else self.input_weights
+        return weights if self.input_mask is None else weights * self.input_mask
+
+    @property
     def noisy(self) -> bool:
         return (self.training or self.noise_in_eval) and (self.input_noise > 0 or self.recurrent_noise > 0)
 
@@ -158,7 +181,7 @@ class LeakyRNNCell(nn.Module):
         if self.noisy and self.input_noise > 0:
             inputs_t = inputs_t + self.input_noise * torch.randn_like(inputs_t)
         presynaptic = state.detach() if self.learning_rule == "three_factor" and self.training else state
-        drive = self.rates(presynaptic) @ self.recurrent_weights.T + inputs_t @ self.input_weights.T + self.bias
+        drive = self.rates(presynaptic) @ self.recurrent_weights.T + inputs_t @ self.effective_input_weights.T + self.bias
         # (1 - alpha) h + alpha drive, as lerp: a Python-scalar multiply falls back to a slow
         # Python decomposition under torch.func's forward mode (README, Benchmarks)
         state = torch.lerp(state, drive, self.alpha)
@@ -183,6 +206,11 @@ class VanillaRNN(SOFOModule):
         readout_init: "random" (Gaussian, scale 1/sqrt(N)) or "pinv_input": the pseudo-inverse of
             the input weights, C = U^+ (O = I), so that the untrained network reads out what it
             is given (the SOFO authors' Kalman-filter networks).
+        readout_mask: a fixed (O, N) 0/1 mask on the readout C (a tensor or a .pt / .npy path),
+            e.g. a readout from one area.
+        dale_readout: with Dale's law (dale_ratio), each unit's readout weights take its sign:
+            C = |C_raw| diag(s).
+        readout_from_excitatory: read out from the excitatory units only (needs dale_ratio).
         **cell_options: the options of the recurrent core, defined once in LeakyRNNCell (dt,
             tau, nonlinearity, gain, learn_initial_state, input_noise, recurrent_noise,
             noise_in_eval, dale_ratio, connectivity, connectivity_seed, learning_rule), set
@@ -202,6 +230,9 @@ class VanillaRNN(SOFOModule):
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         readout_init: str = "random",
+        readout_mask: Tensor | str | None = None,
+        dale_readout: bool = False,
+        readout_from_excitatory: bool = False,
         **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64,
@@ -218,14 +249,29 @@ class VanillaRNN(SOFOModule):
                              f"got output_size={output_size}, input_size={input_size}.")
         readout = torch.randn(output_size, hidden_size) / math.sqrt(hidden_size)
         if readout_init == "pinv_input":
-            readout = torch.linalg.pinv(self.cell.input_weights.detach())  # (I, N): C U = I
+            readout = torch.linalg.pinv(self.cell.effective_input_weights.detach())  # (I, N): C U = I
         self.readout = nn.Parameter(readout)
+        signs = self.cell.dale_signs
+        if (dale_readout or readout_from_excitatory) and signs is None:
+            raise ValueError("dale_readout and readout_from_excitatory follow Dale's law; set dale_ratio too.")
+        self.dale_readout = dale_readout
+        mask = _fixed_mask(readout_mask, (output_size, hidden_size), "readout_mask")
+        if readout_from_excitatory:
+            excitatory = (signs > 0).float().expand(output_size, hidden_size)
+            mask = excitatory if mask is None else mask * excitatory
+        self.register_buffer("readout_mask", mask, persistent=mask is not None)
         self.readout_bias = nn.Parameter(torch.zeros(output_size))
 
     @property
     def dt(self) -> float:
         """The time step in seconds (one step of the trial)."""
         return self.cell.dt
+
+    @property
+    def readout_weights(self) -> Tensor:
+        """The effective readout C (O, N): Dale's signs and the readout mask applied."""
+        weights = self.readout.abs() * self.cell.dale_signs if self.dale_readout else self.readout
+        return weights if self.readout_mask is None else weights * self.readout_mask
 
     def initial_state(self, batch_size: int) -> Tensor:
         """h_0, (B, N)."""
@@ -234,7 +280,7 @@ class VanillaRNN(SOFOModule):
     def step(self, state: Tensor, inputs_t: Tensor) -> tuple[Tensor, Tensor]:
         """(h_t (B, N), u_t (B, I)) -> (h_{t+1} (B, N), y_t (B, O))."""
         state = self.cell(state, inputs_t)
-        outputs = self.cell.rates(state) @ self.readout.T + self.readout_bias
+        outputs = self.cell.rates(state) @ self.readout_weights.T + self.readout_bias
         if self.output_noise > 0 and (self.training or self.cell.noise_in_eval):
             outputs = outputs + self.output_noise * torch.randn_like(outputs)
         return state, outputs
@@ -254,13 +300,38 @@ class VanillaRNN(SOFOModule):
         return self.cell.rates(state)
 
 
-def _connectivity_mask(connectivity: float | Tensor | None, n: int, seed: int) -> Tensor | None:
+def _fixed_mask(mask: Tensor | str | None, shape: tuple[int, int], name: str) -> Tensor | None:
+    """A 0/1 float mask of `shape` from a tensor, or from a .pt / .npy file; None stays None."""
+    if mask is None:
+        return None
+    if isinstance(mask, str):
+        mask = torch.as_tensor(np.load(mask)) if mask.endswith(".npy") else torch.load(mask, weights_only=True)
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}.")
+    return (mask != 0).float()
+
+
+def block_connectivity(sizes: list[int], densities: list[list[float]], seed: int = 0) -> Tensor:
+    """A multi-area connectivity mask (N, N), N = sum(sizes): the block from area j (columns,
+    presynaptic) to area i (rows) keeps each connection with probability densities[i][j]
+    (1: all-to-all, 0: none), drawn from `seed`. Pass it as `connectivity`."""
+    if len(densities) != len(sizes) or any(len(row) != len(sizes) for row in densities):
+        raise ValueError(f"densities must be a {len(sizes)} x {len(sizes)} table (to area i from area j), "
+                         f"got {densities}.")
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i, size_i in enumerate(sizes):
+        rows.append(torch.cat([(torch.rand(size_i, size_j, generator=generator) < densities[i][j]).float()
+                               for j, size_j in enumerate(sizes)], dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def _connectivity_mask(connectivity: float | Tensor | str | None, n: int, seed: int) -> Tensor | None:
     if connectivity is None:
         return None
-    if isinstance(connectivity, Tensor):
-        if connectivity.shape != (n, n):
-            raise ValueError(f"a connectivity mask must have shape ({n}, {n}), got {tuple(connectivity.shape)}.")
-        return (connectivity != 0).float()
+    if isinstance(connectivity, (Tensor, str)):
+        return _fixed_mask(connectivity, (n, n), "a connectivity mask")
     if not 0 < connectivity <= 1:
         raise ValueError(f"connectivity is a density in (0, 1] (fraction of connections kept), got {connectivity}.")
     generator = torch.Generator().manual_seed(seed)
