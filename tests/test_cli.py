@@ -64,8 +64,8 @@ def shrunk(config: str, root: Path) -> list[str]:
         args += ["--model.init_args.compile_steps", "0"]
     if method in ("sofo", "fgd", "curriculum", "authors"):
         args += ["--optimizer.init_args.tangents", "8"]
-    if method == "curriculum":  # its first level places the second marker by step 50
-        args += ["--data.init_args.n_steps", "60", "--data.init_args.second_marker_last", "50"]
+    if method == "curriculum":  # its first level is T = 100 with both markers by step 50
+        args += ["--data.init_args.n_steps", "100", "--data.init_args.second_marker_last", "50"]
     return args
 
 
