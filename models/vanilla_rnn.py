@@ -314,7 +314,7 @@ def _fixed_mask(mask: Tensor | str | None, shape: tuple[int, int], name: str) ->
 
 def block_connectivity(sizes: list[int], densities: list[list[float]], seed: int = 0) -> Tensor:
     """A multi-area connectivity mask (N, N), N = sum(sizes): the block from area j (columns,
-    presynaptic) to area i (rows) keeps each connection with probability densities[i][j]
+    presynaptic) to area i (rows) keeps each connection with probability `densities[i][j]`
     (1: all-to-all, 0: none), drawn from `seed`. Pass it as `connectivity`."""
     if len(densities) != len(sizes) or any(len(row) != len(sizes) for row in densities):
         raise ValueError(f"densities must be a {len(sizes)} x {len(sizes)} table (to area i from area j), "
