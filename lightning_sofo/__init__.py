@@ -7,6 +7,7 @@ from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, sol
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
 from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
+from lightning_sofo.regularisers import ParameterPenalty, RatePenalty, WeightL1, WeightL2
 from lightning_sofo.runs import TrainedRun, load
 from lightning_sofo.strategy import SOFOStrategy, register as _register
 
@@ -25,6 +26,10 @@ __all__ = [
     "MaskedCrossEntropy",
     "CallableLoss",
     "resolve_loss",
+    "RatePenalty",
+    "ParameterPenalty",
+    "WeightL1",
+    "WeightL2",
     "sample_tangents",
     "solve_subspace",
     "load",

@@ -69,6 +69,8 @@ class SketchedLoss(Protocol):
 
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor: ...
 
+    def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor: ...
+
     def sketch(
         self, outputs: Tensor, output_tangents: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor
     ) -> Sketch: ...
@@ -229,6 +231,52 @@ def weight_penalty_sketch(params: Params, tangents: Params, strength: float) -> 
     return Sketch(weight_penalty(params, strength), grad, ggn)
 
 
+def smooth_l1(params: Params, strength: float, smoothing: float) -> Tensor:
+    """P(theta) = strength * sum (sqrt(theta^2 + eps^2) - eps), eps = smoothing: |theta| away from 0."""
+    eps = smoothing
+    return strength * sum((torch.sqrt(p * p + eps * eps) - eps).sum() for p in params.values())
+
+
+def smooth_l1_sketch(params: Params, tangents: Params, strength: float, smoothing: float) -> Sketch:
+    """The sketch of the smooth L1 penalty with its majorising curvature: with
+    s_i = sqrt(theta_i^2 + eps^2),
+        g~ = strength V^T (theta / s),     G~ = strength V^T diag(1 / s) V.
+    diag(strength / s) is the curvature of the quadratic that touches P at theta and lies above it
+    everywhere (|x| <= x^2 / (2|theta|) + |theta| / 2, the local quadratic approximation of
+    Fan & Li 2001), not P's Hessian strength eps^2 / s^3, which vanishes away from 0: a Newton
+    step on that Hessian would jump far past 0, while a step on the majoriser at most reaches 0."""
+    eps2 = smoothing * smoothing
+    grad, ggn = 0, 0
+    for name, v in tangents.items():
+        theta = params[name].reshape(-1)
+        flat = v.reshape(v.shape[0], -1)
+        inverse_s = torch.rsqrt(theta * theta + eps2)
+        grad = grad + strength * (flat @ (theta * inverse_s))
+        ggn = ggn + strength * ((flat * inverse_s) @ flat.T)
+    return Sketch(smooth_l1(params, strength, smoothing), grad, ggn)
+
+
+def parameter_penalty_sketch(penalty: Callable[[Params], Tensor], params: Params, tangents: Params) -> Sketch:
+    """The sketch of any penalty P(theta) of the parameters, exact (a penalty of the parameters
+    has no outputs to linearise, so its Gauss-Newton term is its Hessian):
+        loss P,   g~_k = grad P . v_k,   G~_kl = v_k^T (Hess P) v_l,
+    by reverse mode for grad P and forward-over-reverse for Hess P v_k (K at once), with v_k the
+    tangents (K, *shape) of the parameters in `tangents`; the others count in P as constants."""
+    fixed = {name: p for name, p in params.items() if name not in tangents}
+
+    def of_tangent_params(varied: dict[str, Tensor]) -> Tensor:
+        return penalty({**fixed, **varied})
+
+    varied = {name: params[name] for name in tangents}
+    gradient_fn = torch.func.grad(of_tangent_params)
+    gradient = gradient_fn(varied)
+    curved = vmap(lambda v: jvp(gradient_fn, (varied,), (v,))[1])(dict(tangents))
+    flat = {name: v.reshape(v.shape[0], -1) for name, v in tangents.items()}
+    grad = sum(flat[name] @ gradient[name].reshape(-1) for name in flat)
+    ggn = sum(flat[name] @ curved[name].reshape(curved[name].shape[0], -1).T for name in flat)
+    return Sketch(penalty(params), grad, 0.5 * (ggn + ggn.T))
+
+
 def feedforward_sketch(
     forward: Callable[[Params], Tensor],
     params: Params,
@@ -271,6 +319,9 @@ def recurrent_sketch(
     a per-step sum (a user callable) gets the stacked outputs (K B T O numbers), by the
     same time loop (_tangent_steps) and in the same compiled windows.
 
+    step may return outputs_t as a tuple of tensors (y_t, r_t) for a loss that takes the pair
+    (regularisers.PenalisedLoss).
+
     compile_steps > 0 runs the time loop in torch.compile'd chunks of that many
     steps (one compilation, reused while shapes and `step` stay the same), which
     removes the per-step Python overhead of vmap/jvp; 0 runs eagerly.
@@ -299,7 +350,8 @@ def recurrent_sketch(
             state, state_tangents, y, dy = run(step, params, tangents, state, state_tangents, inputs[:, window])
             outputs.append(y)
             output_tangents.append(dy)
-        return loss.sketch(torch.cat(outputs, 1), torch.cat(output_tangents, 2), targets, mask, normaliser)
+        return loss.sketch(_joined(torch.cat, outputs, 1), _joined(torch.cat, output_tangents, 2), targets, mask,
+                           normaliser)
 
     total = None
     for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps):
@@ -324,7 +376,15 @@ def _tangent_steps(step, params, tangents, state, state_tangents, inputs):
         )
         outputs.append(y)
         output_tangents.append(dy)
-    return state, state_tangents, torch.stack(outputs, 1), torch.stack(output_tangents, 2)
+    return state, state_tangents, _joined(torch.stack, outputs, 1), _joined(torch.stack, output_tangents, 2)
+
+
+def _joined(join: Callable, items: list, dim: int):
+    """join (torch.stack or torch.cat) a list of tensors, or of tuples of tensors part by part
+    (a step whose outputs are (y_t, r_t), see regularisers.PenalisedLoss)."""
+    if isinstance(items[0], Tensor):
+        return join(items, dim)
+    return tuple(join(list(parts), dim) for parts in zip(*items))
 
 
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
@@ -364,8 +424,8 @@ def recurrent_loss(
     window_steps: int = 0,
 ) -> Tensor:
     """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
-    compiled chunks; a per-step loss is summed window by window, L = sum_w L_w n_w / n, so
-    only one window's outputs are kept. window_steps > 0 sets the window of an eager loop
+    compiled chunks; a per-step loss is summed window by window, L = sum_w (sum of the window's
+    terms) / n with n the whole trial's normaliser, so only one window's outputs are kept. window_steps > 0 sets the window of an eager loop
     (compile_steps = 0), e.g. to keep memory flat in T under nested forward mode."""
     params = dict(params)
     state = tree_map(torch.Tensor.contiguous, initial_state(params))
@@ -376,10 +436,9 @@ def recurrent_loss(
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
     for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _primal_steps):
         state, outputs = run(step, params, state, inputs[:, window])
-        window_mask = None if mask is None else mask[:, window]
-        # loss(...) normalises by its own window's count n_w; rescale to the whole trial's n
-        total = total + loss(outputs, targets[:, window], window_mask) * loss.normaliser(targets[:, window], window_mask)
-    return total / normaliser
+        total = total + loss.window_loss(outputs, targets[:, window], None if mask is None else mask[:, window],
+                                         normaliser)
+    return total
 
 
 def _primal_steps(step, params, state, inputs):
@@ -387,7 +446,7 @@ def _primal_steps(step, params, state, inputs):
     for t in range(inputs.shape[1]):
         state, y = step(params, state, inputs[:, t])
         outputs.append(y)
-    return state, torch.stack(outputs, 1)
+    return state, _joined(torch.stack, outputs, 1)
 
 
 def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable):

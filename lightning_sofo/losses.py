@@ -34,6 +34,17 @@ def _broadcast(mask: Tensor | None, shape: torch.Size, what: str) -> Tensor | No
         ) from None
 
 
+def require_scalar(value: Tensor, what: str) -> Tensor:
+    """value as a 0-d tensor, or a ValueError naming `what` returned something else."""
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise ValueError(
+            f"a {what} must return a scalar tensor, got {type(value).__name__}"
+            f"{'' if not isinstance(value, Tensor) else ' of shape ' + str(tuple(value.shape))}; "
+            "reduce it with .mean() or .sum()."
+        )
+    return value.reshape(())
+
+
 def _safe_count(count: Tensor) -> Tensor:
     """A normaliser that is never 0 (an all-zero mask gives loss 0, not NaN)."""
     return torch.where(count > 0, count, torch.ones_like(count))
@@ -65,11 +76,16 @@ class MaskedMSE:
             )
 
     def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        self._check(outputs, targets)
         mask = self.broadcast_mask(targets, mask)
+        return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
+
+    def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor:
+        """sum_i m_i (y_i - t_i)^2 over these elements (a window of a trial), divided by the
+        whole trial's n; mask already broadcast (broadcast_mask)."""
+        self._check(outputs, targets)
         squared = (outputs - targets) ** 2
         total = squared.sum() if mask is None else (mask * squared).sum()
-        return total / self.normaliser(targets, mask)
+        return total / normaliser
 
     def sketch(self, outputs, output_tangents, targets, mask, normaliser) -> Sketch:
         self._check(outputs, targets)
@@ -129,10 +145,15 @@ class MaskedCrossEntropy:
         return weights, safe_targets, log_probs, picked
 
     def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        self._check(outputs, targets)
         mask = self.broadcast_mask(targets, mask)
+        return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
+
+    def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor:
+        """-sum_i w_i log p_i[t_i] over these positions (a window of a trial), divided by the
+        whole trial's n; mask already broadcast (broadcast_mask)."""
+        self._check(outputs, targets)
         weights, _, _, picked = self._terms(outputs, targets, mask)
-        return -(weights * picked).sum() / self.normaliser(targets, mask).to(outputs.dtype)
+        return -(weights * picked).sum() / normaliser.to(outputs.dtype)
 
     def sketch(self, outputs, output_tangents, targets, mask, normaliser) -> Sketch:
         self._check(outputs, targets)
@@ -172,14 +193,11 @@ class CallableLoss:
         return torch.ones((), dtype=targets.dtype if targets.is_floating_point() else None, device=targets.device)
 
     def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        value = self.fn(outputs, targets, mask)
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise ValueError(
-                f"a callable loss must return a scalar tensor, got {type(value).__name__}"
-                f"{'' if not isinstance(value, Tensor) else ' of shape ' + str(tuple(value.shape))}; "
-                "reduce it with .mean() or .sum()."
-            )
-        return value.reshape(())
+        return require_scalar(self.fn(outputs, targets, mask), "callable loss")
+
+    def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor:
+        """The whole trial's loss (not a per-step sum, so the window is the trial)."""
+        return self(outputs, targets, mask)
 
     def sketch(self, outputs, output_tangents, targets, mask, normaliser) -> Sketch:
         def loss_of(y: Tensor) -> Tensor:

@@ -17,16 +17,10 @@ from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
 from lightning_sofo.calls import PureFunctionCheck, functional_method
-from lightning_sofo.functional import (
-    Sketch,
-    feedforward_sketch,
-    recurrent_loss,
-    recurrent_sketch,
-    weight_penalty,
-    weight_penalty_sketch,
-)
+from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_loss, recurrent_sketch
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
+from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
 
 
 class SOFOModule(L.LightningModule):
@@ -43,26 +37,70 @@ class SOFOModule(L.LightningModule):
         compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps (0: eager).
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
             float64, for float32 models on long trials.
-        weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters,
-            added to the training objective under backpropagation and under SOFO, where its
-            gradient and exact curvature enter the sketches (g~ += 2 lambda V^T theta,
-            G~ += 2 lambda V^T V). Validation and test losses are the task's alone.
+        weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters
+            (regularisers.WeightL2; under SOFO g~ += 2 lambda V^T theta, G~ += 2 lambda V^T V).
+        weight_l1: lambda of a smooth L1 penalty lambda * sum (sqrt(theta^2 + eps^2) - eps) on
+            the trained parameters, eps = 1e-3 (regularisers.WeightL1).
+        rate_l2: lambda of a firing-rate penalty lambda * mean of r^2 over trials, steps and
+            units, r = hidden_rates(state) after each step (regularisers.RatePenalty; a
+            recurrent model that defines hidden_rates).
+        penalties: further penalties, regularisers.RatePenalty(strength, fn) on the rates of
+            each step or regularisers.ParameterPenalty(strength, fn) on the parameters, e.g.
+            a user function given by import path in a config.
+
+    Every penalty is part of the training objective under backpropagation and under SOFO,
+    where its gradient and exact curvature enter the sketches (lightning_sofo.regularisers);
+    validation and test losses are the task's alone.
 
     Batches are dicts {"inputs", "targets"[, "mask"]} or tuples in that order,
-    with the mask broadcastable to the targets.
+    with the mask broadcastable to the targets. A recurrent model may define
+    `hidden_rates(state) -> (B, N)`, the firing rates of a state, for rate penalties,
+    plots and analysis.
     """
 
     def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt = 0, accumulate_float64: bool = False,
-                 weight_l2: NonNegativeFloat = 0.0):
+                 weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
+                 penalties: list[Penalty] | None = None):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
         require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
-        require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2)
+        require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2, weight_l1=weight_l1, rate_l2=rate_l2)
         self.weight_l2 = float(weight_l2)
+        self.penalties = self._penalties(float(weight_l2), float(weight_l1), float(rate_l2), penalties)
         if not isinstance(accumulate_float64, bool):
             raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps
         self.accumulate_float64 = accumulate_float64
+
+    def _penalties(self, weight_l2: float, weight_l1: float, rate_l2: float,
+                   penalties: list[Penalty] | None) -> list[Penalty]:
+        given = list(penalties or [])
+        wrong = [p for p in given if not isinstance(p, (RatePenalty, ParameterPenalty))]
+        if wrong:
+            raise TypeError(
+                f"penalties take lightning_sofo.regularisers.RatePenalty or ParameterPenalty objects, got {wrong!r}; "
+                "e.g. penalties=[RatePenalty(1e-3, fn=my_rate_penalty)]."
+            )
+        built = [WeightL2(weight_l2)] if weight_l2 else []
+        built += [WeightL1(weight_l1)] if weight_l1 else []
+        built += [RatePenalty(rate_l2)] if rate_l2 else []
+        built += given
+        if any(isinstance(p, RatePenalty) for p in built) and not (self.is_recurrent and hasattr(self, "hidden_rates")):
+            raise ValueError(
+                f"a firing-rate penalty (rate_l2 or a RatePenalty) needs a recurrent model whose rates are known, "
+                f"but {type(self).__name__} does not define "
+                f"{'hidden_rates(state)' if self.is_recurrent else 'initial_state and step'}; define "
+                "hidden_rates(state) -> (B, N) (the firing rates of a state), or drop the rate penalty."
+            )
+        return built
+
+    @property
+    def rate_penalties(self) -> list[RatePenalty]:
+        return [p for p in self.penalties if isinstance(p, RatePenalty)]
+
+    @property
+    def parameter_penalties(self) -> list[ParameterPenalty]:
+        return [p for p in self.penalties if isinstance(p, ParameterPenalty)]
 
     # ---- the recurrent contract ------------------------------------------------
     def initial_state(self, batch_size: int) -> Any:
@@ -72,6 +110,13 @@ class SOFOModule(L.LightningModule):
     def step(self, state: Any, inputs_t: Tensor) -> tuple[Any, Tensor]:
         """One time step: (state, inputs_t (B, I)) -> (new_state, outputs_t (B, O))."""
         raise NotImplementedError
+
+    def step_with_rates(self, state: Any, inputs_t: Tensor) -> tuple[Any, tuple[Tensor, Tensor]]:
+        """`step`, with the rates of the new state beside the outputs: (state, inputs_t) ->
+        (new_state, (outputs_t (B, O), hidden_rates(new_state) (B, N))); the step SOFO runs
+        when rates are penalised (rate_l2, RatePenalty)."""
+        state, outputs = self.step(state, inputs_t)
+        return state, (outputs, self.hidden_rates(state))
 
     @property
     def is_recurrent(self) -> bool:
@@ -128,10 +173,23 @@ class SOFOModule(L.LightningModule):
         attached = self._trainer is not None
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
         with self.noise_draws(self.trainer.global_step if attached else 0, stream=f"train/{micro_batch}"):
-            loss = self.compute_loss(batch)
-        if self.weight_l2:  # the training objective, as SOFO's sketches have it
-            loss = loss + weight_penalty({n: p for n, p in self.named_parameters() if p.requires_grad}, self.weight_l2)
+            loss = self.training_objective(batch)
         self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def training_objective(self, batch: Any) -> Tensor:
+        """The task's loss plus every penalty: what training minimises, by backpropagation here
+        and by SOFO in its sketches (sketch_function)."""
+        if self.rate_penalties:
+            inputs, targets, mask = self.validated_batch(batch)
+            outputs, states = self.unroll(inputs, return_states=True)
+            rates = torch.stack([self.hidden_rates(state) for state in states], dim=1)
+            loss = PenalisedLoss(self.loss_fn, self.rate_penalties)((outputs, rates), targets, mask)
+        else:
+            loss = self.compute_loss(batch)
+        if self.parameter_penalties:
+            trained = {name: p for name, p in self.named_parameters() if p.requires_grad}
+            loss = loss + sum(penalty(trained) for penalty in self.parameter_penalties)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -301,11 +359,11 @@ class SOFOModule(L.LightningModule):
     def functional(self, method: str) -> Callable[..., Any]:
         """`f(params, *args) = self.<method>(*args)` with the tensors named in `params` (a dict
         name -> tensor, as named_parameters / named_buffers) swapped in; method is
-        "initial_state", "step" or "forward". Built once per module, so that torch.compile's
+        "initial_state", "step", "step_with_rates" or "forward". Built once per module, so that torch.compile's
         guards on it hold from one iteration to the next."""
         if "_functional_cache" not in self.__dict__:
             self.__dict__["_functional_cache"] = {
-                name: functional_method(self, name) for name in ("initial_state", "step", "forward")
+                name: functional_method(self, name) for name in ("initial_state", "step", "step_with_rates", "forward")
             }
         return self.__dict__["_functional_cache"][method]
 
@@ -339,26 +397,30 @@ class SOFOModule(L.LightningModule):
             check_sequence(type(self).__name__, inputs, getattr(self, "input_size", None))
 
         step = optimizer.step_count  # the noise of this iteration: one draw for its sketch and its loss checks
+        # with rate penalties the step also returns its rates, and the loss scores them too
+        loss_fn = PenalisedLoss(self.loss_fn, self.rate_penalties) if self.rate_penalties else self.loss_fn
+        step_name = "step_with_rates" if self.rate_penalties else "step"
 
         def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
             with self.noise_draws(step):
                 result = sketch_or_loss(tangents)
-            if not self.weight_l2:
-                return result
             if tangents is None:
-                return result + weight_penalty(primals, self.weight_l2)
+                return result + sum(penalty(primals) for penalty in self.parameter_penalties)
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
-            return result + weight_penalty_sketch(primals, named_tangents, self.weight_l2)
+            for penalty in self.parameter_penalties:
+                result = result + penalty.sketch(primals, named_tangents)
+            return result
 
         def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            functions = {name: self.functional(name) for name in ("initial_state", "step", "forward")}
+            functions = {name: self.functional(name) for name in ("initial_state", "forward")}
+            functions["step"] = self.functional(step_name)
             if tangents is None:  # the loss alone, by the same (compiled) time loop
                 with torch.no_grad(), PureFunctionCheck(self, primals):
                     if not self.is_recurrent:
                         return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
                     return recurrent_loss(
                         lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
-                        primals, inputs, targets, self.loss_fn, mask, compile_steps=self.compile_steps,
+                        primals, inputs, targets, loss_fn, mask, compile_steps=self.compile_steps,
                     )
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             with PureFunctionCheck(self, primals):
@@ -367,7 +429,7 @@ class SOFOModule(L.LightningModule):
                     return recurrent_sketch(
                         lambda p: functions["initial_state"](p, batch_size),
                         functions["step"],
-                        primals, named_tangents, inputs, targets, self.loss_fn, mask,
+                        primals, named_tangents, inputs, targets, loss_fn, mask,
                         compile_steps=self.compile_steps,
                         accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
                     )

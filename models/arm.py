@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step
 from .vanilla_rnn import LeakyRNNCell
@@ -148,6 +149,9 @@ class ArmController(SOFOModule):
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
         weight_l2: as SOFOModule.
+        weight_l1: as SOFOModule.
+        rate_l2: as SOFOModule (an L2 penalty on the controller's firing rates).
+        penalties: as SOFOModule.
         motor_noise: s_m, signal-dependent (multiplicative) noise on the motor readout,
             m <- m (1 + s_m xi) with xi standard normal, drawn when the network's noise is
             (training, or with noise_in_eval), as the SOFO authors' reach networks have.
@@ -167,13 +171,17 @@ class ArmController(SOFOModule):
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
         weight_l2: NonNegativeFloat = 0.0,
+        weight_l1: NonNegativeFloat = 0.0,
+        rate_l2: NonNegativeFloat = 0.0,
+        penalties: list[Penalty] | None = None,
         motor_noise: NonNegativeFloat = 0.0,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2)
+        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2, weight_l1=weight_l1,
+                         rate_l2=rate_l2, penalties=penalties)
         require(type(self).__name__, NonNegativeFloat, motor_noise=motor_noise)
         self.motor_noise = float(motor_noise)
-        self.save_hyperparameters(ignore=["body"])
+        self.save_hyperparameters(ignore=["body", "penalties"])
         if "dt" in cell_options:
             raise ValueError(f"{type(self).__name__} steps at its body's dt; set the body's dt (TwoLinkArm(dt=...), "
                              "or the MotorNet effector's timestep) instead of the controller's.")

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveInt, require
 
 
@@ -26,6 +27,9 @@ class GRU(SOFOModule):
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
         weight_l2: as SOFOModule.
+        weight_l1: as SOFOModule.
+        rate_l2: as SOFOModule (an L2 penalty on the hidden state, the GRU's rates).
+        penalties: as SOFOModule.
     """
 
     def __init__(
@@ -37,9 +41,13 @@ class GRU(SOFOModule):
         loss: str = "mse",
         compile_steps: NonNegativeInt = 0,
         weight_l2: NonNegativeFloat = 0.0,
+        weight_l1: NonNegativeFloat = 0.0,
+        rate_l2: NonNegativeFloat = 0.0,
+        penalties: list[Penalty] | None = None,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2)
-        self.save_hyperparameters()
+        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2, weight_l1=weight_l1,
+                         rate_l2=rate_l2, penalties=penalties)
+        self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)
         n = hidden_size
         self.input_size, self.output_size = input_size, output_size

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step, require_time_constant
 
@@ -203,6 +204,9 @@ class VanillaRNN(SOFOModule):
         compile_steps: as SOFOModule.
         accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
+        weight_l1: as SOFOModule (a smooth L1 penalty on the weights).
+        rate_l2: as SOFOModule (an L2 penalty on the firing rates, exact under SOFO).
+        penalties: as SOFOModule (RatePenalty / ParameterPenalty objects, e.g. user functions).
         readout_init: "random" (Gaussian, scale 1/sqrt(N)) or "pinv_input": the pseudo-inverse of
             the input weights, C = U^+ (O = I), so that the untrained network reads out what it
             is given (the SOFO authors' Kalman-filter networks).
@@ -229,6 +233,9 @@ class VanillaRNN(SOFOModule):
         compile_steps: NonNegativeInt = 0,
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
+        weight_l1: NonNegativeFloat = 0.0,
+        rate_l2: NonNegativeFloat = 0.0,
+        penalties: list[Penalty] | None = None,
         readout_init: str = "random",
         readout_mask: Tensor | str | None = None,
         dale_readout: bool = False,
@@ -236,8 +243,9 @@ class VanillaRNN(SOFOModule):
         **cell_options: Any,
     ):
         super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64,
-                         weight_l2=weight_l2)
-        self.save_hyperparameters()
+                         weight_l2=weight_l2, weight_l1=weight_l1,
+                         rate_l2=rate_l2, penalties=penalties)
+        self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, output_size=output_size)
         require(type(self).__name__, NonNegativeFloat, output_noise=output_noise)
         self.input_size, self.output_size, self.output_noise = input_size, output_size, output_noise
@@ -257,7 +265,7 @@ class VanillaRNN(SOFOModule):
         self.dale_readout = dale_readout
         mask = _fixed_mask(readout_mask, (output_size, hidden_size), "readout_mask")
         if readout_from_excitatory:
-            excitatory = (signs > 0).float().expand(output_size, hidden_size)
+            excitatory = (signs > 0).float().expand(output_size, hidden_size).clone()  # its own memory: loadable
             mask = excitatory if mask is None else mask * excitatory
         self.register_buffer("readout_mask", mask, persistent=mask is not None)
         self.readout_bias = nn.Parameter(torch.zeros(output_size))

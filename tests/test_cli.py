@@ -33,7 +33,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
 }
 
 
-METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors")  # config names are <task>_<method>.yaml
+METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained")  # config names are <task>_<method>.yaml
 
 
 def task_and_method(config: str) -> tuple[str, str]:
@@ -62,10 +62,10 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
     if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
         args += ["--model.init_args.compile_steps", "0"]
-    if method in ("sofo", "fgd", "curriculum", "authors"):
+    if method in ("sofo", "fgd", "curriculum", "authors", "constrained"):
         args += ["--optimizer.init_args.tangents", "8"]
-    if method == "curriculum":  # its first level is T = 100 with both markers by step 50
-        args += ["--data.init_args.n_steps", "100", "--data.init_args.second_marker_last", "50"]
+    if method == "curriculum":  # its first level is T = 20 with both markers by step 15
+        args += ["--data.init_args.n_steps", "20", "--data.init_args.second_marker_last", "15"]
     return args
 
 
@@ -177,6 +177,29 @@ def test_subspace_options_from_the_command_line(tmp_path, caplog):
     checkpoint = torch.load(run_dir(tmp_path, "kalman_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=False)
     memory = [s["memory"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert memory and all(m.shape[0] == 2 for m in memory), "the update directions are checkpointed"
+
+
+PENALTY_CALLS = []
+
+
+def population_rate(rates_t):
+    """A user rate penalty named by import path on the command line (records that it ran)."""
+    PENALTY_CALLS.append(tuple(rates_t.shape))
+    return (rates_t.mean(-1) ** 2).mean()
+
+
+def test_user_penalties_and_regularisers_from_the_command_line(tmp_path, caplog):
+    penalties = [{"class_path": "lightning_sofo.RatePenalty",
+                  "init_args": {"strength": 0.1, "fn": "test_cli.population_rate"}},
+                 {"class_path": "lightning_sofo.WeightL1", "init_args": {"strength": 1e-4}}]
+    PENALTY_CALLS.clear()
+    main(shrunk("flipflop_sofo.yaml", tmp_path) + ["--model.init_args.penalties", json.dumps(penalties),
+                                                    "--model.init_args.rate_l2", "0.01"])
+    assert closing_line(caplog.text).startswith("Done after 2 steps:")
+    assert (4, 8) in PENALTY_CALLS, "the user's penalty ran on the rates (B, N) of the training steps"
+    saved = (run_dir(tmp_path, "flipflop_sofo.yaml") / "config.yaml").read_text()
+    assert "test_cli.population_rate" in saved and "rate_l2: 0.01" in saved, "the run's config keeps them"
+    torch.load(run_dir(tmp_path, "flipflop_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_path):

@@ -85,3 +85,16 @@ def test_signs_and_zeros_hold_after_training(optimizer, strategy, tmp_path):
         model, FlipFlop(n_steps=20, batch_size=8, val_trials=8))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "it trained"
     check_constraints(model)
+
+
+def test_a_constrained_model_loads_its_own_state_dict():
+    """Every mask is a buffer with its own memory (an expanded view cannot be loaded into)."""
+    options = dict(dale_ratio=0.75, dale_inputs=True, dale_readout=True, readout_from_excitatory=True,
+                   autapses=False, connectivity=0.5)
+    trained = VanillaRNN(3, 8, 2, **options)
+    with torch.no_grad():
+        trained.readout.mul_(2.0)
+    fresh = VanillaRNN(3, 8, 2, **options)
+    fresh.load_state_dict(trained.state_dict())
+    inputs = torch.randn(2, 5, 3)
+    torch.testing.assert_close(fresh(inputs), trained(inputs))
