@@ -39,7 +39,7 @@ class Experiment:
     levels: list  # its values, easiest first; the last is the task being learnt
     monitor: str
     threshold: float
-    steps: int
+    steps: dict  # method -> training steps per run
     every: int  # steps between validations
     optimizers: dict = field(default_factory=dict)  # method -> (description, factory(params))
 
@@ -48,14 +48,14 @@ def _delayed_addition(n_steps):
     from lightning_sofo.datamodules import DelayedAddition
 
     # both marked numbers come by step 15; the trial, and so how long they are held, grows
-    return DelayedAddition(n_steps=n_steps, first_marker_last=9, second_marker_last=15, batch_size=32,
+    return DelayedAddition(n_steps=n_steps, first_marker_last=9, second_marker_last=15, batch_size=64,
                            val_trials=128, seed=0)
 
 
 def _relu_rnn(task):
     from lightning_sofo.models import VanillaRNN
 
-    return VanillaRNN(task.input_size, 32, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9,
+    return VanillaRNN(task.input_size, 64, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9,
                       compile_steps=50)
 
 
@@ -102,18 +102,18 @@ def _sofo(lr, damping, tangents):
 
 EXPERIMENTS = {
     "delayed_addition": Experiment(
-        "delayed addition, both numbers marked by step 15 and scored at the last step; ReLU RNN N = 32, "
-        "alpha 0.25, B = 32", _delayed_addition, _relu_rnn, "n_steps", [20, 50, 100, 200, 500, 1000],
-        "val/sum_mse", 0.02, 3000, 100,
-        {"Adam": _adam(1e-3), "SOFO": _sofo(0.3, 1e-3, 32)}),
+        "delayed addition, both numbers marked by step 15 and scored at the last step; ReLU RNN N = 64, "
+        "alpha 0.25, B = 64", _delayed_addition, _relu_rnn, "n_steps", [20, 50, 100, 200, 400],
+        "val/sum_mse", 0.02, {"Adam": 4000, "SOFO": 2000}, 100,
+        {"Adam": _adam(1e-3), "SOFO": _sofo(0.3, 1e-3, 64)}),
     "double_reach": Experiment(
         "double reach with the two-link arm, dt 10 ms, T = 250 (2.5 s); ReLU controller N = 32, B = 16; the "
         "second go cue's delay shrinks from 1.2 s to the task's 0.7 s", _double_reach, _arm_controller,
-        "second_go_delay", [1.2, 1.0, 0.85, 0.7], "val_loss", 0.01, 2000, 100,
+        "second_go_delay", [1.2, 1.0, 0.85, 0.7], "val_loss", 0.01, {"Adam": 2000, "SOFO": 2000}, 100,
         {"Adam": _adam(1e-2), "SOFO": _sofo(0.5, "adaptive", 32)}),
     "flipflop": Experiment(
         "3-bit flip-flop, tanh RNN N = 64, B = 32", _flipflop, _tanh_rnn, "n_steps", [25, 50, 100, 200],
-        "val_loss", 0.03, 1500, 50,
+        "val_loss", 0.03, {"Adam": 1500, "SOFO": 1500}, 50,
         {"Adam": _adam(3e-2), "SOFO": _sofo(0.5, "adaptive", 64)}),
 }
 
@@ -249,7 +249,7 @@ def main():
             for method in args.methods:
                 for schedule in args.schedules:
                     for seed in args.seeds:
-                        steps = args.steps or EXPERIMENTS[task_name].steps
+                        steps = args.steps or EXPERIMENTS[task_name].steps[method]
                         path = run_path(task_name, method, schedule, seed, steps)
                         if path.exists():
                             continue

@@ -21,7 +21,14 @@ import torch
 from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_sofo.psychometrics import PsychometricCurve, decision_choices, fit_psychometric
+from lightning_sofo.psychometrics import (
+    ChronometricCurve,
+    PsychometricCurve,
+    decision_choices,
+    decision_times,
+    fit_chronometric,
+    fit_psychometric,
+)
 from lightning_sofo.tasks import Scored, TaskDataModule
 from lightning_sofo.units import require_step
 
@@ -55,13 +62,19 @@ class NeurogymTask(TaskDataModule):
         score_periods: names of the scored periods (None: "decision", or every step).
         score_fixation: also score the fixation period.
         n_steps: pad every trial to this length (None: to the longest trial of the batch).
+        reaction_time: ask for the choice from the stimulus onset, as neurogym's ReactionTime
+            wrapper does: the ground truth is the choice from the stimulus period's second step
+            on, and those steps are scored too, so the network's choice probability grows with
+            the evidence it has seen and decision times (`chronometric`) can be read from it.
+            Needs "stimulus" and "decision" periods.
+        decision_bound: the choice probability that counts as a decision, for `chronometric`.
         and the TaskDataModule arguments.
     """
 
     def __init__(self, task: str = "PerceptualDecisionMaking-v0", dt: float | None = None,
                  task_kwargs: dict[str, Any] | None = None,
                  score_periods: list[str] | None = None, score_fixation: bool = False, n_steps: int | None = None,
-                 **kwargs):
+                 reaction_time: bool = False, decision_bound: float = 0.8, **kwargs):
         super().__init__(**kwargs)
         neurogym = import_neurogym()
         known = neurogym_task_ids()
@@ -91,6 +104,10 @@ class NeurogymTask(TaskDataModule):
         unknown = sorted(set(score_periods) - set(periods))
         self.require(not unknown, f"{task} has no period(s) {unknown}; its periods are {periods}.")
         self.score_periods = list(score_periods) + (["fixation"] if score_fixation and "fixation" in periods else [])
+        self.require(not reaction_time or {"stimulus", "decision"} <= set(periods),
+                     f"reaction_time needs 'stimulus' and 'decision' periods; {task} has {periods}.")
+        self.require(0.5 <= decision_bound < 1, f"decision_bound is a choice probability in [0.5, 1), got {decision_bound}.")
+        self.reaction_time, self.decision_bound = bool(reaction_time), float(decision_bound)
 
     @staticmethod
     def env_seed(generator: torch.Generator) -> int:
@@ -102,12 +119,20 @@ class NeurogymTask(TaskDataModule):
         trials, parameters = [], []
         for _ in range(n_trials):
             self.env.new_trial()
-            scored = torch.zeros(len(self.env.gt))
+            truth = torch.as_tensor(self.env.gt).clone()
+            scored = torch.zeros(len(truth))
             for period in self.score_periods:
                 scored[self.env.start_ind[period]: self.env.end_ind[period]] = 1.0
-            trials.append((torch.as_tensor(self.env.ob, dtype=torch.float32), torch.as_tensor(self.env.gt), scored))
-            parameters.append({key: float(value) for key, value in self.env.trial.items()
-                               if isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_))})
+            if self.reaction_time:  # the choice is asked for from the stimulus period's second step
+                asked = slice(self.env.start_ind["stimulus"] + 1, self.env.end_ind["stimulus"])
+                truth[asked] = truth[self.env.start_ind["decision"]]
+                scored[asked] = 1.0
+            trials.append((torch.as_tensor(self.env.ob, dtype=torch.float32), truth, scored))
+            numbers = {key: float(value) for key, value in self.env.trial.items()
+                       if isinstance(value, (int, float, np.integer, np.floating, bool, np.bool_))}
+            if "stimulus" in self.env.start_ind:
+                numbers["stimulus_onset"] = float(self.env.start_ind["stimulus"])  # the step the stimulus starts
+            parameters.append(numbers)
         longest = max(len(scored) for _, _, scored in trials)
         length = self.n_steps or longest
         self.require(longest <= length, f"a {self.task} trial lasts {longest} steps, longer than n_steps={length}; "
@@ -145,6 +170,23 @@ class NeurogymTask(TaskDataModule):
         if int(chose_side.sum()) == 0:
             return None
         return fit_psychometric(signed[chose_side].numpy(), (choice[chose_side] == 2).numpy())
+
+    def chronometric(self, batches: list[dict], outputs: list[torch.Tensor]) -> ChronometricCurve | None:
+        """The chronometric curve of a reaction-time two-choice task (reaction_time=True, with a
+        coherence `coh` (%) and a `ground_truth` side per trial, actions fixate / side 0 / side 1):
+        the mean decision time (s from the stimulus onset, the first scored step whose choice
+        probability reaches decision_bound) of correct trials against the coherence, with the
+        proportional-rate diffusion fit (lightning_sofo.psychometrics). None otherwise."""
+        needed = ("trial_coh", "trial_ground_truth", "trial_stimulus_onset")
+        if not (self.reaction_time and self.discrete and self.output_size == 3) or \
+                not all(key in b for b in batches for key in needed):
+            return None
+        times, choices = zip(*(decision_times(o, b["mask"], b["trial_stimulus_onset"], self.decision_bound, self.dt)
+                               for o, b in zip(outputs, batches)))
+        times, choices = torch.cat(times).cpu(), torch.cat(choices).cpu()
+        side = torch.cat([b["trial_ground_truth"] for b in batches]).cpu()
+        coherence = torch.cat([b["trial_coh"] for b in batches]).cpu()
+        return fit_chronometric(coherence.numpy(), times.numpy(), (choices == side.long() + 1).numpy())
 
     def metrics(self):
         if self.discrete:

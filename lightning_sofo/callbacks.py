@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
-from lightning_sofo.psychometrics import plot_psychometric
+from lightning_sofo.psychometrics import plot_chronometric, plot_psychometric
 
 
 class TrialFigures(L.Callback):
@@ -50,28 +50,49 @@ class TrialFigures(L.Callback):
         for index in range(min(self.n_trials, batch["inputs"].shape[0])):
             figure = task.plot_trial(batch, outputs, rates, index=index)
             self._log(trainer, figure, f"trials/{index}")
-        curve = psychometric_curve(module, task)
-        if curve is not None:
-            self._log(trainer, plot_psychometric(curve, title=f"{type(task).__name__}, step {trainer.global_step}",
-                                                 xlabel="signed coherence (%)"), "psychometric")
+        title = f"{type(task).__name__}, step {trainer.global_step}"
+        for name, curve in decision_curves(module, task).items():
+            self._log(trainer, plot_decision_curve(name, curve, title), name)
 
     def _log(self, trainer: L.Trainer, figure, tag: str) -> None:
         _log_figure(trainer, figure, tag, self.save_dir)
 
 
-def psychometric_curve(module: L.LightningModule, task: Any, stream: str = "val"):
-    """The task's psychometric curve (task.psychometric) on its whole validation (or test) set, or
-    None when the task has none or the fit does not converge (an untrained network)."""
-    if not hasattr(task, "psychometric") or not hasattr(task, "fixed_set"):
-        return None
+DECISION_CURVES = ("psychometric", "chronometric")
+
+
+def decision_curves(module: L.LightningModule, task: Any, stream: str = "val") -> dict[str, Any]:
+    """The task's psychometric and chronometric curves (task.psychometric, task.chronometric) on
+    its whole validation (or test) set, run through the model once; a curve is left out when the
+    task has none or its fit does not converge (an untrained network)."""
+    kinds = [name for name in DECISION_CURVES if hasattr(task, name)]
+    if not kinds or not hasattr(task, "fixed_set"):
+        return {}
     batches = [module.transfer_batch_to_device(batch, module.device, 0) for batch in task.fixed_set(stream)]
     with torch.no_grad():
         outputs = [module(batch["inputs"]) for batch in batches]
-    try:
-        return task.psychometric(batches, outputs)
-    except (RuntimeError, ValueError) as error:  # curve_fit's non-convergence, or too few levels chosen
-        rank_zero_info(f"No psychometric curve this time: {error}")
-        return None
+    curves = {}
+    for name in kinds:
+        try:
+            curve = getattr(task, name)(batches, outputs)
+        except (RuntimeError, ValueError) as error:  # curve_fit's non-convergence, or too few trials decided
+            rank_zero_info(f"No {name} curve this time: {error}")
+            continue
+        if curve is not None:
+            curves[name] = curve
+    return curves
+
+
+def psychometric_curve(module: L.LightningModule, task: Any, stream: str = "val"):
+    """The task's psychometric curve on its validation (or test) set, or None (see decision_curves)."""
+    return decision_curves(module, task, stream).get("psychometric")
+
+
+def plot_decision_curve(name: str, curve: Any, title: str):
+    """The figure of a psychometric or chronometric curve of a neurogym decision task (coherence in %)."""
+    if name == "psychometric":
+        return plot_psychometric(curve, title=title, xlabel="signed coherence (%)")
+    return plot_chronometric(curve, title=title, xlabel="coherence (%)")
 
 
 def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -213,14 +234,15 @@ class Perturbation(L.Callback):
                                                      dtype=hidden.dtype, device=hidden.device))
                 return (hidden, *state[1:]) if isinstance(state, tuple) else hidden
 
-            module.__dict__["state_perturbation"] = add_pulse
+            module.state_perturbation = add_pulse
 
     @staticmethod
     def remove(module: L.LightningModule) -> None:
         cell = getattr(module, "cell", None)
         if cell is not None and hasattr(cell, "clamped_rates"):
             cell.clamped_rates = None
-        module.__dict__.pop("state_perturbation", None)
+        if getattr(module, "state_perturbation", None) is not None:
+            module.state_perturbation = None
 
     def _applies(self, trainer: L.Trainer) -> bool:
         return trainer.state.fn is not None and trainer.state.fn.value in self.stages

@@ -262,8 +262,7 @@ def analyse_command(argv: list[str]) -> Path:
 
     import torch
 
-    from lightning_sofo.callbacks import analyse_batch, first_validation_batch, psychometric_curve
-    from lightning_sofo.psychometrics import plot_psychometric
+    from lightning_sofo.callbacks import analyse_batch, decision_curves, first_validation_batch, plot_decision_curve
 
     def positive(text: str) -> int:
         value = int(text)
@@ -308,13 +307,13 @@ def analyse_command(argv: list[str]) -> Path:
     npz, summary = analysis.save(out)
     rank_zero_info(f"{analysis.fixed_points.summary()}. Figures, {npz.name} and {summary.name} in {out}.")
     model.eval()
-    curve = psychometric_curve(model, task)
-    if curve is not None:
-        plot_psychometric(curve, title=type(task).__name__, xlabel="signed coherence (%)").savefig(
-            out / "psychometric.png", dpi=110)
-        (out / "psychometric.json").write_text(json.dumps(curve.summary(), indent=2) + "\n")
-        rank_zero_info(f"Psychometric curve: bias {curve.mu:.3g}, scale {curve.sigma:.3g}, lapses "
-                       f"{curve.gamma:.2f} / {curve.lapse:.2f}; psychometric.png and .json in {out}.")
+    for name, curve in decision_curves(model, task).items():
+        plot_decision_curve(name, curve, type(task).__name__).savefig(out / f"{name}.png", dpi=110)
+        (out / f"{name}.json").write_text(json.dumps(curve.summary(), indent=2) + "\n")
+        fitted = (f"bias {curve.mu:.3g}, scale {curve.sigma:.3g}, lapses {curve.gamma:.2f} / {curve.lapse:.2f}"
+                  if name == "psychometric" else
+                  f"bound {curve.bound:.3g}, drift {curve.drift:.3g}, residual {curve.residual:.3g} s")
+        rank_zero_info(f"{name.capitalize()} curve: {fitted}; {name}.png and .json in {out}.")
     return out
 
 

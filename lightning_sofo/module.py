@@ -71,6 +71,9 @@ class SOFOModule(L.LightningModule):
             raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps
         self.accumulate_float64 = accumulate_float64
+        # (state, t) -> state, applied before step t of `unroll` (evaluation and plots; SOFO's
+        # engine does not use it): set by callbacks.Perturbation for the validations it perturbs
+        self.state_perturbation: Callable[[Any, int], Any] | None = None
 
     def _penalties(self, weight_l2: float, weight_l1: float, rate_l2: float,
                    penalties: list[Penalty] | None) -> list[Penalty]:
@@ -132,14 +135,14 @@ class SOFOModule(L.LightningModule):
 
     def unroll(self, inputs: Tensor, return_states: bool = False) -> Tensor | tuple[Tensor, list[Any]]:
         """Run `step` over inputs (B, T, I); returns outputs (B, T, O), and with
-        return_states also the list of the T states after each step."""
+        return_states also the list of the T states after each step. `state_perturbation`, when
+        set, changes the state before each step."""
         check_sequence(type(self).__name__, inputs, getattr(self, "input_size", None))
         state = self.initial_state(inputs.shape[0])
         outputs, states = [], []
-        perturb = self.__dict__.get("state_perturbation")  # (state, t) -> state; see callbacks.Perturbation
         for t in range(inputs.shape[1]):
-            if perturb is not None:
-                state = perturb(state, t)
+            if self.state_perturbation is not None:
+                state = self.state_perturbation(state, t)
             state, y = self.step(state, inputs[:, t])
             outputs.append(y)
             if return_states:

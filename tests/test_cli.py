@@ -33,7 +33,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
 }
 
 
-METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained")  # config names are <task>_<method>.yaml
+METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained", "reaction_time")  # config names are <task>_<method>.yaml
 
 
 def task_and_method(config: str) -> tuple[str, str]:
@@ -62,7 +62,7 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
     if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
         args += ["--model.init_args.compile_steps", "0"]
-    if method in ("sofo", "fgd", "curriculum", "authors", "constrained"):
+    if method in ("sofo", "fgd", "curriculum", "authors", "constrained", "reaction_time"):
         args += ["--optimizer.init_args.tangents", "8"]
     if method == "curriculum":  # its first level is T = 20 with both markers by step 15
         args += ["--data.init_args.n_steps", "20", "--data.init_args.second_marker_last", "15"]

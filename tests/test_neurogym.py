@@ -1,5 +1,7 @@
 """neurogym tasks as DataModules: batches equal what neurogym's own environment produces for
-the same trials, and both SOFO and Adam learn PerceptualDecisionMaking above chance."""
+the same trials, and both SOFO and Adam learn PerceptualDecisionMaking above chance; psychometric
+and chronometric fits recover known observers, and a reaction-time network decides faster on
+stronger evidence."""
 
 from __future__ import annotations
 
@@ -13,8 +15,15 @@ neurogym = pytest.importorskip("neurogym")
 from lightning_sofo.datamodules import NeurogymTask  # noqa: E402
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
-from lightning_sofo.callbacks import TrialFigures, psychometric_curve  # noqa: E402
-from lightning_sofo.psychometrics import decision_choices, fit_psychometric, logistic_with_lapses  # noqa: E402
+from lightning_sofo.callbacks import TrialFigures, decision_curves, psychometric_curve  # noqa: E402
+from lightning_sofo.psychometrics import (  # noqa: E402
+    decision_choices,
+    decision_times,
+    fit_chronometric,
+    fit_psychometric,
+    logistic_with_lapses,
+    proportional_rate_time,
+)
 
 
 @pytest.mark.parametrize("task, kwargs", [
@@ -80,6 +89,54 @@ def test_psychometric_fit_recovers_a_known_observer():
         fit_psychometric([1.0, -1.0], [True, False])
 
 
+def test_chronometric_fit_recovers_a_known_diffusion_observer():
+    """Decision times drawn around the proportional-rate diffusion model's mean (5,000 correct
+    trials, 20 % of them undecided or wrong and so left out): the fit finds A, k and t_R."""
+    rng = np.random.default_rng(1)
+    levels = np.array([0.0, 3.2, 6.4, 12.8, 25.6, 51.2])
+    evidence = rng.choice(levels, size=6250)
+    truth = dict(bound=0.8, drift=0.05, residual=0.3)
+    times = proportional_rate_time(evidence, **truth) + 0.05 * rng.standard_normal(6250)
+    correct = rng.random(6250) < 0.9
+    times[rng.random(6250) < 0.1] = np.nan  # undecided trials
+    curve = fit_chronometric(evidence, times, correct)
+    for name, value in truth.items():
+        assert abs(getattr(curve, name) - value) < 0.1 * value, (name, getattr(curve, name), value)
+    assert np.all(np.diff(curve(levels)) < 0), "decisions are faster on stronger evidence"
+    assert np.allclose(curve.undecided, 0.1, atol=0.04)
+    with pytest.raises(ValueError, match="at least 3 evidence levels"):
+        fit_chronometric([1.0, 2.0, 2.0], [0.5, 0.4, np.nan], [True, True, True])
+
+
+def test_decision_time_is_the_first_scored_step_at_the_bound():
+    outputs = torch.full((3, 6, 3), -5.0)
+    outputs[..., 0] = 5.0  # fixate until ...
+    outputs[0, 3:, 0], outputs[0, 3:, 2] = 0.0, 4.0  # trial 0: chooses 2 at step 3
+    outputs[1, 1:, 0], outputs[1, 1:, 1] = 0.0, 4.0  # trial 1: 1 from step 1, but only scored from step 4
+    mask = torch.zeros(3, 6)
+    mask[0, 2:], mask[1, 4:], mask[2, 2:] = 1, 1, 1  # trial 2 never leaves fixation
+    times, choices = decision_times(outputs, mask, torch.tensor([2, 2, 2]), bound=0.9, dt=0.02)
+    assert choices.tolist() == [2, 1, -1]
+    torch.testing.assert_close(times[:2], torch.tensor([0.04, 0.06]))
+    assert torch.isnan(times[2])
+
+
+def test_reaction_time_trials_ask_for_the_choice_from_the_stimulus_on():
+    plain = NeurogymTask(dt=0.02, seed=5).draw("train", 0)
+    reaction = NeurogymTask(dt=0.02, seed=5, reaction_time=True).draw("train", 0)
+    assert torch.equal(plain["inputs"], reaction["inputs"])
+    env = neurogym.make("PerceptualDecisionMaking-v0", dt=20).unwrapped
+    env.seed(NeurogymTask.env_seed(torch.Generator().manual_seed(0)))
+    for i in range(len(plain["inputs"])):
+        onset = int(reaction["trial_stimulus_onset"][i])
+        choice = plain["targets"][i][plain["mask"][i] > 0][0]
+        asked = reaction["mask"][i] > plain["mask"][i]
+        assert asked.nonzero()[0].item() == onset + 1, "asked from the stimulus period's second step"
+        assert (reaction["targets"][i][asked] == choice).all() and choice in (1, 2)
+    with pytest.raises(ValueError, match="reaction_time needs 'stimulus' and 'decision'"):
+        NeurogymTask(task="ReadySetGo-v0", reaction_time=True)
+
+
 def test_decision_choice_is_the_argmax_over_the_scored_steps():
     outputs = torch.zeros(2, 5, 3)
     outputs[0, 3:, 2] = 5.0  # trial 0 chooses 2 in its decision period
@@ -140,3 +197,19 @@ def test_perceptual_decision_making_is_learned_above_chance(optimizer, strategy,
     assert abs(curve.mu) < 25 and curve.sigma > 0
     TrialFigures(save_dir=str(tmp_path / "figures")).on_validation_epoch_end(trainer, model)  # as at each validation
     assert (tmp_path / "figures" / f"psychometric_step{steps}.png").is_file()
+
+
+def test_a_reaction_time_network_decides_faster_on_stronger_evidence(tmp_path):
+    L.seed_everything(0)
+    data = NeurogymTask(dt=0.02, task_kwargs={"timing": {"stimulus": 800}}, reaction_time=True, decision_bound=0.7,
+                        batch_size=32, val_trials=512)
+    model = DecisionNet("adam")
+    L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path).fit(model, data)
+    model.eval()
+    curves = decision_curves(model, data)
+    chronometric = curves["chronometric"]
+    assert "psychometric" in curves, "one pass over the validation set gives both curves"
+    weakest, strongest = chronometric.mean_time[0], chronometric.mean_time[-1]
+    assert strongest < 0.8 * weakest, chronometric.summary()
+    assert chronometric(chronometric.levels[-1]) < chronometric(chronometric.levels[0])

@@ -72,7 +72,7 @@ def test_only_evaluations_are_perturbed_and_the_model_is_restored(tmp_path):
     bias = model.readout_bias.detach()
     assert silenced == pytest.approx(float(((bias - targets) ** 2).mean()), rel=1e-5)
     assert plain.validate(model, task, verbose=False)[0]["val_loss"] == pytest.approx(before, rel=1e-6)
-    assert model.cell.clamped_rates is None and "state_perturbation" not in model.__dict__
+    assert model.cell.clamped_rates is None and model.state_perturbation is None
 
 
 def test_an_arm_controller_can_be_perturbed_and_bad_perturbations_are_refused():
