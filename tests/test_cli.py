@@ -33,7 +33,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
 }
 
 
-METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained", "reaction_time")  # config names are <task>_<method>.yaml
+METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained", "reaction_time", "lesion")  # config names are <task>_<method>.yaml
 
 
 def task_and_method(config: str) -> tuple[str, str]:
@@ -62,7 +62,7 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
     if "compile_steps" in (BUNDLED_CONFIGS / config).read_text():
         args += ["--model.init_args.compile_steps", "0"]
-    if method in ("sofo", "fgd", "curriculum", "authors", "constrained", "reaction_time"):
+    if method in ("sofo", "fgd", "curriculum", "authors", "constrained", "reaction_time", "lesion"):
         args += ["--optimizer.init_args.tangents", "8"]
     if method == "curriculum":  # its first level is T = 20 with both markers by step 15
         args += ["--data.init_args.n_steps", "20", "--data.init_args.second_marker_last", "15"]
@@ -177,6 +177,19 @@ def test_subspace_options_from_the_command_line(tmp_path, caplog):
     checkpoint = torch.load(run_dir(tmp_path, "kalman_sofo.yaml") / "checkpoints" / "last.ckpt", weights_only=False)
     memory = [s["memory"] for s in checkpoint["optimizer_states"][0]["state"].values()]
     assert memory and all(m.shape[0] == 2 for m in memory), "the update directions are checkpointed"
+
+
+def test_the_lesion_config_perturbs_validation_of_a_trained_network(tmp_path, capsys):
+    main(shrunk("flipflop_sofo.yaml", tmp_path))
+    checkpoint = str(run_dir(tmp_path, "flipflop_sofo.yaml") / "checkpoints" / "last.ckpt")
+    losses = {}
+    for config in ("flipflop_sofo.yaml", "flipflop_lesion.yaml"):
+        capsys.readouterr()
+        main(["validate", *shrunk(config, tmp_path)[1:], "--ckpt_path", checkpoint])
+        table = capsys.readouterr().out  # Lightning's table of the validation metrics
+        losses[config] = float(re.search(r"val_loss\W+([0-9.e+-]+)", table).group(1))
+    # every unit of the shrunk network (N = 8) silenced: the outputs are the readout bias alone
+    assert losses["flipflop_lesion.yaml"] != losses["flipflop_sofo.yaml"], losses
 
 
 PENALTY_CALLS = []
