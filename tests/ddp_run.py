@@ -2,7 +2,10 @@
 a few SOFO steps of a float64 TinyRNN on one global batch of 8 trials, under strategy
 "sofo" (1 process, batch 8) or "sofo_ddp" (2 gloo processes, 4 trials each).
 
-    python tests/ddp_run.py STRATEGY STEPS OUT [--resume CKPT] [--adaptive]
+    python tests/ddp_run.py STRATEGY STEPS OUT [--resume CKPT] [--adaptive] [--devices D --num-nodes M]
+
+--devices/--num-nodes: processes per node and nodes when a cluster launcher (torchrun, SLURM's srun)
+started the processes; without them Lightning's own launcher starts 2 processes for sofo_ddp.
 
 Rank 0 writes OUT (parameters, communication count, step count) and OUT.ckpt.
 """
@@ -68,9 +71,12 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--resume")
     parser.add_argument("--adaptive", action="store_true")
+    parser.add_argument("--devices", type=int, default=None)
+    parser.add_argument("--num-nodes", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    devices = 2 if args.strategy == "sofo_ddp" else 1
+    devices = args.devices or (2 if args.strategy == "sofo_ddp" else 1)
+    world = devices * args.num_nodes
     L.seed_everything(0, verbose=False)
     damping = "adaptive" if args.adaptive else 1e-3
     model = TinyRNN(hidden=HIDDEN, sofo=dict(lr=0.7, tangents=K, damping=damping, seed=5)).double()
@@ -81,11 +87,12 @@ def main():
     count_collectives()
     traffic = TrafficPerStep()
     trainer = L.Trainer(
-        strategy=args.strategy, accelerator="cpu", devices=devices, max_steps=args.steps, precision="64-true",
+        strategy=args.strategy, accelerator="cpu", devices=devices, num_nodes=args.num_nodes, max_steps=args.steps,
+        precision="64-true",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[traffic],
     )
-    loader = DataLoader(trials(), batch_size=GLOBAL_BATCH // devices, shuffle=False)
+    loader = DataLoader(trials(), batch_size=GLOBAL_BATCH // world, shuffle=False)
     trainer.fit(model, loader, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out + ".ckpt")
     optimizer = trainer.optimizers[0]
@@ -99,6 +106,8 @@ def main():
             "step_count": optimizer.step_count,
             "num_params": sum(p.numel() for p in model.parameters()),
             "damping": optimizer.damping,
+            "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+            "world_size": trainer.world_size,
         }, args.out)
 
 

@@ -1,11 +1,13 @@
 """Strategy "sofo_ddp": two gloo processes on the CPU take the same steps as one process on
 the same global batch, exchange K + K^2 + 2 numbers per step (not P), and share checkpoints
 with strategy "sofo" both ways. The multi-process runs are real subprocesses (tests/ddp_run.py),
-launched by Lightning's own DDP launcher."""
+launched by Lightning's own DDP launcher, by torchrun as two nodes of one process each (rendezvous
+on 127.0.0.1), and as SLURM's srun would (two tasks on two nodes, simulated by SLURM's variables)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,56 @@ def test_task_trials_differ_per_rank_and_rank_zero_keeps_the_one_process_stream(
     assert not torch.equal(task.draw("train", 5, shard=0)["inputs"], task.draw("train", 5, shard=1)["inputs"])
     assert torch.equal(task.draw("train", 5, shard=1)["inputs"], FlipFlop(n_steps=30, batch_size=4, seed=3).draw(
         "train", 5, shard=1)["inputs"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_two_nodes(tmp_path, name, commands_and_envs):
+    """Start one process per simulated node at once (as a cluster would) and wait for both."""
+    out = tmp_path / name
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command, env in commands_and_envs]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_torchrun_on_two_nodes_takes_the_steps_of_one_process(straight, tmp_path):
+    """torchrun --nnodes 2 --nproc-per-node 1, both "nodes" on this machine: Lightning finds the
+    torchelastic environment and the two ranks take the one-process steps."""
+    _, _, single = straight
+    port = free_port()
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    commands = [([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                  "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                  str(SCRIPT), "sofo_ddp", "3", str(tmp_path / "torchrun.pt"), "--devices", "1", "--num-nodes", "2"],
+                 base) for node in (0, 1)]
+    ddp = launch_two_nodes(tmp_path, "torchrun.pt", commands)
+    assert ddp["cluster_environment"] == "TorchElasticEnvironment" and ddp["world_size"] == 2
+    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 2] * 3
+    assert_same_parameters(ddp["params"], single["params"])
+
+
+def test_slurm_tasks_on_two_nodes_take_the_steps_of_one_process(straight, tmp_path):
+    """Two tasks on two nodes as srun starts them, told apart by SLURM's environment variables only:
+    Lightning's SLURMEnvironment gives each its rank, and they take the one-process steps."""
+    _, _, single = straight
+    port = free_port()
+    commands = []
+    for rank in (0, 1):
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "TORCHELASTIC"))}
+        env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "SLURM_JOB_ID": "4242",
+                    "SLURM_JOB_NAME": "sofo", "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+                    "SLURM_NNODES": "2", "SLURM_NODEID": str(rank), "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0",
+                    "SLURM_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        commands.append(([sys.executable, str(SCRIPT), "sofo_ddp", "3", str(tmp_path / "slurm.pt"), "--devices", "1",
+                          "--num-nodes", "2"], env))
+    ddp = launch_two_nodes(tmp_path, "slurm.pt", commands)
+    assert ddp["cluster_environment"] == "SLURMEnvironment" and ddp["world_size"] == 2
+    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 2] * 3
+    assert_same_parameters(ddp["params"], single["params"])
