@@ -1,9 +1,15 @@
-"""Generic forward-mode engine against the hand-written tangent propagation of the vanilla RNN.
+"""Generic forward-mode engine against the hand-written tangent propagation of the vanilla RNN,
+and both against this machine's matmul floor.
 
 Both compute the same sketches (checked at start); each figure is the median of several
-runs, the two methods alternating in one process. Writes a section of benchmarks/RESULTS.md.
+runs, the methods alternating in one process. The floor runs, for each of the T steps, only the
+matrix products one sketch step cannot avoid, at the engine's shapes (state tangents through W,
+the K parameter tangents of W, U and C, the output tangents' contribution to G~), with their
+outputs preallocated: its time is what this machine needs for the FLOPs, and each method's ratio
+to it is how far the engine is from the hardware's limit at that size. Writes a section of
+benchmarks/RESULTS.md. --profile prints where the eager engine's time goes (torch.profiler).
 
-    python benchmarks/engine_speed.py [--repeats 9] [--threads 2]
+    python benchmarks/engine_speed.py [--repeats 9] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -53,6 +59,36 @@ def setup(n, b, k, t, device):
     }
 
 
+def floor(n, b, k, t, device, inputs=3, outputs=2):
+    """(the matmul floor of one sketch pass as a function, its FLOPs): per step
+    dh W^T (KB x N x N), r dW^T (K x B x N x N), u dU^T (K x B x I x N), dr C^T (KB x N x O),
+    r dC^T (K x B x N x O) and dy dy^T (K x BO x K)."""
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device)
+
+    W, dW, dU, C, dC = randn(n, n), randn(k, n, n), randn(k, n, inputs), randn(outputs, n), randn(k, outputs, n)
+    dh, r, u = randn(k * b, n), randn(b, n), randn(b, inputs)
+    through_w, of_w, of_u = randn(k * b, n), randn(k, b, n), randn(k, b, n)
+    dy, of_c, ggn = randn(k * b, outputs), randn(k, b, outputs), randn(k, k)
+    r_k, u_k = r.expand(k, b, n), u.expand(k, b, inputs)
+    w_t, dw_t, du_t, c_t, dc_t = W.T, dW.transpose(1, 2), dU.transpose(1, 2), C.T, dC.transpose(1, 2)
+
+    def run():
+        for _ in range(t):
+            torch.mm(dh, w_t, out=through_w)
+            torch.bmm(r_k, dw_t, out=of_w)
+            torch.bmm(u_k, du_t, out=of_u)
+            torch.mm(dh, c_t, out=dy)
+            torch.bmm(r_k, dc_t, out=of_c)
+            flat = dy.view(k, b * outputs)
+            torch.addmm(ggn, flat, flat.T, out=ggn)
+
+    flops = 2 * t * (k * b * n * n * 2 + k * b * inputs * n + 2 * k * b * n * outputs + k * k * b * outputs)
+    return run, flops
+
+
 def timed(fn, device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -69,12 +105,16 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    parser.add_argument("--profile", action="store_true", help="print the eager engine's top operators and exit")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile(args.device)
 
     rows = []
     for n, b, k, t in SIZES:
         methods = setup(n, b, k, t, args.device)
+        methods["floor"], flops = floor(n, b, k, t, args.device)
         reference = methods["handwritten"]()
         start = time.perf_counter()
         for name in ["eager", "compiled"]:
@@ -86,26 +126,46 @@ def main():
         for _ in range(args.repeats):
             for name, fn in methods.items():
                 times[name].append(timed(fn, args.device))
-        eager, compiled, hw = (1e3 * statistics.median(times[m]) for m in ["eager", "compiled", "handwritten"])
-        rows.append((n, b, k, t, eager, compiled, hw))
+        eager, compiled, hw, bound = (1e3 * statistics.median(times[m])
+                                      for m in ["eager", "compiled", "handwritten", "floor"])
+        rows.append((n, b, k, t, eager, compiled, hw, bound, flops / bound / 1e6))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}"
     header = (
         "| N | B | K | T | hand-written (ms) | generic, eager (ms) | ratio | "
-        f"generic, compile_steps={COMPILE_STEPS} (ms) | ratio |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"generic, compile_steps={COMPILE_STEPS} (ms) | ratio | matmul floor (ms) | floor GFLOP/s | "
+        "eager / floor | compiled / floor | hand-written / floor |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "\n".join(
-        f"| {n} | {b} | {k} | {t} | {hw:.1f} | {e:.1f} | {e / hw:.2f}x | {c:.1f} | {c / hw:.2f}x |"
-        for n, b, k, t, e, c, hw in rows
+        f"| {n} | {b} | {k} | {t} | {hw:.1f} | {e:.1f} | {e / hw:.2f}x | {c:.1f} | {c / hw:.2f}x | {f:.1f} | "
+        f"{gflops:.0f} | {e / f:.2f}x | {c / f:.2f}x | {hw / f:.2f}x |"
+        for n, b, k, t, e, c, hw, f, gflops in rows
     )
     note = (
         f"Device: {args.device} ({device_name}), torch {torch.__version__}, {args.threads} threads; "
         f"median of {args.repeats} runs, methods alternating in one process. One sketch pass "
-        "(forward with K tangents over T steps, masked-MSE sketches), tanh VanillaRNN, 3 inputs, 2 outputs."
+        "(forward with K tangents over T steps, masked-MSE sketches), tanh VanillaRNN, 3 inputs, 2 outputs. "
+        "Matmul floor: only the products a sketch step cannot avoid, at the engine's shapes, outputs preallocated "
+        "(about 4 K B N^2 FLOPs per step)."
     )
     print(table + "\n\n" + note)
     if not args.no_write:
         write_section(f"Engine speed: generic vs hand-written ({args.device})", table + "\n\n" + note)
+
+
+def profile(device: str, n: int = 64, b: int = 64, k: int = 128, t: int = 100) -> None:
+    """Where one eager sketch pass spends its time: torch.profiler's operators by self time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    eager = setup(n, b, k, t, device)["eager"]
+    eager()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as recorded:
+        eager()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"eager engine, N={n} B={b} K={k} T={t}:")
+    print(recorded.key_averages().table(sort_by=sort, row_limit=15))
 
 
 if __name__ == "__main__":

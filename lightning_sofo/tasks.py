@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
 
@@ -123,16 +123,18 @@ class TaskDataModule(L.LightningDataModule):
         # in this process, seeded per batch and rank (Lightning takes any iterable as a loader)
         return _TrialStream(self)
 
+    # the loaders read the fixed sets when they iterate, not when they are built: Lightning builds
+    # them once per fit, and a curriculum step (set_difficulty) draws the sets again
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.fixed_set("val"), batch_size=None)
+        return DataLoader(_FixedSet(self, "val"), batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.fixed_set("test"), batch_size=None)
+        return DataLoader(_FixedSet(self, "test"), batch_size=None)
 
     def predict_dataloader(self) -> DataLoader:
         # the test set's batches, through a batch sampler of one pre-drawn batch each, so that
         # Lightning can tell a prediction writer which batch of the set each prediction is
-        return DataLoader(self.fixed_set("test"), batch_size=1, collate_fn=_the_only_item)
+        return DataLoader(_FixedSet(self, "test"), batch_size=1, collate_fn=_the_only_item)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # the stream numbers its batches; count those the training loop has actually taken
@@ -162,6 +164,20 @@ class TaskDataModule(L.LightningDataModule):
 
 def _the_only_item(items: list[Batch]) -> Batch:
     return items[0]
+
+
+class _FixedSet(Dataset):
+    """The task's validation or test batches as they are now (task.fixed_set(stream)), batch i
+    at index i."""
+
+    def __init__(self, task: TaskDataModule, stream: str):
+        self.task, self.stream = task, stream
+
+    def __len__(self) -> int:
+        return len(self.task.fixed_set(self.stream))
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.task.fixed_set(self.stream)[index]
 
 
 class _TrialStream:

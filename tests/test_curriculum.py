@@ -22,10 +22,14 @@ class Net(VanillaRNN):
 
 class TrialLengths(L.Callback):
     def __init__(self):
-        self.lengths = []
+        self.lengths, self.validated = [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lengths.append(batch["inputs"].shape[1])
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            self.validated.append(batch["inputs"].shape[1])
 
 
 def task():
@@ -50,6 +54,9 @@ def test_the_task_gets_harder_each_time_the_metric_crosses_the_threshold(tmp_pat
     assert [entry["step"] for entry in curriculum.history] == [2, 4]
     assert seen.lengths == [30, 30, 45, 45, 60, 60], "training trials follow the level"
     assert data.fixed_set("val")[0]["inputs"].shape[1] == 60, "the validation set is drawn at the new level"
+    # and Lightning, which builds the validation loader once per fit, validates on it: validation at
+    # steps 2, 4, 6 ran at the level of that time (30, then 45 after the step at 2, then 60)
+    assert seen.validated == [30, 45, 60], "each validation scores the current level's trials"
 
     never = Curriculum("n_steps", [30, 45], monitor="val_loss", threshold=-1.0)
     _, _, data = fit(tmp_path, never, max_steps=4)
