@@ -460,12 +460,54 @@ def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: 
 
 
 _COMPILED: dict[str, Callable] = {}
+_COMPILE_FAILED: list[str] = []  # the first compilation error of this process; then everything runs eagerly
+
+AUTO_COMPILE_MIN_STEPS = 100  # compile_steps="auto": trials this long or longer run compiled ...
+AUTO_COMPILE_WINDOW = 25  # ... in windows of this many steps
+
+
+def resolve_compile_steps(compile_steps: int | str, horizon: int) -> int:
+    """The window of the compiled engine for a trial of `horizon` steps: compile_steps itself, or
+    for "auto" AUTO_COMPILE_WINDOW when the trial has at least AUTO_COMPILE_MIN_STEPS steps (a
+    compilation, 10-30 s on a CPU and paid once per process and shape, then pays for itself within
+    a few hundred iterations) and 0 (eager) for shorter trials."""
+    if compile_steps == "auto":
+        return AUTO_COMPILE_WINDOW if horizon >= AUTO_COMPILE_MIN_STEPS else 0
+    return int(compile_steps)
+
+
+def clear_compiled() -> None:
+    """Forget this process's compiled engine functions and any compilation failure (after changing
+    torch.compile's settings, or between tests); torch's own caches are left alone."""
+    _COMPILED.clear()
+    _COMPILE_FAILED.clear()
 
 
 def _compiled(name: str, function: Callable) -> Callable:
-    """torch.compile(function), built once per process (compilations are cached per shape)."""
+    """torch.compile(function), built once per process (compilations are cached per shape, and by
+    torch's own caches on disk across processes). A window whose compiled call fails is run again
+    eagerly: if that succeeds, the failure was the compiler's, which is reported once, and this
+    process runs eagerly from then on; if it fails too, that error is the one raised."""
+    if _COMPILE_FAILED:
+        return function
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(function, dynamic=False)
+        compiled = torch.compile(function, dynamic=False)
+
+        def with_fallback(*args):
+            if _COMPILE_FAILED:
+                return function(*args)
+            try:
+                return compiled(*args)
+            except Exception as error:
+                result = function(*args)  # raises the model's own error if there is one
+                _COMPILE_FAILED.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                warnings.warn(
+                    f"torch.compile could not compile the forward-mode engine ({_COMPILE_FAILED[0]}); SOFO runs "
+                    "eagerly from now on in this process (slower per step, same results). Set compile_steps=0 "
+                    "to run eagerly without trying.", RuntimeWarning, stacklevel=2)
+                return result
+
+        _COMPILED[name] = with_fallback
     return _COMPILED[name]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import lightning as L
 import torch
@@ -17,7 +17,13 @@ from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
 from lightning_sofo.calls import PureFunctionCheck, functional_method
-from lightning_sofo.functional import Sketch, feedforward_sketch, recurrent_loss, recurrent_sketch
+from lightning_sofo.functional import (
+    Sketch,
+    feedforward_sketch,
+    recurrent_loss,
+    recurrent_sketch,
+    resolve_compile_steps,
+)
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
@@ -34,7 +40,10 @@ class SOFOModule(L.LightningModule):
     Args:
         loss: "mse" (masked mean squared error), "cross_entropy" (class-index
             targets, logits as outputs) or callable(outputs, targets, mask) -> scalar.
-        compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps (0: eager).
+        compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps; 0
+            runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in chunks
+            of 25 and runs shorter ones eagerly (functional.resolve_compile_steps). A compilation
+            that fails falls back to the eager engine, with one warning.
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
             float64, for float32 models on long trials.
         weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters
@@ -58,12 +67,14 @@ class SOFOModule(L.LightningModule):
     plots and analysis.
     """
 
-    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt = 0, accumulate_float64: bool = False,
+    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt | Literal["auto"] = "auto",
+                 accumulate_float64: bool = False,
                  weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
                  penalties: list[Penalty] | None = None):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
-        require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
+        if compile_steps != "auto":
+            require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
         require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2, weight_l1=weight_l1, rate_l2=rate_l2)
         self.weight_l2 = float(weight_l2)
         self.penalties = self._penalties(float(weight_l2), float(weight_l1), float(rate_l2), penalties)
@@ -423,7 +434,8 @@ class SOFOModule(L.LightningModule):
                         return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
                     return recurrent_loss(
                         lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
-                        primals, inputs, targets, loss_fn, mask, compile_steps=self.compile_steps,
+                        primals, inputs, targets, loss_fn, mask,
+                        compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
                     )
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             with PureFunctionCheck(self, primals):
@@ -433,7 +445,7 @@ class SOFOModule(L.LightningModule):
                         lambda p: functions["initial_state"](p, batch_size),
                         functions["step"],
                         primals, named_tangents, inputs, targets, loss_fn, mask,
-                        compile_steps=self.compile_steps,
+                        compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
                         accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
                     )
                 return feedforward_sketch(

@@ -10,7 +10,7 @@ forward-mode engine carries its tangents and SOFO's memory stays constant in T.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -169,7 +169,7 @@ class ArmController(SOFOModule):
         nonlinearity: str = "relu",
         motor_scale: float = 0.1,
         loss: str = "mse",
-        compile_steps: NonNegativeInt = 0,
+        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,

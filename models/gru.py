@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +40,7 @@ class GRU(SOFOModule):
         output_size: PositiveInt,
         learn_initial_state: bool = False,
         loss: str = "mse",
-        compile_steps: NonNegativeInt = 0,
+        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,

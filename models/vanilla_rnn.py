@@ -21,7 +21,7 @@ eps_t = (1 - alpha) eps_{t-1} + alpha phi(h_{t-1}).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -230,7 +230,7 @@ class VanillaRNN(SOFOModule):
         output_size: PositiveInt,
         output_noise: NonNegativeFloat = 0.0,
         loss: str = "mse",
-        compile_steps: NonNegativeInt = 0,
+        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,

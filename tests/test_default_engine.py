@@ -1,0 +1,93 @@
+"""The default engine (compile_steps="auto"): long trials run compiled without any setting, short
+ones eagerly, with the same sketches; a compilation that fails falls back to the eager engine with
+one warning, while an error of the model's own still surfaces."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import module_tangents
+
+from lightning_sofo import functional
+from lightning_sofo.functional import AUTO_COMPILE_MIN_STEPS, AUTO_COMPILE_WINDOW, resolve_compile_steps
+from lightning_sofo.models import VanillaRNN
+
+
+@pytest.fixture()
+def compile_calls(monkeypatch):
+    """Count torch.compile calls; each test starts with no compiled engine in this process."""
+    calls = []
+    real = torch.compile
+
+    def counted(function, **kwargs):
+        calls.append(function.__name__)
+        return real(function, **kwargs)
+
+    functional.clear_compiled()
+    monkeypatch.setattr(torch, "compile", counted)
+    yield calls
+    functional.clear_compiled()
+
+
+def test_auto_compiles_long_trials_and_runs_short_ones_eagerly():
+    assert resolve_compile_steps("auto", AUTO_COMPILE_MIN_STEPS) == AUTO_COMPILE_WINDOW
+    assert resolve_compile_steps("auto", AUTO_COMPILE_MIN_STEPS - 1) == 0
+    assert resolve_compile_steps(7, 10_000) == 7 and resolve_compile_steps(0, 10_000) == 0
+    assert VanillaRNN(2, 4, 2).compile_steps == "auto", "the default"
+
+
+def sketch(model, steps, compile_steps):
+    torch.manual_seed(1)
+    inputs, targets = torch.randn(3, steps, 2), torch.randn(3, steps, 2)
+    model.compile_steps = compile_steps
+    optimizer, tangents = module_tangents(model, 6)
+    return model.sketch_function((inputs, targets, None), optimizer)(tangents)
+
+
+def test_the_default_engine_is_compiled_for_long_trials_with_the_eager_sketches(compile_calls):
+    torch.manual_seed(0)
+    model = VanillaRNN(2, 8, 2)
+    short = sketch(model, 40, "auto")
+    assert compile_calls == [], "a short trial runs eagerly"
+    eager, default = sketch(model, 110, 0), sketch(model, 110, "auto")
+    assert compile_calls == ["_sketch_steps"], "a long trial runs compiled, with no setting"
+    for a, b in ((default.grad, eager.grad), (default.ggn, eager.ggn), (default.loss, eager.loss)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert short.grad.shape == (6,)
+
+
+def test_a_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    def broken_compile(function, **kwargs):
+        def fails(*args):
+            raise RuntimeError("no C compiler found (simulated)")
+        return fails
+
+    functional.clear_compiled()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    try:
+        torch.manual_seed(0)
+        model = VanillaRNN(2, 8, 2)
+        eager = sketch(model, 110, 0)
+        with pytest.warns(RuntimeWarning, match="could not compile.*no C compiler found.*runs eagerly"):
+            fallback = sketch(model, 110, "auto")
+        torch.testing.assert_close(fallback.ggn, eager.ggn, rtol=1e-5, atol=1e-8)  # summed window by window
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            sketch(model, 110, "auto")
+    finally:
+        functional.clear_compiled()
+
+
+class Broken(VanillaRNN):
+    def step(self, state, inputs_t):
+        raise ValueError("the model's own bug")
+
+
+def test_an_error_of_the_model_is_raised_not_taken_for_a_compiler_failure(compile_calls):
+    model = Broken(2, 8, 2)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="the model's own bug"):
+        warnings.simplefilter("always")
+        sketch(model, 110, "auto")
+    assert not [w for w in caught if "could not compile" in str(w.message)], "not reported as the compiler's"
