@@ -10,6 +10,12 @@ to it is how far the engine is from the hardware's limit at that size. Writes a 
 benchmarks/RESULTS.md. --profile prints where the eager engine's time goes (torch.profiler).
 
     python benchmarks/engine_speed.py [--repeats 9] [--threads 2] [--profile]
+    python benchmarks/engine_speed.py --compile-cache   # first call of a fresh process, cold vs warm cache
+
+--compile-cache runs the default engine (compile_steps="auto") in two fresh processes that share a
+new torch compile cache directory: the first compiles from scratch, the second finds the compiled
+artifacts on disk (inductor's FX graph and AOTAutograd caches); each reports its first sketch
+(compilation included) and a second one.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def setup(n, b, k, t, device):
 
     by_name = {names[key]: v for key, v in tangents.items()}
     return {
+        "default": lambda: generic("auto"),
         "eager": lambda: generic(0),
         "compiled": lambda: generic(COMPILE_STEPS),
         "handwritten": lambda: handwritten_sketch(model, by_name, inputs, targets, mask),
@@ -106,10 +113,16 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     parser.add_argument("--profile", action="store_true", help="print the eager engine's top operators and exit")
+    parser.add_argument("--compile-cache", action="store_true", help="compile time of a fresh process, cold vs warm")
+    parser.add_argument("--first-call", action="store_true", help=argparse.SUPPRESS)  # a child of --compile-cache
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.profile:
         return profile(args.device)
+    if args.first_call:
+        return first_call(args.device)
+    if args.compile_cache:
+        return compile_cache(args)
 
     rows = []
     for n, b, k, t in SIZES:
@@ -117,7 +130,7 @@ def main():
         methods["floor"], flops = floor(n, b, k, t, args.device)
         reference = methods["handwritten"]()
         start = time.perf_counter()
-        for name in ["eager", "compiled"]:
+        for name in ["default", "eager", "compiled"]:
             sketch = methods[name]()  # the first compiled call compiles
             torch.testing.assert_close(sketch.grad, reference.grad, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(sketch.ggn, reference.ggn, rtol=1e-4, atol=1e-6)
@@ -126,21 +139,21 @@ def main():
         for _ in range(args.repeats):
             for name, fn in methods.items():
                 times[name].append(timed(fn, args.device))
-        eager, compiled, hw, bound = (1e3 * statistics.median(times[m])
-                                      for m in ["eager", "compiled", "handwritten", "floor"])
-        rows.append((n, b, k, t, eager, compiled, hw, bound, flops / bound / 1e6))
+        default, eager, compiled, hw, bound = (1e3 * statistics.median(times[m])
+                                               for m in ["default", "eager", "compiled", "handwritten", "floor"])
+        rows.append((n, b, k, t, default, eager, compiled, hw, bound, flops / bound / 1e6))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'CPU'}"
     header = (
-        "| N | B | K | T | hand-written (ms) | generic, eager (ms) | ratio | "
+        "| N | B | K | T | hand-written (ms) | default (auto) (ms) | ratio | generic, eager (ms) | ratio | "
         f"generic, compile_steps={COMPILE_STEPS} (ms) | ratio | matmul floor (ms) | floor GFLOP/s | "
-        "eager / floor | compiled / floor | hand-written / floor |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "default / floor | compiled / floor | hand-written / floor |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     table = header + "\n".join(
-        f"| {n} | {b} | {k} | {t} | {hw:.1f} | {e:.1f} | {e / hw:.2f}x | {c:.1f} | {c / hw:.2f}x | {f:.1f} | "
-        f"{gflops:.0f} | {e / f:.2f}x | {c / f:.2f}x | {hw / f:.2f}x |"
-        for n, b, k, t, e, c, hw, f, gflops in rows
+        f"| {n} | {b} | {k} | {t} | {hw:.1f} | {d:.1f} | {d / hw:.2f}x | {e:.1f} | {e / hw:.2f}x | {c:.1f} | "
+        f"{c / hw:.2f}x | {f:.1f} | {gflops:.0f} | {d / f:.2f}x | {c / f:.2f}x | {hw / f:.2f}x |"
+        for n, b, k, t, d, e, c, hw, f, gflops in rows
     )
     note = (
         f"Device: {args.device} ({device_name}), torch {torch.__version__}, {args.threads} threads; "
@@ -152,6 +165,41 @@ def main():
     print(table + "\n\n" + note)
     if not args.no_write:
         write_section(f"Engine speed: generic vs hand-written ({args.device})", table + "\n\n" + note)
+
+
+def first_call(device: str, n: int = 64, b: int = 64, k: int = 128, t: int = 100) -> None:
+    """Print the seconds of the first and second default-engine sketch of this process (JSON)."""
+    import json
+
+    default = setup(n, b, k, t, device)["default"]
+    first = timed(default, device)
+    print(json.dumps({"first": first, "second": timed(default, device)}))
+
+
+def compile_cache(args) -> None:
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(args.threads)}
+        for label in ("first process (empty cache)", "second process (cache on disk)"):
+            result = subprocess.run([sys.executable, __file__, "--first-call", "--threads", str(args.threads),
+                                     "--device", args.device], env=env, capture_output=True, text=True, check=True)
+            times = json.loads(result.stdout.strip().splitlines()[-1])
+            rows.append(f"| {label} | {times['first']:.1f} | {1e3 * times['second']:.0f} |")
+            print(rows[-1], flush=True)
+    table = ("| process | first sketch, compilation included (s) | second sketch (ms) |\n|---|---|---|\n"
+             + "\n".join(rows))
+    note = (f"Device: {args.device}, torch {torch.__version__}, {args.threads} threads. The default engine "
+            "(compile_steps=\"auto\": chunks of 25 steps) at N = 64, B = 64, K = 128, T = 100, in two fresh "
+            "processes sharing a new TORCHINDUCTOR_CACHE_DIR; the second process still traces the model (Dynamo), "
+            "but loads the compiled kernels from disk.")
+    print(table + "\n\n" + note)
+    if not args.no_write:
+        write_section(f"Compilation across processes ({args.device})", table + "\n\n" + note)
 
 
 def profile(device: str, n: int = 64, b: int = 64, k: int = 128, t: int = 100) -> None:
