@@ -115,3 +115,39 @@ def test_robustness_benchmark_counts_refusals_and_corruption():
     import robustness
 
     assert robustness.bad_batches() == (10, 0, 0)
+
+
+def test_gpu_figures_script_runs_at_toy_sizes_and_refuses_a_cpu_without_smoke():
+    """The one-command GPU script: its training comparison and report run end to end (--smoke, on
+    this CPU); without a CUDA device and without --smoke it says what it needs."""
+    import gpu_figures
+
+    body = gpu_figures.main(["--smoke", "--budget", "1"])
+    assert "| SOFO |" in body and "| Adam |" in body and "MSE / oracle" in body
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            gpu_figures.main([])
+
+
+def test_curriculum_benchmark_runs_saves_and_reports(monkeypatch, tmp_path):
+    """A curriculum run and a direct run of the curriculum study at toy sizes: saved one file each,
+    scored on the final level, and the report rebuilds from disk."""
+    import curriculum
+    import results
+
+    experiment = curriculum.EXPERIMENTS["flipflop"]
+    tiny = curriculum.Experiment(
+        "toy", lambda n_steps: type(experiment.make_task(25))(n_steps=n_steps, batch_size=4, val_trials=4, seed=0),
+        lambda task: type(experiment.make_model(task))(task.input_size, 4, task.output_size, compile_steps=0),
+        "n_steps", [20, 30], "val_loss", 1e9, {"Adam": 4, "SOFO": 4}, 2, experiment.optimizers)
+    monkeypatch.setitem(curriculum.EXPERIMENTS, "flipflop", tiny)
+    monkeypatch.setattr(curriculum, "OUT", tmp_path)
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
+    for schedule in ("curriculum", "direct"):
+        run = curriculum.one_run("flipflop", "Adam", schedule, 0, 4)
+        curriculum.run_path("flipflop", "Adam", schedule, 0, 4).write_text(__import__("json").dumps(run))
+        assert run["final_level"] == 30 and "val_loss" in run["final"]
+    curriculum_run = __import__("json").loads(curriculum.run_path("flipflop", "Adam", "curriculum", 0, 4).read_text())
+    assert [p["value"] for p in curriculum_run["points"]] == [20, 30], "validated at the level of that time"
+    curriculum.report()
+    assert "### flipflop" in (tmp_path / "RESULTS.md").read_text() and (tmp_path / "flipflop.png").is_file()

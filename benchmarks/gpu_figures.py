@@ -1,0 +1,191 @@
+"""One command for the GPU figures, in under 20 minutes on one GPU.
+
+    python benchmarks/gpu_figures.py              # needs a CUDA device
+    python benchmarks/gpu_figures.py --smoke      # toy sizes on any device: checks the script, writes nothing
+
+In order, each part with its own time limit, each writing its own section of RESULTS.md:
+  1. speed and memory of one iteration, SOFO against Adam + BPTT, at N 128, B 256, K 128 for
+     T = 100 to 300,000 steps (until BPTT runs out of memory), and against K
+     (benchmarks/speed_memory.py --device cuda);
+  2. the engine against the hand-written tangent equations and the matmul floor at the engine's
+     shapes (benchmarks/engine_speed.py --device cuda);
+  3. host synchronisations inside the time loop (torch.cuda.set_sync_debug_mode), counted over
+     one compiled and one eager sketch pass;
+  4. a short training comparison on the adaptive Kalman task at T = 1000 (ReLU RNN N = 128,
+     B = 256, K = 128): SOFO (lr 0.5, adaptive damping) and Adam (lr 1e-2, clip 1), the same model,
+     data and seed, each for the same wall-clock budget; validation loss against iterations and
+     seconds, and the MSE over the oracle Kalman filter's.
+Then a "GPU figures" section names the device and sums up. One seed: a first look at the GPU
+argument (per-iteration time with the K tangents in parallel), not a replacement for the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def run_script(arguments: list[str], limit: float) -> str:
+    """Run a benchmark script of this folder; returns its output's tail, or why it stopped."""
+    try:
+        done = subprocess.run([sys.executable, str(HERE / arguments[0]), *arguments[1:]], capture_output=True,
+                              text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        return f"{arguments[0]}: stopped after its {limit:.0f} s limit (the sections it finished are written)"
+    if done.returncode != 0:
+        return f"{arguments[0]} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+    return f"{arguments[0]}: done"
+
+
+def host_syncs(device: str, n: int, b: int, k: int, t: int) -> dict[str, int]:
+    """Host synchronisations reported by torch.cuda.set_sync_debug_mode during one sketch pass,
+    compiled (chunks of 25 steps) and eager; CPU: not measurable, empty."""
+    import torch
+
+    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo import SOFO
+    from lightning_sofo.models import VanillaRNN
+
+    if device != "cuda":
+        return {}
+    torch.manual_seed(0)
+    model = VanillaRNN(3, n, 2).to(device)
+    inputs, targets = torch.randn(b, t, 3, device=device), torch.randn(b, t, 2, device=device)
+    optimizer = SOFO(model.parameters(), tangents=k)
+    tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
+    counts = {}
+    for label, compile_steps in (("compiled", 25), ("eager", 0)):
+        model.compile_steps = compile_steps
+        closure = model.sketch_function((inputs, targets, None), optimizer)
+        closure(tangents)  # compile outside the count
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                closure(tangents)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[label] = sum("synchroniz" in str(w.message).lower() for w in caught)
+    return counts
+
+
+def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: float, evaluations: int = 10) -> list[dict]:
+    """SOFO and Adam on the same Kalman model, data and seed, each for `budget` seconds of training."""
+    import torch
+
+    from lightning_sofo import SOFO
+    from lightning_sofo.datamodules import AdaptiveKalman
+    from lightning_sofo.models import VanillaRNN
+
+    results = []
+    for method in ("SOFO", "Adam"):
+        task = AdaptiveKalman(n_steps=t, batch_size=b, val_trials=b, seed=0)
+        task.setup("fit")
+        torch.manual_seed(0)
+        model = VanillaRNN(task.input_size, n, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9,
+                           compile_steps=25 if t >= 25 else 0).to(device)
+        validation = [{key: value.to(device) for key, value in batch.items()} for batch in task.fixed_set("val")]
+        stream = iter(task.train_dataloader())
+        if method == "SOFO":
+            optimizer = SOFO(model.parameters(), lr=0.5, tangents=k, damping="adaptive")
+        else:
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+        def val_loss() -> float:
+            with torch.no_grad():
+                return sum(float(model.compute_loss(batch)) for batch in validation) / len(validation)
+
+        curve, seconds, iteration, next_check = [(0, 0.0, val_loss())], 0.0, 0, budget / evaluations
+        first_iteration = None  # SOFO's compiles the engine: timed apart, not part of the budget
+        while seconds < budget:
+            try:
+                batch = next(stream)
+            except StopIteration:
+                stream = iter(task.train_dataloader())
+                batch = next(stream)
+            batch = {key: value.to(device) for key, value in batch.items() if key != "stream_index"}
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            if method == "SOFO":
+                optimizer.step(model.sketch_function(batch, optimizer))
+            else:
+                optimizer.zero_grad()
+                model.compute_loss(batch).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            iteration += 1
+            if first_iteration is None:
+                first_iteration = time.perf_counter() - start
+                continue
+            seconds += time.perf_counter() - start
+            if seconds >= next_check or seconds >= budget:
+                curve.append((iteration, seconds, val_loss()))
+                next_check += budget / evaluations
+        metrics = task.metrics().to(device)
+        with torch.no_grad():
+            for batch in validation:
+                metrics.update(model(batch["inputs"]), batch)
+        over_oracle = float(metrics.compute()["mse_over_oracle"])
+        results.append({"method": method, "iterations": iteration, "seconds": seconds, "curve": curve,
+                        "final": curve[-1][2], "per_iteration": seconds / max(iteration - 1, 1),
+                        "first_iteration": first_iteration, "mse_over_oracle": over_oracle})
+    return results
+
+
+def main(argv: list[str] | None = None) -> str:
+    import torch
+
+    from results import write_section
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on any device; writes nothing")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds of training per method (part 4)")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cuda" and not args.smoke:
+        raise SystemExit("gpu_figures.py needs a CUDA device (torch.cuda.is_available() is False here); "
+                         "--smoke runs it at toy sizes on this device.")
+    started = time.perf_counter()
+    done = []
+    if not args.smoke:
+        done.append(run_script(["speed_memory.py", "--device", "cuda", "--repeats", "3"], limit=540))
+        done.append(run_script(["engine_speed.py", "--device", "cuda", "--repeats", "5"], limit=240))
+    n, b, k, t = (8, 4, 4, 20) if args.smoke else (128, 256, 128, 1000)
+    syncs = host_syncs(device, n, b, k, min(t, 100))
+    results = training_comparison(device, n, b, k, t, budget=3.0 if args.smoke else args.budget)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
+    rows = "\n".join(
+        f"| {r['method']} | {r['iterations']} | {1e3 * r['per_iteration']:.1f} | {r['first_iteration']:.1f} | "
+        f"{r['final']:.4g} | {r['mse_over_oracle']:.3f} |" for r in results)
+    sync_line = (", ".join(f"{label} {count}" for label, count in syncs.items()) if syncs
+                 else "not measured (no CUDA device)")
+    body = (f"Device: {name}, torch {torch.__version__}; all of it in {time.perf_counter() - started:.0f} s by "
+            f"`python benchmarks/gpu_figures.py`. " + "; ".join(done) + (". " if done else "") +
+            f"Host synchronisations during one sketch pass (N = {n}, B = {b}, K = {k}, T = {min(t, 100)}): "
+            f"{sync_line}.\n\n"
+            f"Training, adaptive Kalman T = {t}, ReLU RNN N = {n}, B = {b}, K = {k}, seed 0, "
+            f"{results[0]['seconds']:.0f} s of training per method (validation excluded):\n\n"
+            "| method | iterations | ms / iteration | first iteration (s, compilation) | final val loss | MSE / oracle |\n"
+            "|---|---|---|---|---|---|\n"
+            + rows + "\n")
+    print(body)
+    if not args.smoke:
+        write_section(f"GPU figures ({name})", body)
+    return body
+
+
+if __name__ == "__main__":
+    main()
