@@ -305,6 +305,7 @@ def recurrent_sketch(
     mask: Tensor | None = None,
     compile_steps: int = 0,
     accumulate_dtype: torch.dtype | None = None,
+    compile_mode: str = "default",
 ) -> Sketch:
     """Sketch of a recurrent model's loss, carrying state tangents through time.
 
@@ -324,7 +325,9 @@ def recurrent_sketch(
 
     compile_steps > 0 runs the time loop in torch.compile'd chunks of that many
     steps (one compilation, reused while shapes and `step` stay the same), which
-    removes the per-step Python overhead of vmap/jvp; 0 runs eagerly.
+    removes the per-step Python overhead of vmap/jvp; 0 runs eagerly. compile_mode is
+    torch.compile's mode: "reduce-overhead" replays each compiled window as a CUDA graph on a GPU
+    (on a CPU torch skips the graphs and it runs as "default").
 
     accumulate_dtype (e.g. torch.float64) sums the per-block terms of the loss, g~
     and G~ in that dtype, so that rounding does not build up over thousands of steps
@@ -346,7 +349,7 @@ def recurrent_sketch(
     chunk = compile_steps if compile_steps > 0 else horizon
     if not loss.per_step:  # the trial's outputs are scored together: the same windows, outputs kept
         outputs, output_tangents = [], []
-        for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps):
+        for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
             state, state_tangents, y, dy = run(step, params, tangents, state, state_tangents, inputs[:, window])
             outputs.append(y)
             output_tangents.append(dy)
@@ -354,7 +357,7 @@ def recurrent_sketch(
                            normaliser)
 
     total = None
-    for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps):
+    for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps, compile_mode):
         state, state_tangents, sums = run(
             step, loss, params, tangents, state, state_tangents,
             inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
@@ -422,6 +425,7 @@ def recurrent_loss(
     mask: Tensor | None = None,
     compile_steps: int = 0,
     window_steps: int = 0,
+    compile_mode: str = "default",
 ) -> Tensor:
     """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
     compiled chunks; a per-step loss is summed window by window, L = sum_w (sum of the window's
@@ -434,7 +438,7 @@ def recurrent_loss(
     mask = loss.broadcast_mask(targets, mask)
     normaliser = loss.normaliser(targets, mask)
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
-    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _primal_steps):
+    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _primal_steps, compile_mode):
         state, outputs = run(step, params, state, inputs[:, window])
         total = total + loss.window_loss(outputs, targets[:, window], None if mask is None else mask[:, window],
                                          normaliser)
@@ -449,14 +453,14 @@ def _primal_steps(step, params, state, inputs):
     return state, _joined(torch.stack, outputs, 1)
 
 
-def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable):
+def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable, mode: str = "default"):
     """(slice of steps, function to run them) for consecutive windows of `chunk` steps; full
     windows run torch.compile'd when compile_steps > 0 (a shorter last window runs eagerly,
     so one compilation serves every trial length)."""
     for start in range(0, horizon, chunk):
         window = slice(start, min(start + chunk, horizon))
         full = window.stop - start == chunk
-        yield window, _compiled(name, function) if compile_steps > 0 and full else function
+        yield window, _compiled(name, function, mode) if compile_steps > 0 and full else function
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -483,15 +487,16 @@ def clear_compiled() -> None:
     _COMPILE_FAILED.clear()
 
 
-def _compiled(name: str, function: Callable) -> Callable:
+def _compiled(name: str, function: Callable, mode: str = "default") -> Callable:
     """torch.compile(function), built once per process (compilations are cached per shape, and by
     torch's own caches on disk across processes). A window whose compiled call fails is run again
     eagerly: if that succeeds, the failure was the compiler's, which is reported once, and this
     process runs eagerly from then on; if it fails too, that error is the one raised."""
     if _COMPILE_FAILED:
         return function
-    if name not in _COMPILED:
-        compiled = torch.compile(function, dynamic=False)
+    key = f"{name}/{mode}"
+    if key not in _COMPILED:
+        compiled = torch.compile(function, dynamic=False, mode=mode)
 
         def with_fallback(*args):
             if _COMPILE_FAILED:
@@ -507,8 +512,8 @@ def _compiled(name: str, function: Callable) -> Callable:
                     "to run eagerly without trying.", RuntimeWarning, stacklevel=2)
                 return result
 
-        _COMPILED[name] = with_fallback
-    return _COMPILED[name]
+        _COMPILED[key] = with_fallback
+    return _COMPILED[key]
 
 
 # --------------------------------------------------------------------------- #

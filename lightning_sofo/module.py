@@ -29,6 +29,10 @@ from lightning_sofo.optim import SketchOptimizer
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+
+
 class SOFOModule(L.LightningModule):
     """Base class of models trained by SOFO (strategy "sofo") or by any torch optimizer.
 
@@ -44,6 +48,9 @@ class SOFOModule(L.LightningModule):
             runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in chunks
             of 25 and runs shorter ones eagerly (functional.resolve_compile_steps). A compilation
             that fails falls back to the eager engine, with one warning.
+        compile_mode: torch.compile's mode for the compiled engine: "default", "reduce-overhead"
+            (each compiled window replayed as a CUDA graph on a GPU; no effect on a CPU) or
+            "max-autotune".
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
             float64, for float32 models on long trials.
         weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters
@@ -68,7 +75,7 @@ class SOFOModule(L.LightningModule):
     """
 
     def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt | Literal["auto"] = "auto",
-                 accumulate_float64: bool = False,
+                 accumulate_float64: bool = False, compile_mode: CompileMode = "default",
                  weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
                  penalties: list[Penalty] | None = None):
         super().__init__()
@@ -81,6 +88,9 @@ class SOFOModule(L.LightningModule):
         if not isinstance(accumulate_float64, bool):
             raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
         self.compile_steps = compile_steps
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode is one of {COMPILE_MODES}, got {compile_mode!r}.")
+        self.compile_mode = compile_mode
         self.accumulate_float64 = accumulate_float64
         # (state, t) -> state, applied before step t of `unroll` (evaluation and plots; SOFO's
         # engine does not use it): set by callbacks.Perturbation for the validations it perturbs
@@ -436,6 +446,7 @@ class SOFOModule(L.LightningModule):
                         lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
                         primals, inputs, targets, loss_fn, mask,
                         compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
+                        compile_mode=self.compile_mode,
                     )
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             with PureFunctionCheck(self, primals):
@@ -446,6 +457,7 @@ class SOFOModule(L.LightningModule):
                         functions["step"],
                         primals, named_tangents, inputs, targets, loss_fn, mask,
                         compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
+                        compile_mode=self.compile_mode,
                         accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
                     )
                 return feedforward_sketch(

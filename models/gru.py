@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.module import CompileMode
 from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveInt, require
 
@@ -27,6 +28,7 @@ class GRU(SOFOModule):
         learn_initial_state: make h_0 a parameter (else h_0 = 0).
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
+        compile_mode: as SOFOModule.
         weight_l2: as SOFOModule.
         weight_l1: as SOFOModule.
         rate_l2: as SOFOModule (an L2 penalty on the hidden state, the GRU's rates).
@@ -41,12 +43,13 @@ class GRU(SOFOModule):
         learn_initial_state: bool = False,
         loss: str = "mse",
         compile_steps: NonNegativeInt | Literal["auto"] = "auto",
+        compile_mode: CompileMode = "default",
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,
         penalties: list[Penalty] | None = None,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, weight_l2=weight_l2, weight_l1=weight_l1,
+        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
+from lightning_sofo.module import CompileMode
 from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step, require_time_constant
@@ -202,6 +203,7 @@ class VanillaRNN(SOFOModule):
             (drawn when the recurrent noise is, see `noise_in_eval`).
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
+        compile_mode: as SOFOModule.
         accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
         weight_l1: as SOFOModule (a smooth L1 penalty on the weights).
@@ -231,6 +233,7 @@ class VanillaRNN(SOFOModule):
         output_noise: NonNegativeFloat = 0.0,
         loss: str = "mse",
         compile_steps: NonNegativeInt | Literal["auto"] = "auto",
+        compile_mode: CompileMode = "default",
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
@@ -242,7 +245,7 @@ class VanillaRNN(SOFOModule):
         readout_from_excitatory: bool = False,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, accumulate_float64=accumulate_float64,
+        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, accumulate_float64=accumulate_float64,
                          weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them

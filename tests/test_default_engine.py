@@ -91,3 +91,15 @@ def test_an_error_of_the_model_is_raised_not_taken_for_a_compiler_failure(compil
         warnings.simplefilter("always")
         sketch(model, 110, "auto")
     assert not [w for w in caught if "could not compile" in str(w.message)], "not reported as the compiler's"
+
+
+def test_cuda_graph_mode_falls_back_cleanly_on_a_cpu(compile_calls):
+    """compile_mode="reduce-overhead" (CUDA graphs on a GPU) runs on a CPU as the default mode
+    does, with the same sketches; a mode that torch.compile does not know is refused clearly."""
+    torch.manual_seed(0)
+    model = VanillaRNN(2, 8, 2, compile_mode="reduce-overhead")
+    eager, graphed = sketch(model, 110, 0), sketch(model, 110, "auto")
+    assert compile_calls == ["_sketch_steps"]
+    torch.testing.assert_close(graphed.ggn, eager.ggn, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="compile_mode is one of"):
+        VanillaRNN(2, 8, 2, compile_mode="fast")
