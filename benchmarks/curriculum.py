@@ -205,7 +205,7 @@ def report() -> None:
             for entry in r["levels_reached"]:
                 by_steps.axvline(entry["step"], color=colour, lw=0.6, alpha=0.5, ls=":")
             reached = ", ".join(f"{experiment.levels[e['level']]} at {e['step']}" for e in r["levels_reached"]) or "-"
-            rows.append(f"| {r['method']} ({r['optimizer']}) | {r['schedule']} | {r['seed']} | {reached} | "
+            rows.append(f"| {r['method']} ({r['optimizer']}) | {r['schedule']} | {r['seed']} | {r['steps']} | {reached} | "
                         f"{r['final_level']} | {r['final'][experiment.monitor]:.4g} | {r['training_seconds']:.0f} |")
         by_steps.axhline(experiment.threshold, color="0.5", lw=0.8)
         by_seconds.axhline(experiment.threshold, color="0.5", lw=0.8)
@@ -221,9 +221,9 @@ def report() -> None:
             f"### {task_name}\n\n{experiment.describe}; curriculum on `{experiment.setting}` through "
             f"{experiment.levels}, moving on when {experiment.monitor} < {experiment.threshold:g} (validated every "
             f"{experiment.every} steps); {', '.join(sorted({str(r['steps']) for r in mine}))} steps per run.\n\n"
-            f"| method | schedule | seed | levels reached (value at step) | level at the end | "
+            f"| method | schedule | seed | steps | levels reached (value at step) | level at the end | "
             f"{experiment.monitor} on the final level | training s (SOFO's with its one-off compilation) |\n"
-            "|---|---|---|---|---|---|---|\n"
+            "|---|---|---|---|---|---|---|---|\n"
             + "\n".join(rows) + f"\n\n![{task_name}](curriculum/{task_name}.png)\n")
     machine = runs[0]["machine"]
     body = ("Measured by `python benchmarks/curriculum.py` (one run per process-thread, saved as it finishes; "

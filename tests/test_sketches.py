@@ -189,7 +189,7 @@ def test_loss_alone_equals_the_unrolled_loss(loss, compile_steps, monkeypatch):
     (here 3 + 3 + 1 steps, compilation replaced by the plain function) and sums L_w n_w / n."""
     import lightning_sofo.functional as functional
 
-    monkeypatch.setattr(functional, "_compiled", lambda name, function: function)
+    monkeypatch.setattr(functional, "_compiled", lambda name, function, mode="default": function)
     model, inputs, targets, mask = recurrent_case(loss)
     model.compile_steps = compile_steps
     optimizer, _ = module_tangents(model, 4)
