@@ -86,6 +86,7 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
     from lightning_sofo import SOFO
     from lightning_sofo.datamodules import AdaptiveKalman
     from lightning_sofo.models import VanillaRNN
+    from training_quality import final_metrics, train_step, validation_loss
 
     results = []
     for method in ("SOFO", "Adam"):
@@ -100,12 +101,8 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
             optimizer = SOFO(model.parameters(), lr=0.5, tangents=k, damping="adaptive")
         else:
             optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-
-        def val_loss() -> float:
-            with torch.no_grad():
-                return sum(float(model.compute_loss(batch)) for batch in validation) / len(validation)
-
-        curve, seconds, iteration, next_check = [(0, 0.0, val_loss())], 0.0, 0, budget / evaluations
+        curve, seconds, iteration = [(0, 0.0, validation_loss(model, validation))], 0.0, 0
+        next_check = budget / evaluations
         first_iteration = None  # SOFO's compiles the engine: timed apart, not part of the budget
         while seconds < budget:
             try:
@@ -117,13 +114,7 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            if method == "SOFO":
-                optimizer.step(model.sketch_function(batch, optimizer))
-            else:
-                optimizer.zero_grad()
-                model.compute_loss(batch).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
+            train_step(model, optimizer, batch, clip=1.0)
             if device == "cuda":
                 torch.cuda.synchronize()
             iteration += 1
@@ -132,13 +123,9 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
                 continue
             seconds += time.perf_counter() - start
             if seconds >= next_check or seconds >= budget:
-                curve.append((iteration, seconds, val_loss()))
+                curve.append((iteration, seconds, validation_loss(model, validation)))
                 next_check += budget / evaluations
-        metrics = task.metrics().to(device)
-        with torch.no_grad():
-            for batch in validation:
-                metrics.update(model(batch["inputs"]), batch)
-        over_oracle = float(metrics.compute()["mse_over_oracle"])
+        over_oracle = final_metrics(model, task, validation)["mse_over_oracle"]
         results.append({"method": method, "iterations": iteration, "seconds": seconds, "curve": curve,
                         "final": curve[-1][2], "per_iteration": seconds / max(iteration - 1, 1),
                         "first_iteration": first_iteration, "mse_over_oracle": over_oracle})

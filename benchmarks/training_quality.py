@@ -173,7 +173,7 @@ def validation_loss(model, batches) -> float:
 def final_metrics(model, task, batches) -> dict:
     import torch
 
-    metrics = task.metrics()
+    metrics = task.metrics().to(next(model.parameters()).device)
     with torch.no_grad():
         for b in batches:
             metrics.update(model(b["inputs"]), b)

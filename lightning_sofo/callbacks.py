@@ -98,10 +98,9 @@ def plot_decision_curve(name: str, curve: Any, title: str):
 def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Outputs (B, T, O) and, for recurrent modules, unit rates (B, T, N)."""
     if getattr(module, "is_recurrent", False):
+        if hasattr(module, "hidden_rates"):
+            return module.unroll_with_rates(inputs)
         outputs, states = module.unroll(inputs, return_states=True)
-        rate_of = getattr(module, "hidden_rates", None)
-        if rate_of is not None:
-            return outputs, torch.stack([rate_of(state) for state in states], dim=1)
         if isinstance(states[0], torch.Tensor):
             return outputs, torch.stack(states, dim=1)
         return outputs, None

@@ -429,8 +429,9 @@ def recurrent_loss(
 ) -> Tensor:
     """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
     compiled chunks; a per-step loss is summed window by window, L = sum_w (sum of the window's
-    terms) / n with n the whole trial's normaliser, so only one window's outputs are kept. window_steps > 0 sets the window of an eager loop
-    (compile_steps = 0), e.g. to keep memory flat in T under nested forward mode."""
+    terms) / n with n the whole trial's normaliser, so only one window's outputs are kept.
+    window_steps > 0 sets the window of an eager loop (compile_steps = 0), e.g. to keep memory
+    flat in T under nested forward mode."""
     params = dict(params)
     state = tree_map(torch.Tensor.contiguous, initial_state(params))
     horizon = inputs.shape[1]

@@ -171,6 +171,12 @@ class SOFOModule(L.LightningModule):
         outputs = torch.stack(outputs, dim=1)
         return (outputs, states) if return_states else outputs
 
+    def unroll_with_rates(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """`unroll` over inputs (B, T, I), with the rates after each step: outputs (B, T, O) and
+        hidden_rates of the T states (B, T, N). Needs a model that defines hidden_rates."""
+        outputs, states = self.unroll(inputs, return_states=True)
+        return outputs, torch.stack([self.hidden_rates(state) for state in states], dim=1)
+
     def check_batch(self, inputs: Tensor, targets: Tensor, mask: Tensor | None) -> None:
         """Types, dtypes, devices and batch sizes of a batch against this model (metadata only,
         no device sync); raises a ValueError that says what was expected (lightning_sofo.batches)."""
@@ -206,8 +212,7 @@ class SOFOModule(L.LightningModule):
         and by SOFO in its sketches (sketch_function)."""
         if self.rate_penalties:
             inputs, targets, mask = self.validated_batch(batch)
-            outputs, states = self.unroll(inputs, return_states=True)
-            rates = torch.stack([self.hidden_rates(state) for state in states], dim=1)
+            outputs, rates = self.unroll_with_rates(inputs)
             loss = PenalisedLoss(self.loss_fn, self.rate_penalties)((outputs, rates), targets, mask)
         else:
             loss = self.compute_loss(batch)
