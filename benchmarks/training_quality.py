@@ -72,7 +72,8 @@ OPTIONS = {
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
-                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "flipflop_b64": "lr 0.0001", "delayed_addition": "lr 1e-05"}
+                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "flipflop_b64": "lr 0.0001", "delayed_addition": "lr 1e-05",
+                "kalman_b256": "lr 0.001", "double_reach_b256": "lr 0.001"}
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,11 @@ class TaskSpec:
     sweep_iterations: int = 500  # the sweep's budget (seed 0) whose best settings go on to the seeds
 
 
-def _kalman(n_steps):
+def _kalman(n_steps, batch_size=16):
     def make(seed):
         from lightning_sofo.datamodules import AdaptiveKalman
 
-        return AdaptiveKalman(n_steps=n_steps, batch_size=16, val_trials=64, seed=seed)
+        return AdaptiveKalman(n_steps=n_steps, batch_size=batch_size, val_trials=64, seed=seed)
     return make
 
 
@@ -107,10 +108,12 @@ def _delayed_addition(seed):
     return DelayedAddition(n_steps=1000, batch_size=32, val_trials=128, seed=seed)
 
 
-def _double_reach(seed):
-    from lightning_sofo.datamodules import DoubleReach
+def _double_reach(batch_size=16):
+    def make(seed):
+        from lightning_sofo.datamodules import DoubleReach
 
-    return DoubleReach(dt=0.01, n_steps=250, batch_size=16, val_trials=64, seed=seed)
+        return DoubleReach(dt=0.01, n_steps=250, batch_size=batch_size, val_trials=64, seed=seed)
+    return make
 
 
 def _relu_rnn(hidden_size):
@@ -143,7 +146,7 @@ TASKS = {
                        "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 16, K = 32 (authors: N = 100, B = 256, K = 128-256)"),
     "kalman_long": TaskSpec(_kalman(5000), _relu_rnn(32), 32,
                             "as kalman but T = 5000"),
-    "double_reach": TaskSpec(_double_reach, _arm_controller, 32,
+    "double_reach": TaskSpec(_double_reach(), _arm_controller, 32,
                              "two-link arm, ReLU controller N = 32, tau 20 ms, dt = 10 ms, T = 250 (2.5 s), B = 16, "
                              "K = 32 (authors: N = 64, dt = 2 ms, T = 1000, B = 256, K = 128-256)", readout="motor"),
     "delayed_addition": TaskSpec(_delayed_addition, _relu_rnn(32), 32,
@@ -155,6 +158,11 @@ TASKS = {
                            "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
                            "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
                            sweep_iterations=1000),
+    "kalman_b256": TaskSpec(_kalman(1000, batch_size=256), _relu_rnn(32), 32,
+                            "as kalman but B = 256 (the authors' batch), each method's best B = 16 setting"),
+    "double_reach_b256": TaskSpec(_double_reach(256), _arm_controller, 32,
+                                  "as double_reach but B = 256 (the authors' batch), each method's best B = 16 setting",
+                                  readout="motor"),
     "flipflop_b64": TaskSpec(_flipflop(3, batch_size=64), _tanh_rnn(64), 64,
                              "as flipflop but B = 64 (the main job's batch), each method's best B = 32 setting"),
 }
