@@ -228,16 +228,24 @@ def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
 
 
 _BATCHES: dict = {}  # the training stream of the (task, seed) this process ran last: every method sees it
+BATCH_CACHE_BYTES = 2 * 2**30  # beyond this the stream is drawn again by index (the same batches)
 
 
 def training_batch(task, task_name, seed, index):
-    """Batch `index` of the seed's training stream, drawn once per process (generation is not timed)."""
+    """Batch `index` of the seed's training stream (a pure function of seed and index), kept for
+    the next run of this process while the kept batches stay under BATCH_CACHE_BYTES: at B = 256
+    and T = 1000, 2,000 batches would take several GiB per process. Generation is not timed."""
     if _BATCHES.get("key") != (task_name, seed):
         _BATCHES.clear()
-        _BATCHES["key"] = (task_name, seed)
-    if index not in _BATCHES:
-        _BATCHES[index] = task.draw("train", index)
-    return _BATCHES[index]
+        _BATCHES.update(key=(task_name, seed), bytes=0)
+    if index in _BATCHES:
+        return _BATCHES[index]
+    batch = task.draw("train", index)
+    size = sum(t.numel() * t.element_size() for t in batch.values())
+    if _BATCHES["bytes"] + size <= BATCH_CACHE_BYTES:
+        _BATCHES[index] = batch
+        _BATCHES["bytes"] += size
+    return batch
 
 
 _WARM: set = set()

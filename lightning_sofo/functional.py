@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Protocol
 import torch
 from torch import Tensor
 from torch.func import jvp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 Params = Mapping[str, Tensor]
 
@@ -306,6 +306,7 @@ def recurrent_sketch(
     compile_steps: int = 0,
     accumulate_dtype: torch.dtype | None = None,
     compile_mode: str = "default",
+    tangent_chunk: int | str = 0,
 ) -> Sketch:
     """Sketch of a recurrent model's loss, carrying state tangents through time.
 
@@ -332,6 +333,12 @@ def recurrent_sketch(
     accumulate_dtype (e.g. torch.float64) sums the per-block terms of the loss, g~
     and G~ in that dtype, so that rounding does not build up over thousands of steps
     of a float32 model; the returned Sketch has that dtype.
+
+    tangent_chunk = c with 0 < c < K runs each window's time loop on c tangents at a time
+    (_in_tangent_chunks), so the K-batched arrays of a step (c B N numbers each) stay in the CPU's
+    cache; the sketches are taken once per window on all K output tangents, so they are
+    unchanged. 0 runs all K together (right on a GPU, where they run in parallel); "auto":
+    resolve_tangent_chunk.
     """
     horizon = inputs.shape[1]
     if targets.shape[1] != horizon:
@@ -344,19 +351,31 @@ def recurrent_sketch(
     state, state_tangents = batched_jvp(initial_state, (params,), (tangents,), (True,))
     # h_0 is often an expanded view (h0.expand(B, N)); forward mode needs its own memory
     state, state_tangents = tree_map(torch.Tensor.contiguous, (state, state_tangents))
+    tangent_chunk = resolve_tangent_chunk(tangent_chunk, state, tangent_count_of(tangents))
 
     normaliser = loss.normaliser(targets, mask)
     chunk = compile_steps if compile_steps > 0 else horizon
     if not loss.per_step:  # the trial's outputs are scored together: the same windows, outputs kept
         outputs, output_tangents = [], []
         for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
-            state, state_tangents, y, dy = run(step, params, tangents, state, state_tangents, inputs[:, window])
+            state, state_tangents, y, dy = _in_tangent_chunks(
+                run, tangent_chunk, step, params, tangents, state, state_tangents, inputs[:, window])
             outputs.append(y)
             output_tangents.append(dy)
         return loss.sketch(_joined(torch.cat, outputs, 1), _joined(torch.cat, output_tangents, 2), targets, mask,
                            normaliser)
 
     total = None
+    if 0 < tangent_chunk < tangent_count_of(tangents):
+        # windows of at most SKETCH_BLOCK steps when eager, so the kept output tangents stay bounded
+        chunk = compile_steps if compile_steps > 0 else min(horizon, SKETCH_BLOCK)
+        for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
+            state, state_tangents, outputs, output_tangents = _in_tangent_chunks(
+                run, tangent_chunk, step, params, tangents, state, state_tangents, inputs[:, window])
+            term = _accumulated(loss.sketch(outputs, output_tangents, targets[:, window],
+                                            None if mask is None else mask[:, window], normaliser), accumulate_dtype)
+            total = term if total is None else total + term
+        return total
     for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps, compile_mode):
         state, state_tangents, sums = run(
             step, loss, params, tangents, state, state_tangents,
@@ -370,16 +389,15 @@ def recurrent_sketch(
 
 def _tangent_steps(step, params, tangents, state, state_tangents, inputs):
     """The time loop of forward mode, over inputs.shape[1] steps: (h, dh) -> the new state and its
-    tangents, the outputs (B, W, O) and the output tangents (K, B, W, O) of those W steps."""
-    outputs, output_tangents = [], []
-    for t in range(inputs.shape[1]):
-        inputs_t = inputs[:, t]
-        (state, y), (state_tangents, dy) = batched_jvp(
-            lambda p, h: step(p, h, inputs_t), (params, state), (tangents, state_tangents), (True, True)
-        )
-        outputs.append(y)
-        output_tangents.append(dy)
-    return state, state_tangents, _joined(torch.stack, outputs, 1), _joined(torch.stack, output_tangents, 2)
+    tangents, the outputs (B, W, O) and the output tangents (K, B, W, O) of those W steps.
+
+    One forward-mode pass (vmap over jvp) spans the W steps, so the work of entering it (the
+    parameters and state wrapped as K-batched dual tensors, and unwrapped after) is paid once per
+    window rather than once per step; forward mode keeps no tape, so memory does not grow with W
+    beyond the outputs themselves."""
+    (state, outputs), (state_tangents, output_tangents) = batched_jvp(
+        lambda p, h: _primal_steps(step, p, h, inputs), (params, state), (tangents, state_tangents), (True, True))
+    return state, state_tangents, outputs, output_tangents
 
 
 def _joined(join: Callable, items: list, dim: int):
@@ -388,6 +406,51 @@ def _joined(join: Callable, items: list, dim: int):
     if isinstance(items[0], Tensor):
         return join(items, dim)
     return tuple(join(list(parts), dim) for parts in zip(*items))
+
+
+def _accumulated(term: Sketch, dtype: torch.dtype | None) -> Sketch:
+    """The sketch in the dtype its sum over time is accumulated in (None: its own)."""
+    if dtype is None:
+        return term
+    return Sketch(term.loss.to(dtype), term.grad.to(dtype), term.ggn.to(dtype))
+
+
+def tangent_count_of(tangents: Params) -> int:
+    """K, the leading dimension of a tangent dict."""
+    return next(iter(tangents.values())).shape[0]
+
+
+def _in_tangent_chunks(run, size: int, step, params, tangents, state, state_tangents, inputs):
+    """run(step, params, tangents, state, state_tangents, inputs) -> (state, state tangents, outputs,
+    output tangents) over the K tangents `size` at a time (all at once if size is 0 or >= K), with
+    the tangent results joined along K. The tangents are independent, so each chunk's result is
+    the same slice of the whole; every chunk starts from the same random state, so a noisy model
+    draws the same noise for all of them (the primal run, repeated per chunk, is identical)."""
+    k = tangent_count_of(tangents)
+    if not 0 < size < k:
+        return run(step, params, tangents, state, state_tangents, inputs)
+    random_state = _random_state()
+    parts = []
+    for start in range(0, k, size):
+        part = slice(start, start + size)
+        _restore_random_state(random_state)
+        parts.append(run(step, params, {name: v[part] for name, v in tangents.items()}, state,
+                         tree_map(lambda t: t[part], state_tangents), inputs))
+    new_state, _, outputs, _ = parts[-1]
+    state_tangents = tree_map(lambda *chunks: torch.cat(chunks), *[p[1] for p in parts])
+    return new_state, state_tangents, outputs, _joined(torch.cat, [p[3] for p in parts], 0)
+
+
+def _random_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_random_state(random_state: tuple) -> None:
+    cpu, cuda = random_state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
@@ -409,8 +472,7 @@ def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, t
             step, params, tangents, state, state_tangents, inputs[:, block])
         term = loss.sketch(outputs, output_tangents, targets[:, block], None if mask is None else mask[:, block],
                            normaliser)
-        if accumulate_dtype is not None:
-            term = Sketch(term.loss.to(accumulate_dtype), term.grad.to(accumulate_dtype), term.ggn.to(accumulate_dtype))
+        term = _accumulated(term, accumulate_dtype)
         total = term if total is None else total + term
     return state, state_tangents, (total.loss, total.grad, total.ggn)
 
@@ -479,6 +541,28 @@ def resolve_compile_steps(compile_steps: int | str, horizon: int) -> int:
     if compile_steps == "auto":
         return AUTO_COMPILE_WINDOW if horizon >= AUTO_COMPILE_MIN_STEPS else 0
     return int(compile_steps)
+
+
+AUTO_CHUNK_BYTES = 2**19  # tangent_chunk="auto" on a CPU: the chunk's state tangents fit in 512 KiB ...
+AUTO_CHUNK_MIN = 16  # ... with at least this many tangents (every chunk repeats the primal pass)
+
+
+def resolve_tangent_chunk(tangent_chunk: int | str, state: Any, tangents: int) -> int:
+    """Tangents per chunk of the forward-mode pass (0: all K at once): tangent_chunk itself, or for
+    "auto" on a CPU the largest c = AUTO_CHUNK_MIN * 2^j whose c state tangents take at most
+    AUTO_CHUNK_BYTES, and 0 when c >= K or the state is on a GPU. On a CPU the elementwise
+    tangent updates of a step read and write c B N numbers a few times over; kept in cache they
+    cost a fraction of what they do from memory (benchmarks/engine_speed.py)."""
+    if tangent_chunk != "auto":
+        return int(tangent_chunk)
+    leaves = tree_leaves(state)
+    if any(t.device.type != "cpu" for t in leaves):
+        return 0
+    per_tangent = sum(t.numel() * t.element_size() for t in leaves)
+    chunk = AUTO_CHUNK_MIN
+    while 2 * chunk * per_tangent <= AUTO_CHUNK_BYTES:
+        chunk *= 2
+    return chunk if chunk < tangents else 0
 
 
 def clear_compiled() -> None:

@@ -48,6 +48,11 @@ class SOFOModule(L.LightningModule):
             runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in chunks
             of 25 and runs shorter ones eagerly (functional.resolve_compile_steps). A compilation
             that fails falls back to the eager engine, with one warning.
+        tangent_chunk: a recurrent model's forward-mode pass runs this many of the K tangents at a
+            time (the sketches are taken on all K together, so they are the same); 0 runs all K
+            at once; "auto" (the default) runs all K at once on a GPU, and on a CPU chunks of 16 or
+            more tangents whose state tangents fit in the CPU's cache
+            (functional.resolve_tangent_chunk).
         compile_mode: torch.compile's mode for the compiled engine: "default", "reduce-overhead"
             (each compiled window replayed as a CUDA graph on a GPU; no effect on a CPU) or
             "max-autotune".
@@ -77,9 +82,13 @@ class SOFOModule(L.LightningModule):
     def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt | Literal["auto"] = "auto",
                  accumulate_float64: bool = False, compile_mode: CompileMode = "default",
                  weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
-                 penalties: list[Penalty] | None = None):
+                 penalties: list[Penalty] | None = None,
+                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto"):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
+        if tangent_chunk != "auto":
+            require(type(self).__name__, NonNegativeInt, tangent_chunk=tangent_chunk)
+        self.tangent_chunk = tangent_chunk
         if compile_steps != "auto":
             require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
         require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2, weight_l1=weight_l1, rate_l2=rate_l2)
@@ -464,6 +473,7 @@ class SOFOModule(L.LightningModule):
                         compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
                         compile_mode=self.compile_mode,
                         accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
+                        tangent_chunk=self.tangent_chunk,
                     )
                 return feedforward_sketch(
                     lambda p: functions["forward"](p, inputs), primals, named_tangents, self.loss_fn, targets, mask

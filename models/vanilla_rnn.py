@@ -204,6 +204,7 @@ class VanillaRNN(SOFOModule):
         loss: as SOFOModule.
         compile_steps: as SOFOModule.
         compile_mode: as SOFOModule.
+        tangent_chunk: as SOFOModule.
         accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
         weight_l1: as SOFOModule (a smooth L1 penalty on the weights).
@@ -234,6 +235,7 @@ class VanillaRNN(SOFOModule):
         loss: str = "mse",
         compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         compile_mode: CompileMode = "default",
+        tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
@@ -245,7 +247,7 @@ class VanillaRNN(SOFOModule):
         readout_from_excitatory: bool = False,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, accumulate_float64=accumulate_float64,
+        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, accumulate_float64=accumulate_float64,
                          weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
