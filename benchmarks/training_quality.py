@@ -397,7 +397,39 @@ def sweep_table(runs, iterations) -> str:
 TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
                 "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
                 "flipflop10": ("bit_accuracy",), "flipflop_b64": ("bit_accuracy",),
-                "delayed_addition": ("sum_mse",)}
+                "delayed_addition": ("sum_mse",), "kalman_b256": ("mse_over_oracle",),
+                "double_reach_b256": ("endpoint_error_cm", "hold_drift_cm")}
+LINEAR_FILTER_LAGS = 100  # the no-adaptation baseline of the Kalman tasks (linear_filter_mse)
+
+
+def linear_filter_mse(task_name: str, rows: int = 400_000) -> tuple[float, float]:
+    """(MSE, MSE / oracle's) on seed 0's validation set of the best linear time-invariant filter of
+    the last LINEAR_FILTER_LAGS observations, x^_t = sum_l w_l y_{t-l} + c, fitted by least squares
+    (torch.linalg.lstsq) on about `rows` time steps of training trials: the floor of any filter
+    that does not adapt to the regime (tau, b, beta), which a network must beat by adapting."""
+    import torch
+
+    task = TASKS[task_name].make_task(0)
+
+    def design(batch):
+        y = batch["inputs"][..., 0].double()
+        lagged = [torch.nn.functional.pad(y, (lag, 0))[:, : y.shape[1]] for lag in range(LINEAR_FILTER_LAGS)]
+        scored = batch["mask"][..., 0] > 0
+        return torch.stack(lagged + [torch.ones_like(y)], -1)[scored], batch["targets"][..., 0].double()[scored]
+
+    fitted, index = [], 0
+    while sum(len(x) for x, _ in fitted) < rows:
+        fitted.append(design(task.draw("train", index)))
+        index += 1
+    weights = torch.linalg.lstsq(torch.cat([x for x, _ in fitted]), torch.cat([t for _, t in fitted]).unsqueeze(-1)).solution
+    error = oracle = count = 0.0
+    for batch in task.fixed_set("val"):
+        x, target = design(batch)
+        error += float(((x @ weights).squeeze(-1) - target).pow(2).sum())
+        scored = batch["mask"][..., 0]
+        oracle += float(((batch["oracle"][..., 0] - batch["targets"][..., 0]).pow(2) * scored).sum())
+        count += float(scored.sum())
+    return error / count, error / oracle
 
 
 def loss_at_seconds(run, seconds: float) -> float:
@@ -440,6 +472,9 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
             oracle = [r["metrics"]["oracle_mse"] for g in groups.values() for r in g if "oracle_mse" in r["metrics"]]
             if oracle:
                 lines.append(f"| oracle Kalman filter (floor) | | {statistics.mean(oracle):.4g} | | | | | 1 |")
+                mse, ratio = linear_filter_mse(task_name)
+                lines.append(f"| best linear filter of the last {LINEAR_FILTER_LAGS} observations (no adaptation) | | "
+                             f"{mse:.4g} | | | | | {ratio:.3g} |")
         compile_seconds = max(r["compile_seconds"] for g in groups.values() for r in g)
         parts.append(f"{iterations} iterations per run, mean ± sd over seeds; \"val loss at {seconds:.0f} s\" is "
                      "each run's validation loss at the wall-clock the fastest method needed for its "
