@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from lightning_sofo.functional import joined
 
 
 class _Method(nn.Module):
@@ -25,13 +28,41 @@ class _Method(nn.Module):
         return getattr(self.module, self.method)(*args)
 
 
+class _Window(nn.Module):
+    """Calls a step method of a module over the steps of a window, so that functional_call swaps
+    the parameters in once for all of them."""
+
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, state: Any, inputs: Tensor) -> tuple[Any, Any]:
+        step = getattr(self.module, self.method)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            state, y = step(state, inputs[:, t])
+            outputs.append(y)
+        return state, joined(torch.stack, outputs, 1)
+
+
 def functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
-    """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`."""
-    wrapper = _Method(module, method)
+    """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`.
+
+    f.window(params, state, inputs (B, W, I)) -> (state, outputs (B, W, O)) runs a step method
+    over W steps with the parameters swapped in once (functional.step_loop uses it)."""
+    def swapped(params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {f"module.{name}": p for name, p in params.items()}
+
+    wrapper, window = _Method(module, method), _Window(module, method)
 
     def call(params: dict[str, Tensor], *args: Any) -> Any:
-        return functional_call(wrapper, {f"module.{name}": p for name, p in params.items()}, args)
+        return functional_call(wrapper, swapped(params), args)
 
+    def call_window(params: dict[str, Tensor], state: Any, inputs: Tensor) -> tuple[Any, Any]:
+        return functional_call(window, swapped(params), (state, inputs))
+
+    call.window = call_window
     return call
 
 

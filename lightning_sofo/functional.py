@@ -16,8 +16,10 @@ tensors of shape (K, *parameter.shape).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
@@ -352,6 +354,7 @@ def recurrent_sketch(
     # h_0 is often an expanded view (h0.expand(B, N)); forward mode needs its own memory
     state, state_tangents = tree_map(torch.Tensor.contiguous, (state, state_tangents))
     tangent_chunk = resolve_tangent_chunk(tangent_chunk, state, tangent_count_of(tangents))
+    steps = step_loop(step)
 
     normaliser = loss.normaliser(targets, mask)
     chunk = compile_steps if compile_steps > 0 else horizon
@@ -359,10 +362,10 @@ def recurrent_sketch(
         outputs, output_tangents = [], []
         for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
             state, state_tangents, y, dy = _in_tangent_chunks(
-                run, tangent_chunk, step, params, tangents, state, state_tangents, inputs[:, window])
+                run, tangent_chunk, steps, params, tangents, state, state_tangents, inputs[:, window])
             outputs.append(y)
             output_tangents.append(dy)
-        return loss.sketch(_joined(torch.cat, outputs, 1), _joined(torch.cat, output_tangents, 2), targets, mask,
+        return loss.sketch(joined(torch.cat, outputs, 1), joined(torch.cat, output_tangents, 2), targets, mask,
                            normaliser)
 
     total = None
@@ -371,14 +374,14 @@ def recurrent_sketch(
         chunk = compile_steps if compile_steps > 0 else min(horizon, SKETCH_BLOCK)
         for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
             state, state_tangents, outputs, output_tangents = _in_tangent_chunks(
-                run, tangent_chunk, step, params, tangents, state, state_tangents, inputs[:, window])
+                run, tangent_chunk, steps, params, tangents, state, state_tangents, inputs[:, window])
             term = _accumulated(loss.sketch(outputs, output_tangents, targets[:, window],
                                             None if mask is None else mask[:, window], normaliser), accumulate_dtype)
             total = term if total is None else total + term
         return total
     for window, run in _windows(horizon, chunk, compile_steps, "sketch_steps", _sketch_steps, compile_mode):
         state, state_tangents, sums = run(
-            step, loss, params, tangents, state, state_tangents,
+            steps, loss, params, tangents, state, state_tangents,
             inputs[:, window], targets[:, window], None if mask is None else mask[:, window], normaliser,
             accumulate_dtype,
         )
@@ -387,20 +390,21 @@ def recurrent_sketch(
     return total
 
 
-def _tangent_steps(step, params, tangents, state, state_tangents, inputs):
+def _tangent_steps(steps, params, tangents, state, state_tangents, inputs):
     """The time loop of forward mode, over inputs.shape[1] steps: (h, dh) -> the new state and its
     tangents, the outputs (B, W, O) and the output tangents (K, B, W, O) of those W steps.
 
-    One forward-mode pass (vmap over jvp) spans the W steps, so the work of entering it (the
+    steps(params, h, inputs) runs the W steps (step_loop). One forward-mode pass (vmap over jvp)
+    spans them, so the work of entering it (the
     parameters and state wrapped as K-batched dual tensors, and unwrapped after) is paid once per
     window rather than once per step; forward mode keeps no tape, so memory does not grow with W
     beyond the outputs themselves."""
     (state, outputs), (state_tangents, output_tangents) = batched_jvp(
-        lambda p, h: _primal_steps(step, p, h, inputs), (params, state), (tangents, state_tangents), (True, True))
+        lambda p, h: steps(p, h, inputs), (params, state), (tangents, state_tangents), (True, True))
     return state, state_tangents, outputs, output_tangents
 
 
-def _joined(join: Callable, items: list, dim: int):
+def joined(join: Callable, items: list, dim: int):
     """join (torch.stack or torch.cat) a list of tensors, or of tuples of tensors part by part
     (a step whose outputs are (y_t, r_t), see regularisers.PenalisedLoss)."""
     if isinstance(items[0], Tensor):
@@ -420,25 +424,25 @@ def tangent_count_of(tangents: Params) -> int:
     return next(iter(tangents.values())).shape[0]
 
 
-def _in_tangent_chunks(run, size: int, step, params, tangents, state, state_tangents, inputs):
-    """run(step, params, tangents, state, state_tangents, inputs) -> (state, state tangents, outputs,
+def _in_tangent_chunks(run, size: int, steps, params, tangents, state, state_tangents, inputs):
+    """run(steps, params, tangents, state, state_tangents, inputs) -> (state, state tangents, outputs,
     output tangents) over the K tangents `size` at a time (all at once if size is 0 or >= K), with
     the tangent results joined along K. The tangents are independent, so each chunk's result is
     the same slice of the whole; every chunk starts from the same random state, so a noisy model
     draws the same noise for all of them (the primal run, repeated per chunk, is identical)."""
     k = tangent_count_of(tangents)
     if not 0 < size < k:
-        return run(step, params, tangents, state, state_tangents, inputs)
+        return run(steps, params, tangents, state, state_tangents, inputs)
     random_state = _random_state()
     parts = []
     for start in range(0, k, size):
         part = slice(start, start + size)
         _restore_random_state(random_state)
-        parts.append(run(step, params, {name: v[part] for name, v in tangents.items()}, state,
+        parts.append(run(steps, params, {name: v[part] for name, v in tangents.items()}, state,
                          tree_map(lambda t: t[part], state_tangents), inputs))
     new_state, _, outputs, _ = parts[-1]
     state_tangents = tree_map(lambda *chunks: torch.cat(chunks), *[p[1] for p in parts])
-    return new_state, state_tangents, outputs, _joined(torch.cat, [p[3] for p in parts], 0)
+    return new_state, state_tangents, outputs, joined(torch.cat, [p[3] for p in parts], 0)
 
 
 def _random_state() -> tuple:
@@ -456,7 +460,7 @@ def _restore_random_state(random_state: tuple) -> None:
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
 
 
-def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser,
+def _sketch_steps(steps, loss, params, tangents, state, state_tangents, inputs, targets, mask, normaliser,
                   accumulate_dtype=None):
     """Run the inputs.shape[1] steps of a window; returns the new state and its tangents and
     (loss, g~, G~) summed over the window's steps.
@@ -469,7 +473,7 @@ def _sketch_steps(step, loss, params, tangents, state, state_tangents, inputs, t
     for start in range(0, inputs.shape[1], SKETCH_BLOCK):
         block = slice(start, start + SKETCH_BLOCK)
         state, state_tangents, outputs, output_tangents = _tangent_steps(
-            step, params, tangents, state, state_tangents, inputs[:, block])
+            steps, params, tangents, state, state_tangents, inputs[:, block])
         term = loss.sketch(outputs, output_tangents, targets[:, block], None if mask is None else mask[:, block],
                            normaliser)
         term = _accumulated(term, accumulate_dtype)
@@ -501,19 +505,41 @@ def recurrent_loss(
     mask = loss.broadcast_mask(targets, mask)
     normaliser = loss.normaliser(targets, mask)
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
-    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _primal_steps, compile_mode):
-        state, outputs = run(step, params, state, inputs[:, window])
+    steps = step_loop(step)
+    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _run_steps, compile_mode):
+        state, outputs = run(steps, params, state, inputs[:, window])
         total = total + loss.window_loss(outputs, targets[:, window], None if mask is None else mask[:, window],
                                          normaliser)
     return total
 
 
 def _primal_steps(step, params, state, inputs):
+    """step looped over the inputs.shape[1] steps: (the new state, the outputs stacked on dim 1)."""
     outputs = []
     for t in range(inputs.shape[1]):
         state, y = step(params, state, inputs[:, t])
         outputs.append(y)
-    return state, _joined(torch.stack, outputs, 1)
+    return state, joined(torch.stack, outputs, 1)
+
+
+def _run_steps(steps, params, state, inputs):
+    return steps(params, state, inputs)
+
+
+_STEP_LOOPS: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
+
+
+def step_loop(step: Callable) -> Callable:
+    """steps(params, state, inputs (B, W, I)) -> (state, outputs (B, W, O)), the W steps of a window:
+    `step.window` where the step provides one (calls.functional_method does: the parameters are
+    swapped into the module once per window, not once per step), else `step` looped. One function
+    per step, so that torch.compile's guards on it hold from one iteration to the next."""
+    window = getattr(step, "window", None)
+    if window is not None:
+        return window
+    if step not in _STEP_LOOPS:
+        _STEP_LOOPS[step] = functools.partial(_primal_steps, step)
+    return _STEP_LOOPS[step]
 
 
 def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable, mode: str = "default"):
