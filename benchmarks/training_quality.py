@@ -530,7 +530,7 @@ def goal_lines(task_name: str, groups) -> str:
         return (f"Goal check: excess MSE over the oracle, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) "
                 f"{adam:.4g}: ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's MSE / oracle "
                 f"{mean_metric(sofo_runs, 'mse_over_oracle'):.3f} (goal <= 1.10).")
-    if task_name == "double_reach":
+    if task_name.startswith("double_reach"):
         (sofo, sofo_label, sofo_runs), (adam, adam_label, _) = best("SOFO", final_loss), best("Adam", final_loss)
         return (f"Goal check: final validation loss, SOFO ({sofo_label}) {sofo:.4g} vs Adam ({adam_label}) {adam:.4g}: "
                 f"ratio {sofo / adam:.2f} (goal <= 0.33); SOFO's hand drift before the go cue "
