@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sofo.functional import joined
+from lightning_sofo.functional import step_through
 
 
 class _Method(nn.Module):
@@ -38,12 +37,7 @@ class _Window(nn.Module):
         self.method = method
 
     def forward(self, state: Any, inputs: Tensor) -> tuple[Any, Any]:
-        step = getattr(self.module, self.method)
-        outputs = []
-        for t in range(inputs.shape[1]):
-            state, y = step(state, inputs[:, t])
-            outputs.append(y)
-        return state, joined(torch.stack, outputs, 1)
+        return step_through(getattr(self.module, self.method), state, inputs)
 
 
 def functional_method(module: nn.Module, method: str) -> Callable[..., Any]:

@@ -16,10 +16,10 @@ tensors of shape (K, *parameter.shape).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
@@ -365,11 +365,11 @@ def recurrent_sketch(
                 run, tangent_chunk, steps, params, tangents, state, state_tangents, inputs[:, window])
             outputs.append(y)
             output_tangents.append(dy)
-        return loss.sketch(joined(torch.cat, outputs, 1), joined(torch.cat, output_tangents, 2), targets, mask,
+        return loss.sketch(_joined(torch.cat, outputs, 1), _joined(torch.cat, output_tangents, 2), targets, mask,
                            normaliser)
 
     total = None
-    if 0 < tangent_chunk < tangent_count_of(tangents):
+    if tangent_chunk:
         # windows of at most SKETCH_BLOCK steps when eager, so the kept output tangents stay bounded
         chunk = compile_steps if compile_steps > 0 else min(horizon, SKETCH_BLOCK)
         for window, run in _windows(horizon, chunk, compile_steps, "tangent_steps", _tangent_steps, compile_mode):
@@ -404,7 +404,7 @@ def _tangent_steps(steps, params, tangents, state, state_tangents, inputs):
     return state, state_tangents, outputs, output_tangents
 
 
-def joined(join: Callable, items: list, dim: int):
+def _joined(join: Callable, items: list, dim: int):
     """join (torch.stack or torch.cat) a list of tensors, or of tuples of tensors part by part
     (a step whose outputs are (y_t, r_t), see regularisers.PenalisedLoss)."""
     if isinstance(items[0], Tensor):
@@ -426,35 +426,25 @@ def tangent_count_of(tangents: Params) -> int:
 
 def _in_tangent_chunks(run, size: int, steps, params, tangents, state, state_tangents, inputs):
     """run(steps, params, tangents, state, state_tangents, inputs) -> (state, state tangents, outputs,
-    output tangents) over the K tangents `size` at a time (all at once if size is 0 or >= K), with
-    the tangent results joined along K. The tangents are independent, so each chunk's result is
-    the same slice of the whole; every chunk starts from the same random state, so a noisy model
-    draws the same noise for all of them (the primal run, repeated per chunk, is identical)."""
-    k = tangent_count_of(tangents)
-    if not 0 < size < k:
+    output tangents) over the K tangents `size` at a time (all at once if size is 0), with the
+    tangent results joined along K. The tangents are independent, so each chunk's result is the
+    same slice of the whole; every chunk but the last runs inside torch.random.fork_rng, so all
+    start from the same random state and a noisy model draws the same noise for all of them (the
+    primal run, repeated per chunk, is identical), and the last advances it as one run would."""
+    if not size:
         return run(steps, params, tangents, state, state_tangents, inputs)
-    random_state = _random_state()
+    k = tangent_count_of(tangents)
+    devices = [t.device for t in tree_leaves(state) if t.device.type == "cuda"][:1]
     parts = []
     for start in range(0, k, size):
         part = slice(start, start + size)
-        _restore_random_state(random_state)
-        parts.append(run(steps, params, {name: v[part] for name, v in tangents.items()}, state,
-                         tree_map(lambda t: t[part], state_tangents), inputs))
+        last = start + size >= k
+        with contextlib.nullcontext() if last else torch.random.fork_rng(devices=devices):
+            parts.append(run(steps, params, {name: v[part] for name, v in tangents.items()}, state,
+                             tree_map(lambda t: t[part], state_tangents), inputs))
     new_state, _, outputs, _ = parts[-1]
     state_tangents = tree_map(lambda *chunks: torch.cat(chunks), *[p[1] for p in parts])
-    return new_state, state_tangents, outputs, joined(torch.cat, [p[3] for p in parts], 0)
-
-
-def _random_state() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _restore_random_state(random_state: tuple) -> None:
-    cpu, cuda = random_state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
+    return new_state, state_tangents, outputs, _joined(torch.cat, [p[3] for p in parts], 0)
 
 
 SKETCH_BLOCK = 32  # steps whose outputs and output tangents are stacked into one sketch
@@ -513,33 +503,32 @@ def recurrent_loss(
     return total
 
 
-def _primal_steps(step, params, state, inputs):
-    """step looped over the inputs.shape[1] steps: (the new state, the outputs stacked on dim 1)."""
+def step_through(step: Callable[[Any, Tensor], tuple[Any, Any]], state: Any, inputs: Tensor) -> tuple[Any, Any]:
+    """step(state, inputs_t) -> (state, y_t) over the inputs.shape[1] steps of inputs (B, W, I):
+    the new state and the outputs stacked on dim 1, (B, W, O) (part by part for tuple outputs)."""
     outputs = []
     for t in range(inputs.shape[1]):
-        state, y = step(params, state, inputs[:, t])
+        state, y = step(state, inputs[:, t])
         outputs.append(y)
-    return state, joined(torch.stack, outputs, 1)
+    return state, _joined(torch.stack, outputs, 1)
+
+
+def _primal_steps(step, params, state, inputs):
+    """step(params, h, u_t) looped over the window's steps (step_through)."""
+    return step_through(lambda h, u: step(params, h, u), state, inputs)
 
 
 def _run_steps(steps, params, state, inputs):
     return steps(params, state, inputs)
 
 
-_STEP_LOOPS: "weakref.WeakKeyDictionary[Callable, Callable]" = weakref.WeakKeyDictionary()
-
-
 def step_loop(step: Callable) -> Callable:
     """steps(params, state, inputs (B, W, I)) -> (state, outputs (B, W, O)), the W steps of a window:
     `step.window` where the step provides one (calls.functional_method does: the parameters are
-    swapped into the module once per window, not once per step), else `step` looped. One function
-    per step, so that torch.compile's guards on it hold from one iteration to the next."""
+    swapped into the module once per window, not once per step), else `step` looped. (A new
+    partial per call holds torch.compile's guards: they check the function it wraps.)"""
     window = getattr(step, "window", None)
-    if window is not None:
-        return window
-    if step not in _STEP_LOOPS:
-        _STEP_LOOPS[step] = functools.partial(_primal_steps, step)
-    return _STEP_LOOPS[step]
+    return window if window is not None else functools.partial(_primal_steps, step)
 
 
 def _windows(horizon: int, chunk: int, compile_steps: int, name: str, function: Callable, mode: str = "default"):
@@ -574,13 +563,14 @@ AUTO_CHUNK_MIN = 16  # ... with at least this many tangents (every chunk repeats
 
 
 def resolve_tangent_chunk(tangent_chunk: int | str, state: Any, tangents: int) -> int:
-    """Tangents per chunk of the forward-mode pass (0: all K at once): tangent_chunk itself, or for
+    """Tangents per chunk of the forward-mode pass (0: all K at once): tangent_chunk itself (0 if it
+    is K or more), or for
     "auto" on a CPU the largest c = AUTO_CHUNK_MIN * 2^j whose c state tangents take at most
     AUTO_CHUNK_BYTES, and 0 when c >= K or the state is on a GPU. On a CPU the elementwise
     tangent updates of a step read and write c B N numbers a few times over; kept in cache they
     cost a fraction of what they do from memory (benchmarks/engine_speed.py)."""
     if tangent_chunk != "auto":
-        return int(tangent_chunk)
+        return int(tangent_chunk) if int(tangent_chunk) < tangents else 0
     leaves = tree_leaves(state)
     if any(t.device.type != "cpu" for t in leaves):
         return 0

@@ -101,6 +101,7 @@ def test_auto_chunks_on_a_cpu_fit_the_cache_and_leave_small_states_whole():
     assert resolve_tangent_chunk("auto", (state(64, 64), state(64, 64)), 128) == 16, "every leaf of the state counts"
     assert resolve_tangent_chunk("auto", state(64, 64, device="meta"), 128) == 0, "not on a CPU: all K at once"
     assert resolve_tangent_chunk(7, state(64, 64), 128) == 7 and resolve_tangent_chunk(0, state(64, 64), 128) == 0
+    assert resolve_tangent_chunk(128, state(64, 64), 128) == 0, "a chunk of K or more is all K at once"
 
 
 def test_tangent_chunk_is_checked_and_defaults_to_auto():
