@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_figures.py              # needs a CUDA device
     python benchmarks/gpu_figures.py --smoke      # toy sizes on any device: checks the script, writes nothing
+    python benchmarks/gpu_figures.py --record-missing   # no GPU: list in RESULTS.md what it would measure
 
 In order, each part with its own time limit, each writing its own section of RESULTS.md:
   1. speed and memory of one iteration, SOFO against Adam + BPTT, at N 128, B 256, K 128 for
@@ -10,7 +11,8 @@ In order, each part with its own time limit, each writing its own section of RES
   2. the engine against the hand-written tangent equations and the matmul floor at the engine's
      shapes (benchmarks/engine_speed.py --device cuda);
   3. host synchronisations inside the time loop (torch.cuda.set_sync_debug_mode), counted over
-     one compiled and one eager sketch pass;
+     one compiled and one eager sketch pass; then one compiled sketch pass with allow_tf32 off and
+     on (TF32 tangent matmuls): the time of each and how far TF32 moves g~, G~ and the step;
   4. a short training comparison on the adaptive Kalman task at T = 1000 (ReLU RNN N = 128,
      B = 256, K = 128): SOFO (lr 0.5, adaptive damping) and Adam (lr 1e-2, clip 1), the same model,
      data and seed, each for the same wall-clock budget; validation loss against iterations and
@@ -32,6 +34,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+
+
+MISSING_TITLE = "GPU figures: still missing"
+MISSING = """No GPU has been lent to this project's sessions yet, so every figure above was measured on a CPU.
+`python benchmarks/gpu_figures.py` on one CUDA GPU (under 20 minutes) fills in, each in its own
+section, and then removes this one:
+
+- speed and peak memory of one iteration, SOFO against Adam + BPTT, at N 128, B 256, K 128 for
+  T = 100 to 300,000 (until BPTT runs out of memory), and against K: the goals are a SOFO iteration
+  no slower than Adam + BPTT's at T = 1000, and SOFO's peak memory at T = 10,000 within 1.1x of
+  T = 100's while BPTT's grows linearly;
+- the engine against the hand-written tangent equations and the matmul floor on the GPU;
+- host synchronisations inside the time loop, compiled and eager (the goal is none);
+- CUDA graphs (compile_mode="reduce-overhead") and TF32 (allow_tf32=True): speed, and how far TF32
+  moves g~, G~ and the step;
+- a first training comparison at the SOFO authors' sizes (adaptive Kalman, N 128, B 256, K 128,
+  T 1000), SOFO against Adam for the same wall-clock.
+"""
 
 
 def run_script(arguments: list[str], limit: float) -> str:
@@ -77,6 +97,52 @@ def host_syncs(device: str, n: int, b: int, k: int, t: int) -> dict[str, int]:
                 torch.cuda.set_sync_debug_mode("default")
         counts[label] = sum("synchroniz" in str(w.message).lower() for w in caught)
     return counts
+
+
+def tf32_comparison(device: str, n: int, b: int, k: int, t: int, repeats: int = 5) -> dict[str, float]:
+    """One compiled sketch pass with allow_tf32 off and on, alternating in one process: the median
+    seconds of each, and how far TF32 moves the sketches (max |difference| / max |value| of g~
+    and of G~) and the damped step solved from them. On a CPU the option changes nothing."""
+    import statistics
+
+    import torch
+
+    from lightning_sofo import SOFO
+    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.models import VanillaRNN
+
+    torch.manual_seed(0)
+    model = VanillaRNN(3, n, 2, compile_steps=25 if t >= 25 else 0).to(device)
+    inputs, targets = torch.randn(b, t, 3, device=device), torch.randn(b, t, 2, device=device)
+    optimizer = SOFO(model.parameters(), tangents=k)
+    tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
+    sketches, seconds = {}, {False: [], True: []}
+    for repeat in range(repeats + 1):
+        for allow in (False, True):
+            model.allow_tf32 = allow
+            closure = model.sketch_function((inputs, targets, None), optimizer)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            sketches[allow] = closure(tangents)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if repeat:  # the first of each compiles
+                seconds[allow].append(time.perf_counter() - start)
+
+    def relative(field):
+        exact, fast = getattr(sketches[False], field).double(), getattr(sketches[True], field).double()
+        return ((fast - exact).abs().max() / exact.abs().max()).item()
+
+    def step(sketch):  # the damped Gauss-Newton coefficients, damping 1e-3 of the top eigenvalue
+        ggn = sketch.ggn.double()
+        return torch.linalg.solve(ggn + 1e-3 * torch.linalg.eigvalsh(ggn)[-1] * torch.eye(k, dtype=ggn.dtype,
+                                  device=ggn.device), sketch.grad.double())
+
+    exact_step, fast_step = step(sketches[False]), step(sketches[True])
+    return {"ieee": statistics.median(seconds[False]), "tf32": statistics.median(seconds[True]),
+            "grad": relative("grad"), "ggn": relative("ggn"),
+            "step": ((fast_step - exact_step).norm() / exact_step.norm()).item()}
 
 
 def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: float, evaluations: int = 10) -> list[dict]:
@@ -140,7 +206,14 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy sizes on any device; writes nothing")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds of training per method (part 4)")
+    parser.add_argument("--record-missing", action="store_true",
+                        help="on a machine without a GPU: write the RESULTS.md section that lists what is still missing")
     args = parser.parse_args(argv)
+    if args.record_missing:
+        from results import write_section
+
+        write_section(MISSING_TITLE, MISSING)
+        return MISSING
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda" and not args.smoke:
         raise SystemExit("gpu_figures.py needs a CUDA device (torch.cuda.is_available() is False here); "
@@ -152,6 +225,7 @@ def main(argv: list[str] | None = None) -> str:
         done.append(run_script(["engine_speed.py", "--device", "cuda", "--repeats", "5"], limit=240))
     n, b, k, t = (8, 4, 4, 20) if args.smoke else (128, 256, 128, 1000)
     syncs = host_syncs(device, n, b, k, min(t, 100))
+    tf32 = tf32_comparison(device, n, b, k, t, repeats=1 if args.smoke else 5)
     results = training_comparison(device, n, b, k, t, budget=3.0 if args.smoke else args.budget)
     name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU"
     rows = "\n".join(
@@ -163,6 +237,10 @@ def main(argv: list[str] | None = None) -> str:
             f"`python benchmarks/gpu_figures.py`. " + "; ".join(done) + (". " if done else "") +
             f"Host synchronisations during one sketch pass (N = {n}, B = {b}, K = {k}, T = {min(t, 100)}): "
             f"{sync_line}.\n\n"
+            f"TF32 (`allow_tf32=True`), one compiled sketch pass at N = {n}, B = {b}, K = {k}, T = {t}: "
+            f"{1e3 * tf32['tf32']:.1f} ms against {1e3 * tf32['ieee']:.1f} ms in full float32 "
+            f"({tf32['ieee'] / tf32['tf32']:.2f}x); it moves g~ by {tf32['grad']:.1e} and G~ by {tf32['ggn']:.1e} "
+            f"(max |difference| / max |value|) and the damped step (damping 1e-3) by {tf32['step']:.1e} (relative norm).\n\n"
             f"Training, adaptive Kalman T = {t}, ReLU RNN N = {n}, B = {b}, K = {k}, seed 0, "
             f"{results[0]['seconds']:.0f} s of training per method (validation excluded):\n\n"
             "| method | iterations | ms / iteration | first iteration (s, compilation) | final val loss | MSE / oracle |\n"
@@ -170,7 +248,10 @@ def main(argv: list[str] | None = None) -> str:
             + rows + "\n")
     print(body)
     if not args.smoke:
+        from results import remove_section
+
         write_section(f"GPU figures ({name})", body)
+        remove_section(MISSING_TITLE)
     return body
 
 

@@ -33,6 +33,24 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
+@contextlib.contextmanager
+def cuda_tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """Within the block, float32 matmuls on CUDA devices run in TF32 (torch's
+    torch.backends.cuda.matmul.fp32_precision = "tf32"); the previous setting is restored after,
+    also on an error. Nothing changes when not enabled, or when TF32 is already on. CPU matmuls
+    are never affected."""
+    matmul = torch.backends.cuda.matmul
+    if not enabled or matmul.fp32_precision == "tf32":
+        yield
+        return
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 class SOFOModule(L.LightningModule):
     """Base class of models trained by SOFO (strategy "sofo") or by any torch optimizer.
 
@@ -58,6 +76,11 @@ class SOFOModule(L.LightningModule):
             "max-autotune".
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
             float64, for float32 models on long trials.
+        allow_tf32: on a CUDA GPU, run the model's passes of each SOFO step (the forward-mode
+            tangents with their sketches, and the loss checks) with TF32 matmuls, a 10-bit
+            mantissa, for tensor-core speed; the optimizer's K x K solve and everything outside
+            the step keep the program's own setting. No effect on a CPU. Pair it with
+            accumulate_float64 on long trials.
         weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters
             (regularisers.WeightL2; under SOFO g~ += 2 lambda V^T theta, G~ += 2 lambda V^T V).
         weight_l1: lambda of a smooth L1 penalty lambda * sum (sqrt(theta^2 + eps^2) - eps) on
@@ -83,7 +106,7 @@ class SOFOModule(L.LightningModule):
                  accumulate_float64: bool = False, compile_mode: CompileMode = "default",
                  weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
                  penalties: list[Penalty] | None = None,
-                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto"):
+                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto", allow_tf32: bool = False):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
         if tangent_chunk != "auto":
@@ -101,6 +124,9 @@ class SOFOModule(L.LightningModule):
             raise ValueError(f"compile_mode is one of {COMPILE_MODES}, got {compile_mode!r}.")
         self.compile_mode = compile_mode
         self.accumulate_float64 = accumulate_float64
+        if not isinstance(allow_tf32, bool):
+            raise ValueError(f"allow_tf32 must be True or False, got {allow_tf32!r}.")
+        self.allow_tf32 = allow_tf32
         # (state, t) -> state, applied before step t of `unroll` (evaluation and plots; SOFO's
         # engine does not use it): set by callbacks.Perturbation for the validations it perturbs
         self.state_perturbation: Callable[[Any, int], Any] | None = None
@@ -440,7 +466,7 @@ class SOFOModule(L.LightningModule):
         step_name = "step_with_rates" if self.rate_penalties else "step"
 
         def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            with self.noise_draws(step):
+            with self.noise_draws(step), cuda_tf32_matmuls(self.allow_tf32):
                 result = sketch_or_loss(tangents)
             if tangents is None:
                 return result + sum(penalty(primals) for penalty in self.parameter_penalties)

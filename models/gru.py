@@ -30,6 +30,7 @@ class GRU(SOFOModule):
         compile_steps: as SOFOModule.
         compile_mode: as SOFOModule.
         tangent_chunk: as SOFOModule.
+        allow_tf32: as SOFOModule.
         weight_l2: as SOFOModule.
         weight_l1: as SOFOModule.
         rate_l2: as SOFOModule (an L2 penalty on the hidden state, the GRU's rates).
@@ -46,12 +47,13 @@ class GRU(SOFOModule):
         compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         compile_mode: CompileMode = "default",
         tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
+        allow_tf32: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,
         penalties: list[Penalty] | None = None,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, weight_l2=weight_l2, weight_l1=weight_l1,
+        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, allow_tf32=allow_tf32, weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)

@@ -205,6 +205,7 @@ class VanillaRNN(SOFOModule):
         compile_steps: as SOFOModule.
         compile_mode: as SOFOModule.
         tangent_chunk: as SOFOModule.
+        allow_tf32: as SOFOModule.
         accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
         weight_l1: as SOFOModule (a smooth L1 penalty on the weights).
@@ -236,6 +237,7 @@ class VanillaRNN(SOFOModule):
         compile_steps: NonNegativeInt | Literal["auto"] = "auto",
         compile_mode: CompileMode = "default",
         tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
+        allow_tf32: bool = False,
         accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
@@ -247,7 +249,7 @@ class VanillaRNN(SOFOModule):
         readout_from_excitatory: bool = False,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, accumulate_float64=accumulate_float64,
+        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, allow_tf32=allow_tf32, accumulate_float64=accumulate_float64,
                          weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them

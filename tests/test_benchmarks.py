@@ -124,7 +124,9 @@ def test_gpu_figures_script_runs_at_toy_sizes_and_refuses_a_cpu_without_smoke():
 
     body = gpu_figures.main(["--smoke", "--budget", "1"])
     assert "| SOFO |" in body and "| Adam |" in body and "MSE / oracle" in body
+    assert "TF32 (`allow_tf32=True`)" in body
     if not torch.cuda.is_available():
+        assert "moves g~ by 0.0e+00 and G~ by 0.0e+00" in body, "TF32 changes nothing on a CPU"
         with pytest.raises(SystemExit, match="needs a CUDA device"):
             gpu_figures.main([])
 

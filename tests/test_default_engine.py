@@ -103,3 +103,59 @@ def test_cuda_graph_mode_falls_back_cleanly_on_a_cpu(compile_calls):
     torch.testing.assert_close(graphed.ggn, eager.ggn, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="compile_mode is one of"):
         VanillaRNN(2, 8, 2, compile_mode="fast")
+
+
+class PrecisionSpy(VanillaRNN):
+    """Records torch's CUDA float32 matmul precision at every step it runs; fails on demand."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen, self.fail = [], False
+
+    def step(self, state, inputs_t):
+        self.seen.append(torch.backends.cuda.matmul.fp32_precision)
+        if self.fail:
+            raise RuntimeError("a failing step")
+        return super().step(state, inputs_t)
+
+
+def legacy_precision() -> str:
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return "refused"
+
+
+@pytest.mark.parametrize("before", ["none", "ieee", "tf32"])
+def test_tf32_is_scoped_to_the_sofo_step_and_changes_nothing_on_a_cpu(before):
+    """allow_tf32=True runs the model's passes of a SOFO step with TF32 CUDA matmuls and gives the
+    program's own setting back after (also after an error; an explicit "tf32" is left as it is);
+    on a CPU the sketches are bit for bit those without it."""
+    matmul = torch.backends.cuda.matmul
+    original = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = before
+        legacy = legacy_precision()
+        torch.manual_seed(0)
+        model = PrecisionSpy(2, 8, 2, allow_tf32=True)
+        with_tf32 = sketch(model, 5, 0)
+        assert set(model.seen) == {"tf32"}, "every step ran under TF32"
+        assert matmul.fp32_precision == before, "restored after the step"
+        assert legacy_precision() == legacy, "torch's legacy getter answers as before (it refuses a mix of APIs)"
+        model.allow_tf32, model.seen = False, []
+        without = sketch(model, 5, 0)
+        assert set(model.seen) == {before}, "without the option the program's setting holds"
+        for field in ("loss", "grad", "ggn"):
+            assert torch.equal(getattr(with_tf32, field), getattr(without, field)), field
+        model.allow_tf32, model.fail = True, True
+        with pytest.raises(RuntimeError, match="a failing step"):
+            sketch(model, 5, 0)
+        assert matmul.fp32_precision == before, "restored after an error"
+    finally:
+        matmul.fp32_precision = original
+
+
+def test_allow_tf32_is_checked():
+    assert VanillaRNN(2, 4, 2).allow_tf32 is False, "off by default"
+    with pytest.raises(ValueError, match="allow_tf32 must be True or False"):
+        VanillaRNN(2, 4, 2, allow_tf32="yes")
