@@ -73,7 +73,7 @@ DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # the SOFO authors' own Adam setting per task (their examples; no clipping)
 AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
                 "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "flipflop_b64": "lr 0.0001", "delayed_addition": "lr 1e-05",
-                "kalman_b256": "lr 0.001", "double_reach_b256": "lr 0.001"}
+                "kalman_b256": "lr 0.001", "double_reach_b256": "lr 0.001", "kalman_n100": "lr 0.001"}
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ def _double_reach(batch_size=16):
     return make
 
 
-def _relu_rnn(hidden_size):
-    """The SOFO authors' Kalman network: ReLU, alpha = dt / tau = 0.25."""
+def _relu_rnn(hidden_size, readout_init="random"):
+    """The SOFO authors' Kalman network: ReLU, alpha = dt / tau = 0.25 (their readout: "pinv_input")."""
     def make(task):
         from lightning_sofo.models import VanillaRNN
 
         return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu",
-                          gain=0.9, compile_steps=50)
+                          gain=0.9, compile_steps=50, readout_init=readout_init)
     return make
 
 
@@ -163,6 +163,9 @@ TASKS = {
     "double_reach_b256": TaskSpec(_double_reach(256), _arm_controller, 32,
                                   "as double_reach but B = 256 (the authors' batch), each method's best B = 16 setting",
                                   readout="motor"),
+    "kalman_n100": TaskSpec(_kalman(1000), _relu_rnn(100, "pinv_input"), 64,
+                            "as kalman but the authors' network: N = 100, readout initialised to the pseudo-inverse "
+                            "of the input weights, K = 64; each method's best N = 32 setting, and Adam at lr 3e-3 and 1e-2 too"),
     "flipflop_b64": TaskSpec(_flipflop(3, batch_size=64), _tanh_rnn(64), 64,
                              "as flipflop but B = 64 (the main job's batch), each method's best B = 32 setting"),
 }
@@ -398,7 +401,7 @@ TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle
                 "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
                 "flipflop10": ("bit_accuracy",), "flipflop_b64": ("bit_accuracy",),
                 "delayed_addition": ("sum_mse",), "kalman_b256": ("mse_over_oracle",),
-                "double_reach_b256": ("endpoint_error_cm", "hold_drift_cm")}
+                "double_reach_b256": ("endpoint_error_cm", "hold_drift_cm"), "kalman_n100": ("mse_over_oracle",)}
 LINEAR_FILTER_LAGS = 100  # the no-adaptation baseline of the Kalman tasks (linear_filter_mse)
 
 
