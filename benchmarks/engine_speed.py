@@ -99,16 +99,21 @@ def floor(n, b, k, t, device, inputs=3, outputs=2):
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")
 
 
-def matmul_fraction(fn, device) -> float:
-    """The share of one call of fn spent inside matrix products (torch.profiler, operators' self
-    time: on a GPU their kernels' device time); the rest is elementwise work and overhead."""
+def profiled(fn, device) -> tuple[list, str]:
+    """torch.profiler's operator averages over one call of fn, and the name of their self-time
+    attribute on this device (on a GPU, the kernels' device time)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch_profile(activities=activities) as recorded:
         fn()
-    events = recorded.key_averages()
-    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return recorded.key_averages(), "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
+
+def matmul_fraction(fn, device) -> float:
+    """The share of one call of fn spent inside matrix products (operators' self time); the rest
+    is elementwise work and overhead."""
+    events, attribute = profiled(fn, device)
     total = sum(getattr(e, attribute) for e in events)
     return sum(getattr(e, attribute) for e in events if e.key in MATMULS) / max(total, 1e-9)
 
@@ -228,16 +233,11 @@ def compile_cache(args) -> None:
 
 def profile(device: str, n: int = 64, b: int = 64, k: int = 128, t: int = 100) -> None:
     """Where one eager sketch pass spends its time: torch.profiler's operators by self time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
     eager = setup(n, b, k, t, device)["eager"]
     eager()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch_profile(activities=activities) as recorded:
-        eager()
-    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    events, attribute = profiled(eager, device)
     print(f"eager engine, N={n} B={b} K={k} T={t}:")
-    print(recorded.key_averages().table(sort_by=sort, row_limit=15))
+    print(events.table(sort_by=attribute, row_limit=15))
 
 
 if __name__ == "__main__":

@@ -66,26 +66,35 @@ def run_script(arguments: list[str], limit: float) -> str:
     return f"{arguments[0]}: done"
 
 
+def sketch_problem(device: str, n: int, b: int, k: int, t: int):
+    """(model, batch, optimizer, tangents) of one sketch pass: a tanh VanillaRNN with 3 inputs and 2
+    outputs, a batch of B random trials of T steps, and K tangents, all from seed 0."""
+    import torch
+
+    from lightning_sofo import SOFO
+    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.models import VanillaRNN
+
+    torch.manual_seed(0)
+    model = VanillaRNN(3, n, 2).to(device)
+    batch = (torch.randn(b, t, 3, device=device), torch.randn(b, t, 2, device=device), None)
+    optimizer = SOFO(model.parameters(), tangents=k)
+    tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
+    return model, batch, optimizer, tangents
+
+
 def host_syncs(device: str, n: int, b: int, k: int, t: int) -> dict[str, int]:
     """Host synchronisations reported by torch.cuda.set_sync_debug_mode during one sketch pass,
     compiled (chunks of 25 steps) and eager; CPU: not measurable, empty."""
     import torch
 
-    from lightning_sofo.functional import sample_tangents, step_generator
-    from lightning_sofo import SOFO
-    from lightning_sofo.models import VanillaRNN
-
     if device != "cuda":
         return {}
-    torch.manual_seed(0)
-    model = VanillaRNN(3, n, 2).to(device)
-    inputs, targets = torch.randn(b, t, 3, device=device), torch.randn(b, t, 2, device=device)
-    optimizer = SOFO(model.parameters(), tangents=k)
-    tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
+    model, batch, optimizer, tangents = sketch_problem(device, n, b, k, t)
     counts = {}
     for label, compile_steps in (("compiled", 25), ("eager", 0)):
         model.compile_steps = compile_steps
-        closure = model.sketch_function((inputs, targets, None), optimizer)
+        closure = model.sketch_function(batch, optimizer)
         closure(tangents)  # compile outside the count
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -105,41 +114,30 @@ def tf32_comparison(device: str, n: int, b: int, k: int, t: int, repeats: int = 
     and of G~) and the damped step solved from them. On a CPU the option changes nothing."""
     import statistics
 
-    import torch
+    from engine_speed import timed
 
-    from lightning_sofo import SOFO
-    from lightning_sofo.functional import sample_tangents, step_generator
-    from lightning_sofo.models import VanillaRNN
+    from lightning_sofo.functional import solve_subspace
 
-    torch.manual_seed(0)
-    model = VanillaRNN(3, n, 2, compile_steps=25 if t >= 25 else 0).to(device)
-    inputs, targets = torch.randn(b, t, 3, device=device), torch.randn(b, t, 2, device=device)
-    optimizer = SOFO(model.parameters(), tangents=k)
-    tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
+    model, batch, optimizer, tangents = sketch_problem(device, n, b, k, t)
+    model.compile_steps = 25 if t >= 25 else 0
     sketches, seconds = {}, {False: [], True: []}
     for repeat in range(repeats + 1):
         for allow in (False, True):
             model.allow_tf32 = allow
-            closure = model.sketch_function((inputs, targets, None), optimizer)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            sketches[allow] = closure(tangents)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if repeat:  # the first of each compiles
-                seconds[allow].append(time.perf_counter() - start)
+            closure = model.sketch_function(batch, optimizer)
+
+            def sketch():
+                sketches[allow] = closure(tangents)
+
+            seconds[allow].append(timed(sketch, device))
+    seconds = {allow: times[1:] for allow, times in seconds.items()}  # the first of each compiles
 
     def relative(field):
         exact, fast = getattr(sketches[False], field).double(), getattr(sketches[True], field).double()
         return ((fast - exact).abs().max() / exact.abs().max()).item()
 
-    def step(sketch):  # the damped Gauss-Newton coefficients, damping 1e-3 of the top eigenvalue
-        ggn = sketch.ggn.double()
-        return torch.linalg.solve(ggn + 1e-3 * torch.linalg.eigvalsh(ggn)[-1] * torch.eye(k, dtype=ggn.dtype,
-                                  device=ggn.device), sketch.grad.double())
-
-    exact_step, fast_step = step(sketches[False]), step(sketches[True])
+    exact_step, fast_step = (solve_subspace(sketches[allow].grad, sketches[allow].ggn, 1e-3).coefficients.double()
+                             for allow in (False, True))
     return {"ieee": statistics.median(seconds[False]), "tf32": statistics.median(seconds[True]),
             "grad": relative("grad"), "ggn": relative("ggn"),
             "step": ((fast_step - exact_step).norm() / exact_step.norm()).item()}

@@ -70,10 +70,20 @@ OPTIONS = {
 }
 # diagnostics of what limits SOFO, run by label (--stage labels), not part of the seeded stage
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
-# the SOFO authors' own Adam setting per task (their examples; no clipping)
-AUTHORS_ADAM = {"kalman": "lr 0.001", "kalman_long": "lr 0.001", "double_reach": "lr 0.001",
-                "flipflop": "lr 0.0001", "flipflop10": "lr 0.0001", "flipflop_b64": "lr 0.0001", "delayed_addition": "lr 1e-05",
-                "kalman_b256": "lr 0.001", "double_reach_b256": "lr 0.001", "kalman_n100": "lr 0.001"}
+# per family of tasks (a task's name starts with its family's name): the metrics reported beside the
+# validation loss, and the SOFO authors' own Adam setting (their examples; no clipping)
+FAMILIES = {"kalman": (("mse_over_oracle",), "lr 0.001"),
+            "double_reach": (("endpoint_error_cm", "hold_drift_cm"), "lr 0.001"),
+            "flipflop": (("bit_accuracy",), "lr 0.0001"),
+            "delayed_addition": (("sum_mse",), "lr 1e-05")}
+
+
+def task_metrics(task_name: str) -> tuple[str, ...]:
+    return next(metrics for family, (metrics, _) in FAMILIES.items() if task_name.startswith(family))
+
+
+def authors_adam_label(task_name: str) -> str:
+    return next(label for family, (_, label) in FAMILIES.items() if task_name.startswith(family))
 
 
 @dataclass(frozen=True)
@@ -345,8 +355,8 @@ def settings_for_seeds(task_name: str, sweep_iterations: int, options=tuple(OPTI
         raise SystemExit(f"{task_name}: run the sweep first (--stage sweep --iterations {sweep_iterations}).")
     by_label = {(s.method, s.label): s for s in SWEEP}
     chosen = [by_label["SOFO", best["SOFO"]], by_label["Adam", best["Adam"]]]
-    authors = AUTHORS_ADAM.get(task_name)
-    if authors and authors != best["Adam"]:
+    authors = authors_adam_label(task_name)
+    if authors != best["Adam"]:
         chosen.append(authors_adam(authors))
     if best["SOFO"].endswith("adaptive"):  # the best fixed damping too: it is what the configs can state
         fixed = best_settings([r for r in runs if not r["label"].endswith("adaptive")], sweep_iterations)["SOFO"]
@@ -397,11 +407,6 @@ def sweep_table(runs, iterations) -> str:
     return "\n".join(lines)
 
 
-TASK_METRICS = {"kalman": ("mse_over_oracle",), "kalman_long": ("mse_over_oracle",),
-                "double_reach": ("endpoint_error_cm", "hold_drift_cm"), "flipflop": ("bit_accuracy",),
-                "flipflop10": ("bit_accuracy",), "flipflop_b64": ("bit_accuracy",),
-                "delayed_addition": ("sum_mse",), "kalman_b256": ("mse_over_oracle",),
-                "double_reach_b256": ("endpoint_error_cm", "hold_drift_cm"), "kalman_n100": ("mse_over_oracle",)}
 LINEAR_FILTER_LAGS = 100  # the no-adaptation baseline of the Kalman tasks (linear_filter_mse)
 
 
@@ -456,12 +461,12 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
         if r["iterations"] == iterations:
             groups.setdefault((r["method"], r["label"]), []).append(r)
     if groups:
-        metrics = TASK_METRICS.get(task_name, ())
+        metrics = task_metrics(task_name)
         seconds = min(statistics.mean(r["seconds_per_iteration"] * r["iterations"] for r in g) for g in groups.values())
         header = ("| method | seeds | val loss at " + f"{iterations} it | best val loss | val loss at {seconds:.0f} s | "
                   "s / iteration | steps taken back / skipped | " + " | ".join(metrics) + " |")
         lines = [header, "|" + "---|" * (header.count("|") - 1)]
-        authors = AUTHORS_ADAM.get(task_name)
+        authors = authors_adam_label(task_name)
         for (method, label), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "SOFO", kv[0][1])):
             name = f"{method}, {label}" + (" (SOFO authors' Adam)" if method == "Adam" and label == authors else "")
             cells = [name, str(len(group)), mean_sd([final_loss(r) for r in group]),
@@ -613,7 +618,7 @@ def main():
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
                             for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
-                authors = [authors_adam(label) for label in set(AUTHORS_ADAM.values())]
+                authors = [authors_adam(label) for label in {label for _, label in FAMILIES.values()}]
                 known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
