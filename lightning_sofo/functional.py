@@ -177,6 +177,17 @@ def orthonormal_columns(columns: Tensor) -> Tensor:
     return torch.linalg.qr(columns)[0]
 
 
+def unit_norm_columns(columns: Tensor) -> Tensor:
+    """(P, K) columns each scaled to unit length, not orthogonalised: the SOFO authors' own tangent
+    distribution (Gaussian columns / their norms). With K << P they are nearly orthogonal
+    already (|v_i . v_j| ~ 1 / sqrt(P)); a zero column stays zero."""
+    norms = torch.linalg.vector_norm(columns, dim=0, keepdim=True)
+    return columns / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+TANGENT_BASES = {"orthonormal": orthonormal_columns, "unit_norm": unit_norm_columns}
+
+
 def split_tangents(params: Params, basis: Tensor) -> dict[str, Tensor]:
     """(P, K) columns -> {name: (K, *param.shape)}, contiguous."""
     k = basis.shape[1]

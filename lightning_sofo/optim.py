@@ -13,7 +13,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.functional import (
+    TANGENT_BASES,
     LevenbergMarquardt,
     Sketch,
     block_columns,
@@ -29,7 +30,6 @@ from lightning_sofo.functional import (
     forward_gradient_coefficients,
     gaussian_columns,
     in_block,
-    orthonormal_columns,
     predicted_change,
     reduction_ratio,
     solve_subspace,
@@ -98,7 +98,8 @@ class SketchOptimizer(torch.optim.Optimizer):
     _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
 
     def __init__(self, params: ParamsT, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip",
-                 memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None):
+                 memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None,
+                 gradient_tangents: int = 0, gradient_decay: float = 0.9, tangent_basis: str = "orthonormal"):
         name = type(self).__name__
         if on_nonfinite not in self._nonfinite_policies:
             raise ValueError(
@@ -108,7 +109,18 @@ class SketchOptimizer(torch.optim.Optimizer):
         require(name, PositiveFloat, lr=lr)
         require(name, PositiveInt, tangents=tangents)
         require(name, int, seed=seed)
-        require(name, NonNegativeInt, memory=memory)
+        require(name, NonNegativeInt, memory=memory, gradient_tangents=gradient_tangents)
+        if gradient_tangents > 1:
+            raise ValueError(f"{name}: gradient_tangents must be 0 (off) or 1 (one tangent along the running gradient "
+                             f"estimate), got {gradient_tangents!r}; memory=m adds m past update directions.")
+        gradient_decay = _check_number(name, "gradient_decay", gradient_decay, 0.0, strict=False, meaning=" and < 1")
+        if gradient_decay >= 1:
+            raise ValueError(f"{name}: gradient_decay must be in [0, 1) (0: the last step's sketched gradient "
+                             f"alone), got {gradient_decay!r}.")
+        if tangent_basis not in TANGENT_BASES:
+            raise ValueError(f"{name}: tangent_basis must be one of {tuple(TANGENT_BASES)} ('orthonormal': V^T V = I; "
+                             f"'unit_norm': Gaussian columns scaled to unit length, the SOFO authors' own), "
+                             f"got {tangent_basis!r}.")
         lr = float(lr)
         momentum = _check_number(name, "momentum", momentum, 0.0, strict=False, meaning=" and < 1")
         if momentum >= 1:
@@ -127,6 +139,9 @@ class SketchOptimizer(torch.optim.Optimizer):
                              f"than tangents={tangents}; the blocks' tangents are part of the K.")
         super().__init__(params, dict(lr=lr))
         self.memory = memory
+        self.gradient_tangents = gradient_tangents
+        self.gradient_decay = gradient_decay
+        self.tangent_basis = tangent_basis
         self.orthogonal_cycles = orthogonal_cycles
         self.tangents_per_block = blocks
         self.parameter_names: dict[str, str] = {  # optimizer key -> parameter name, from named param groups
@@ -198,6 +213,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.last_sketch = sketch
         backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
         moved = self._guarded_move(sketch, tangents, sum(p.numel() for p in params.values()))
+        if self.gradient_tangents and sketch.is_finite():
+            self._track_gradient(params, tangents, sketch.grad)
         if moved is None:  # nothing finite to step along: the parameters are not touched
             self.skipped_steps += 1
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
@@ -315,12 +332,15 @@ class SketchOptimizer(torch.optim.Optimizer):
             them inside their block);
           - memory: the last `memory` update directions (random columns where none is stored yet),
             in the span exactly;
+          - gradient_tangents: the running gradient estimate m (a random column before the first
+            step), in the span exactly;
           - the rest of the K: Gaussian, or this step's block of its orthogonal cycle.
-        K' = K + memory."""
+        K' = K + memory + gradient_tangents. tangent_basis="unit_norm" scales the columns to unit
+        length instead of the QR (the SOFO authors' distribution; the leading columns' span is kept)."""
         params = self.named_params() if params is None else params
         name = type(self).__name__
         generator = step_generator(self.seed, self.step_count, next(iter(params.values())).device)
-        k = tangent_count(params, self.tangents, self.memory)
+        k = tangent_count(params, self.tangents, self.memory + self.gradient_tangents)
         columns = []
         if self.tangents_per_block:
             named = self._named(params)
@@ -330,10 +350,12 @@ class SketchOptimizer(torch.optim.Optimizer):
             columns.append(block_columns(named, self.tangents_per_block, generator))
         if self.memory > 0:
             columns.append(self._memory_columns(params, generator))
+        if self.gradient_tangents:
+            columns.append(self._gradient_columns(params, generator))
         rest = k - sum(self.tangents_per_block.values())
         if rest > 0:
             columns.append(self._random_columns(params, rest, generator))
-        return split_tangents(params, orthonormal_columns(torch.cat(columns, dim=1)))
+        return split_tangents(params, TANGENT_BASES[self.tangent_basis](torch.cat(columns, dim=1)))
 
     def _random_columns(self, params: dict[str, Tensor], k: int, generator: torch.Generator) -> Tensor:
         """(P, k) Gaussian columns, or this step's block of its orthogonal cycle."""
@@ -389,6 +411,21 @@ class SketchOptimizer(torch.optim.Optimizer):
             old = self.state[p].get("memory")
             self.state[p]["memory"] = direction if old is None else torch.cat([direction, old], 0)[: self.memory]
 
+    def _gradient_columns(self, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """(P, 1): the running gradient estimate m, or a Gaussian column before there is one."""
+        stored = [self.state[p].get("gradient_estimate") for p in params.values()]
+        if any(m is None for m in stored):
+            return gaussian_columns(params, 1, generator)
+        return flatten_directions(params, {key: m[None] for key, m in zip(params, stored)})
+
+    def _track_gradient(self, params: dict[str, Tensor], tangents: dict[str, Tensor], grad: Tensor) -> None:
+        """m <- beta m + V g~: the sketched gradient V V^T grad L (the part of grad L in this step's
+        subspace, from sketches already computed) accumulated with decay beta = gradient_decay."""
+        for key, p in params.items():
+            projected = torch.tensordot(grad.to(p.dtype), tangents[key], dims=1)
+            old = self.state[p].get("gradient_estimate")
+            self.state[p]["gradient_estimate"] = projected if old is None else self.gradient_decay * old + projected
+
     def _extra_state(self) -> dict:
         return {}
 
@@ -408,6 +445,9 @@ class SketchOptimizer(torch.optim.Optimizer):
             memory=self.memory,
             orthogonal_cycles=self.orthogonal_cycles,
             momentum=self.momentum,
+            gradient_tangents=self.gradient_tangents,
+            gradient_decay=self.gradient_decay,
+            tangent_basis=self.tangent_basis,
             **self._extra_state(),
         )
         return state
@@ -435,7 +475,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.last_nonfinite_step = sofo.get("last_nonfinite_step", -1)
         saved = {"seed": sofo["seed"], "tangents": sofo["tangents"], "momentum": sofo.get("momentum", 0.0),
                  "memory": sofo.get("memory", 0), "orthogonal_cycles": sofo.get("orthogonal_cycles", False),
-                 **self._saved_settings(sofo)}
+                 "gradient_tangents": sofo.get("gradient_tangents", 0), "gradient_decay": sofo.get("gradient_decay", 0.9),
+                 "tangent_basis": sofo.get("tangent_basis", "orthonormal"), **self._saved_settings(sofo)}
         now = self.settings()
         self.settings_changed_on_load = {name: (value, now[name]) for name, value in saved.items() if value != now[name]}
         if not self.momentum:  # a velocity saved by a run with momentum has no use here
@@ -446,12 +487,15 @@ class SketchOptimizer(torch.optim.Optimizer):
                 state["memory"] = state["memory"][: self.memory]
                 if not self.memory:
                     del state["memory"]
+            if not self.gradient_tangents:  # an estimate saved by a run with gradient tangents has no use here
+                state.pop("gradient_estimate", None)
         self._load_extra_state(sofo)
 
     def settings(self) -> dict:
         """The settings a resumed run takes from its own construction (see load_state_dict)."""
         return {"seed": self.seed, "tangents": self.tangents, "momentum": self.momentum, "memory": self.memory,
-                "orthogonal_cycles": self.orthogonal_cycles}
+                "orthogonal_cycles": self.orthogonal_cycles, "gradient_tangents": self.gradient_tangents,
+                "gradient_decay": self.gradient_decay, "tangent_basis": self.tangent_basis}
 
     def _saved_settings(self, sofo: dict) -> dict:
         return {}
@@ -496,6 +540,13 @@ class SOFO(SketchOptimizer):
             least-squares problem given the rates, and global tangents put only a few
             percent of their mass on it). Names come from named parameter groups
             (model.named_parameters()) or from SOFOModule.
+        gradient_tangents: 0 (default) or 1: one more tangent along a running estimate of the
+            gradient, m <- gradient_decay m + V g~ (the sketched gradients of past steps, no extra
+            pass), orthonormalised with the others (K + memory + 1 in all); it points part of the
+            subspace where the error is. Kept in `state`, checkpointed; identical on every rank.
+        gradient_decay: beta of the running gradient estimate, in [0, 1).
+        tangent_basis: "orthonormal" (default: QR, V^T V = I) or "unit_norm" (Gaussian columns
+            scaled to unit length and not orthogonalised: the SOFO authors' own distribution).
     """
 
     _nonfinite_policies = ("skip", "raise", "increase_damping")
@@ -513,6 +564,9 @@ class SOFO(SketchOptimizer):
         memory: int = 0,
         orthogonal_cycles: bool | int = False,
         tangents_per_block: dict[str, int] | None = None,
+        gradient_tangents: int = 0,
+        gradient_decay: float = 0.9,
+        tangent_basis: Literal["orthonormal", "unit_norm"] = "orthonormal",
     ):
         self.adaptive = damping == "adaptive"
         if self.adaptive:
@@ -528,7 +582,7 @@ class SOFO(SketchOptimizer):
                 raise ValueError(f"SOFO: damping must be a number >= 0 or 'adaptive', got {damping!r}.")
             damping = _check_number("SOFO", "damping", damping, 0.0, strict=False, meaning=" (relative to max eig of G~) or 'adaptive'")
         super().__init__(params, lr, tangents, momentum, seed, on_nonfinite, memory, orthogonal_cycles,
-                         tangents_per_block)
+                         tangents_per_block, gradient_tangents, gradient_decay, tangent_basis)
         self.damping = damping
         self.damping_rule = LevenbergMarquardt()
 
