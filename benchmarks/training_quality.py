@@ -65,11 +65,27 @@ SWEEP = sweep_settings()
 # SOFO options evaluated at the best swept (lr, damping) of their task: extra optimizer options
 OPTIONS = {
     "memory 2": dict(memory=2),
+    "gradient tangent": dict(gradient_tangents=1, gradient_decay=0.9),
+    "unit-norm tangents": dict(tangent_basis="unit_norm"),  # the SOFO authors' tangent distribution
     "orthogonal cycles": dict(orthogonal_cycles=True),
     "readout tangents 1/4": dict(block_tangents={"readout": 0.25}),
 }
 # diagnostics of what limits SOFO, run by label (--stage labels), not part of the seeded stage
 DIAGNOSTICS = {"K 128": dict(tangents=128)}
+# Hessian-free (full-space damped Gauss-Newton by CG, Levenberg-Marquardt damping adapted from the
+# initial value swept here): the ceiling of what better tangents can win; CG_BUDGET products per step
+CG_BUDGET = 30
+HF_SWEEP = [Setting("HF", f"damping {d:g}", dict(damping=d, max_cg_iterations=CG_BUDGET)) for d in (1e-2, 1e-1, 1.0)]
+# where SOFO's compute goes: at the task's own K x B, the split of it between tangents and trials
+SPLIT_TANGENTS = (16, 32, 64, 128, 256)
+
+
+def splits(task_name: str) -> dict[str, dict]:
+    """{"K k x B b": options} with k * b = the task's K x B (b >= 2), the task's own split included."""
+    spec = TASKS[task_name]
+    budget = spec.tangents * spec.make_task(0).batch_size
+    return {f"K {k} x B {budget // k}": dict(tangents=k, batch_size=budget // k)
+            for k in SPLIT_TANGENTS if budget // k >= 2 and budget % k == 0}
 # per family of tasks (a task's name starts with its family's name): the metrics reported beside the
 # validation loss, and the SOFO authors' own Adam setting (their examples; no clipping)
 FAMILIES = {"kalman": (("mse_over_oracle",), "lr 0.001"),
@@ -232,9 +248,16 @@ def build(task_name: str, setting: Setting, seed: int):
     model = spec.make_model(task)
     model.train()
     options = dict(setting.options)
+    batch_size = options.pop("batch_size", None)
+    if batch_size is not None:  # a K x B split: this run's trials come in batches of its own size
+        task.batch_size = batch_size
     if setting.method == "Adam":
         clip = options.pop("clip")
         return task, model, torch.optim.Adam(model.parameters(), **options), clip
+    if setting.method == "HF":
+        from lightning_sofo import HessianFree
+
+        return task, model, HessianFree(model.parameters(), **options), None
     tangents = options.pop("tangents", spec.tangents)
     block = options.pop("block_tangents", None)
     if block is not None:  # a share of K on the parameters whose names start with each key
@@ -248,6 +271,18 @@ def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
     """One training iteration; returns the loss. Adam (BPTT) clips the gradient norm at `clip` (None: off)."""
     import torch
 
+    from lightning_sofo import HessianFree
+
+    if isinstance(optimizer, HessianFree):
+        optimizer.bind(model.gauss_newton_problem(batch))
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model.compute_loss(batch)
+            loss.backward()
+            return loss
+
+        return float(optimizer.step(closure))
     if isinstance(optimizer, torch.optim.Adam):
         optimizer.zero_grad()
         loss = model.compute_loss(batch)
@@ -267,9 +302,9 @@ def training_batch(task, task_name, seed, index):
     """Batch `index` of the seed's training stream (a pure function of seed and index), kept for
     the next run of this process while the kept batches stay under BATCH_CACHE_BYTES: at B = 256
     and T = 1000, 2,000 batches would take several GiB per process. Generation is not timed."""
-    if _BATCHES.get("key") != (task_name, seed):
+    if _BATCHES.get("key") != (task_name, seed, task.batch_size):
         _BATCHES.clear()
-        _BATCHES.update(key=(task_name, seed), bytes=0)
+        _BATCHES.update(key=(task_name, seed, task.batch_size), bytes=0)
     if index in _BATCHES:
         return _BATCHES[index]
     batch = task.draw("train", index)
@@ -370,7 +405,7 @@ def settings_for_seeds(task_name: str, sweep_iterations: int, options=tuple(OPTI
     """Each method's best sweep setting, the authors' Adam setting, and SOFO's best with each of `options`."""
     runs = load_runs(task_name)
     best = best_settings(runs, sweep_iterations)
-    if set(best) != {"SOFO", "Adam"}:
+    if not {"SOFO", "Adam"} <= set(best):
         raise SystemExit(f"{task_name}: run the sweep first (--stage sweep --iterations {sweep_iterations}).")
     by_label = {(s.method, s.label): s for s in SWEEP}
     chosen = [by_label["SOFO", best["SOFO"]], by_label["Adam", best["Adam"]]]
@@ -384,7 +419,22 @@ def settings_for_seeds(task_name: str, sweep_iterations: int, options=tuple(OPTI
     for name, extra in OPTIONS.items():
         if name in options:
             chosen.append(Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra)))
+    if "HF" in best:  # the HF sweep has run: its best goes on to the seeds too
+        chosen.append({s.label: s for s in HF_SWEEP}[best["HF"]])
     return chosen
+
+
+def split_settings(task_name: str, sweep_iterations: int) -> list[Setting]:
+    """SOFO's best swept setting at every K x B split of the task's budget (its own split is the
+    plain best setting, already run by the seeds stage)."""
+    best = best_settings(load_runs(task_name), sweep_iterations)
+    if "SOFO" not in best:
+        raise SystemExit(f"{task_name}: run the sweep first (--stage sweep).")
+    sofo = {s.label: s for s in SWEEP if s.method == "SOFO"}[best["SOFO"]]
+    spec = TASKS[task_name]
+    own = f"K {spec.tangents} x B {spec.make_task(0).batch_size}"
+    return [Setting("SOFO", f"{sofo.label} + {name}", dict(sofo.options, **extra))
+            for name, extra in splits(task_name).items() if name != own]
 
 
 def authors_adam(label: str) -> Setting:
@@ -614,7 +664,9 @@ def report(tasks, sweep_iterations: int | None, iterations: int) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["kalman", "double_reach"], choices=list(TASKS))
-    parser.add_argument("--stage", choices=["sweep", "seeds", "labels"], default="sweep")
+    parser.add_argument("--stage", choices=["sweep", "hf-sweep", "seeds", "splits", "labels"], default="sweep",
+                        help="sweep: SOFO and Adam settings on seed 0; hf-sweep: HF's damping on seed 0; seeds: each "
+                             "method's best and SOFO's options on --seeds; splits: SOFO's best at every K x B split")
     parser.add_argument("--labels", nargs="+", help="with --stage labels: these settings (method, label) as 'SOFO:lr 1, damping 1e-05'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS),
@@ -632,13 +684,18 @@ def main():
         for task_name in args.tasks:
             if args.stage == "sweep":
                 settings, seeds, iterations = SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
+            elif args.stage == "hf-sweep":
+                settings, seeds, iterations = HF_SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
+            elif args.stage == "splits":
+                settings, seeds = split_settings(task_name, sweep_budget(task_name, args.sweep_iterations)), args.seeds
+                iterations = args.iterations
             elif args.stage == "seeds":
                 settings, seeds, iterations = settings_for_seeds(task_name, sweep_budget(task_name, args.sweep_iterations), args.options), args.seeds, args.iterations
             else:
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
                             for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
                 authors = [authors_adam(label) for label in {label for _, label in FAMILIES.values()} if label]
-                known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + combined}
+                known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + HF_SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
                      if not run_path(task_name, s, seed, iterations).exists()]

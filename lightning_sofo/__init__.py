@@ -4,6 +4,7 @@ Importing this package registers the strategy "sofo" with Lightning.
 """
 
 from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, solve_subspace
+from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
 from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
@@ -16,6 +17,7 @@ _register()
 __all__ = [
     "SOFO",
     "FGD",
+    "HessianFree",
     "SketchOptimizer",
     "SOFOModule",
     "SOFOStrategy",

@@ -17,6 +17,8 @@ from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
 from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
 from lightning_sofo.calls import PureFunctionCheck, functional_method
+from lightning_sofo.curvature import BatchLoss, batch_loss
+from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.functional import (
     Sketch,
     feedforward_sketch,
@@ -237,10 +239,33 @@ class SOFOModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         attached = self._trainer is not None
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
-        with self.noise_draws(self.trainer.global_step if attached else 0, stream=f"train/{micro_batch}"):
+        step, stream = self.trainer.global_step if attached else 0, f"train/{micro_batch}"
+        for optimizer in self.trainer.optimizers if attached else []:
+            if isinstance(optimizer, HessianFree):  # its Gauss-Newton products need this batch's loss function
+                optimizer.bind(self.gauss_newton_problem(batch, step, stream))
+        with self.noise_draws(step, stream=stream):
             loss = self.training_objective(batch)
         self.log("train_loss", loss, prog_bar=True)
         return loss
+
+    def gauss_newton_problem(self, batch: Any, step: int = 0, stream: str = "train/0") -> BatchLoss:
+        """This batch's training loss as pure functions of the trainable parameters
+        (curvature.BatchLoss: loss, outputs, output_loss), for a full-space Gauss-Newton optimizer
+        (HessianFree). Every call draws the model's noise of training step `step` (noise_draws), the
+        same draw as the training step's own loss, so the functions are deterministic."""
+        if self.penalties:
+            raise ValueError(
+                f"{type(self).__name__} has penalties ({', '.join(type(p).__name__ for p in self.penalties)}); "
+                "HessianFree minimises the task's loss alone: train with SOFO or Adam, or drop the penalties.")
+        problem = batch_loss(self, batch)
+
+        def drawn(function: Callable) -> Callable:
+            def call(*args):
+                with self.noise_draws(step, stream=stream):
+                    return function(*args)
+            return call
+
+        return BatchLoss(problem.params, drawn(problem.loss), drawn(problem.outputs), problem.output_loss)
 
     def training_objective(self, batch: Any) -> Tensor:
         """The task's loss plus every penalty: what training minimises, by backpropagation here
