@@ -473,6 +473,9 @@ def sweep_table(runs, iterations) -> str:
     lines += ["", "| Adam lr | no clipping | clip 1 |", "|---|---|---|"]
     for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
         lines.append(f"| {lr:g} | {cell(('Adam', f'lr {lr:g}'))} | {cell(('Adam', f'lr {lr:g}, clip 1'))} |")
+    if any(method == "HF" for method, _ in loss):
+        lines += ["", f"| HF initial damping ({CG_BUDGET} CG products per step) | final val loss |", "|---|---|"]
+        lines += [f"| {s.options['damping']:g} | {cell(('HF', s.label))} |" for s in HF_SWEEP]
     return "\n".join(lines)
 
 
@@ -558,12 +561,36 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
                      f"{iterations} iterations (one-off compilation, {compile_seconds:.0f} s at most, not counted).\n\n"
                      + "\n".join(lines) + "\n")
         parts.append(goal_lines(task_name, groups) + "\n")
+        split = split_table(task_name, runs, iterations)
+        if split:
+            parts.append(f"Where SOFO's compute goes: SOFO's best setting at a fixed K x B, {iterations} iterations "
+                         "(an iteration's cost grows with K x B):\n\n" + split + "\n")
         longer = longer_runs_table(runs, sweep_iterations, iterations)
         if longer:
             parts.append("Other budgets (e.g. SOFO run for as long as Adam's runs took on this CPU):\n\n" + longer + "\n")
         plot_task(task_name, groups)
         parts.append(f"![{task_name}](training_quality/{task_name}.png)\n")
     return "\n".join(parts)
+
+
+def split_table(task_name: str, runs, iterations: int) -> str:
+    """One row per K x B split of the task's budget that has runs at `iterations` (the task's own
+    split is the plain setting the other splits were run with)."""
+    spec = TASKS[task_name]
+    done = [r for r in runs if r["iterations"] == iterations and r["method"] == "SOFO"]
+    by_split = {name: [r for r in done if r["label"].endswith(f" + {name}")] for name in splits(task_name)}
+    bases = {r["label"].rsplit(" + ", 1)[0] for group in by_split.values() for r in group}
+    rows = []
+    for name, options in splits(task_name).items():
+        own = options["tangents"] == spec.tangents
+        group = [r for r in done if r["label"] in bases] if own else by_split[name]
+        if group:
+            seconds = statistics.mean(r["seconds_per_iteration"] for r in group)
+            rows.append(f"| {name}{' (the task’s own)' if own else ''} | {len(group)} | "
+                        f"{mean_sd([final_loss(r) for r in group])} | {seconds:.3f} |")
+    if len(rows) < 2:
+        return ""
+    return "\n".join(["| split | seeds | final val loss | s / iteration |", "|---|---|---|---|"] + rows)
 
 
 def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:

@@ -227,10 +227,10 @@ class HessianFree(torch.optim.Optimizer):
             self.last_step = HessianFreeStepInfo(float(loss), self.damping, skipped=True)
             warnings.warn(f"{name} step {self.step_count - 1}: the loss or its gradient is not finite; parameters "
                           "left unchanged, step skipped.", stacklevel=2)
-            return loss
+            return loss.detach()
         with torch.no_grad():
             self._update(problem, params, gradient, float(loss))
-        return loss
+        return loss.detach()
 
     def _update(self, problem: BatchLoss, params: list[Tensor], gradient: Tensor, loss_before: float) -> None:
         names = self._problem_names(problem)

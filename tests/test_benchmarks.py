@@ -3,6 +3,7 @@ and their measurements mean what the tables say."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -153,3 +154,49 @@ def test_curriculum_benchmark_runs_saves_and_reports(monkeypatch, tmp_path):
     assert [p["value"] for p in curriculum_run["points"]] == [20, 30], "validated at the level of that time"
     curriculum.report()
     assert "### flipflop" in (tmp_path / "RESULTS.md").read_text() and (tmp_path / "flipflop.png").is_file()
+
+
+def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch, tmp_path):
+    """Hessian-free, gradient-informed and unit-norm tangents and the K x B splits run through the
+    harness on the same task; a split changes the batch size and K, and the report shows them."""
+    import training_quality as tq
+
+    monkeypatch.setattr(tq, "EVALUATIONS", 1)
+    monkeypatch.setattr(tq, "OUT", tmp_path)
+    monkeypatch.setattr(tq, "SPLIT_TANGENTS", (2, 4, 8))
+    monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
+    sofo = [s for s in tq.SWEEP if s.label == "lr 1, damping 0.001"][0]
+    adam = [s for s in tq.SWEEP if s.label == "lr 0.01, clip 1"][0]
+    for setting in (sofo, adam, tq.HF_SWEEP[0]):
+        result = tq.run(("kalman", setting, 0, 2))
+        assert math.isfinite(result["final_loss"]) and result["curve"][-1][0] == 2
+    assert tq.best_settings(tq.load_runs("kalman"), 2)["HF"] == tq.HF_SWEEP[0].label
+    labels = [s.label for s in tq.settings_for_seeds("kalman", 2)]
+    assert tq.HF_SWEEP[0].label in labels and f"{sofo.label} + gradient tangent" in labels
+    splits = tq.split_settings("kalman", 2)  # the tiny task: K 4 x B 4 = 16
+    assert [s.options["tangents"] * s.options["batch_size"] for s in splits] == [16] * len(splits)
+    task, _, optimizer, _ = tq.build("kalman", splits[0], 0)
+    assert task.draw("train", 0)["inputs"].shape[0] == splits[0].options["batch_size"]
+    assert optimizer.tangents == splits[0].options["tangents"]
+    for setting in [splits[0]] + [s for s in tq.settings_for_seeds("kalman", 2) if "tangent" in s.label]:
+        assert math.isfinite(tq.run(("kalman", setting, 0, 2))["final_loss"])
+    text = tq.report_task("kalman", 2, 2)
+    assert "| HF initial damping" in text and "Where SOFO's compute goes" in text
+
+
+def test_context_integration_target_is_the_scaled_running_sum_of_the_cued_channel():
+    from lightning_sofo.datamodules import ContextIntegration
+
+    task = ContextIntegration(n_steps=30, n_contexts=3, batch_size=16, seed=2)
+    batch = task.draw("train", 0)
+    evidence, cue = batch["inputs"][..., :3], batch["inputs"][:, 0, 3:]
+    assert torch.equal(cue.argmax(-1), batch["cue"]) and torch.equal(cue.sum(-1), torch.ones(16))
+    cued = evidence[torch.arange(16), :, batch["cue"]]
+    torch.testing.assert_close(batch["targets"][..., 0], 0.05 * cued.cumsum(1))
+    decision = ContextIntegration(n_steps=30, readout="decision", decision_steps=5, batch_size=16, seed=2)
+    choice = decision.draw("train", 0)
+    assert choice["mask"][:, :25].sum() == 0 and choice["mask"][:, 25:].sum() == 16 * 5
+    total = choice["inputs"][torch.arange(16), :, choice["cue"]].sum(1)
+    assert torch.equal(choice["targets"][:, -1, 0], torch.where(total >= 0, 1.0, -1.0))
+    with pytest.raises(ValueError, match="readout must be one of"):
+        ContextIntegration(readout="sum")

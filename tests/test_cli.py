@@ -23,6 +23,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
     "flipflop": ["--data.init_args.n_steps", "20"],
     "delayed_addition": ["--data.init_args.n_steps", "25", "--data.init_args.second_marker_last", "20"],
     "kalman": ["--data.init_args.n_steps", "20"],
+    "context_integration": ["--data.init_args.n_steps", "20"],
     "lorenz": ["--data.init_args.n_steps", "6", "--data.init_args.burn_in", "50"],
     "single_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
     "double_reach": ["--data.init_args.n_steps", "60"] + SHORT_REACH,
@@ -33,7 +34,7 @@ SHRINK = {  # per task: trial lengths that keep the task's periods valid
 }
 
 
-METHODS = ("sofo", "adam", "fgd", "three_factor", "curriculum", "authors", "constrained", "reaction_time", "lesion")  # config names are <task>_<method>.yaml
+METHODS = ("sofo", "adam", "hf", "fgd", "three_factor", "curriculum", "authors", "constrained", "reaction_time", "lesion")  # config names are <task>_<method>.yaml
 
 
 def task_and_method(config: str) -> tuple[str, str]:
@@ -139,6 +140,10 @@ def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
         assert a["trainer"]["strategy"] == "sofo" and "strategy" not in b["trainer"]
         assert a["optimizer"]["class_path"] == "lightning_sofo.SOFO"
         assert b["optimizer"]["class_path"] == "torch.optim.Adam" and b["trainer"]["gradient_clip_val"] > 0
+    for hf in BUNDLED_CONFIGS.glob("*_hf.yaml"):  # Hessian-free: the same model and data, default strategy
+        a, c = yaml.safe_load(hf.read_text()), yaml.safe_load(hf.with_name(hf.name.replace("_hf", "_sofo")).read_text())
+        assert a["model"] == c["model"] and a["data"] == c["data"] and a["seed_everything"] == c["seed_everything"]
+        assert "strategy" not in a["trainer"] and a["optimizer"]["class_path"] == "lightning_sofo.HessianFree"
 
 
 def test_three_factor_config_is_the_adam_config_with_the_three_factor_rule():
