@@ -71,6 +71,7 @@ def main():
     parser.add_argument("out")
     parser.add_argument("--resume")
     parser.add_argument("--adaptive", action="store_true")
+    parser.add_argument("--gradient-tangents", action="store_true")
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--num-nodes", type=int, default=1)
     args = parser.parse_args()
@@ -79,7 +80,8 @@ def main():
     world = devices * args.num_nodes
     L.seed_everything(0, verbose=False)
     damping = "adaptive" if args.adaptive else 1e-3
-    model = TinyRNN(hidden=HIDDEN, sofo=dict(lr=0.7, tangents=K, damping=damping, seed=5)).double()
+    extra = dict(gradient_tangents=1) if args.gradient_tangents else {}
+    model = TinyRNN(hidden=HIDDEN, sofo=dict(lr=0.7, tangents=K, damping=damping, seed=5, **extra)).double()
     if os.environ.get("LOCAL_RANK") == "1":  # rank 1 starts elsewhere: the strategy must broadcast rank 0's
         with torch.no_grad():
             for parameter in model.parameters():
@@ -96,8 +98,11 @@ def main():
     trainer.fit(model, loader, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out + ".ckpt")
     optimizer = trainer.optimizers[0]
+    estimates = {name: optimizer.state[p]["gradient_estimate"].clone()
+                 for name, p in model.named_parameters() if "gradient_estimate" in optimizer.state[p]}
     if trainer.global_rank == 1:
-        torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()}}, args.out + ".rank1")
+        torch.save({"params": {name: p.detach().clone() for name, p in model.named_parameters()},
+                    "gradient_estimates": estimates}, args.out + ".rank1")
     if trainer.global_rank == 0:
         torch.save({
             "traffic_per_step": traffic.per_step,
@@ -106,6 +111,7 @@ def main():
             "step_count": optimizer.step_count,
             "num_params": sum(p.numel() for p in model.parameters()),
             "damping": optimizer.damping,
+            "gradient_estimates": estimates,
             "cluster_environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
             "world_size": trainer.world_size,
         }, args.out)

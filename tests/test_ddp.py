@@ -71,6 +71,18 @@ def test_adaptive_damping_under_ddp_matches_one_process(tmp_path):
     assert ddp["traffic_per_step"] == [K + K * K + 2 + 2] * 3  # plus the loss after the step
 
 
+def test_gradient_tangents_under_ddp_match_one_process_and_every_rank_holds_the_same_estimate(tmp_path):
+    ddp = run(tmp_path, "sofo_ddp", 3, "ddp.pt", "--gradient-tangents")
+    single = run(tmp_path, "sofo", 3, "single.pt", "--gradient-tangents")
+    assert_same_parameters(ddp["params"], single["params"])
+    rank1 = torch.load(tmp_path / "ddp.pt.rank1", weights_only=False)
+    assert ddp["gradient_estimates"] and set(ddp["gradient_estimates"]) == set(rank1["gradient_estimates"])
+    for name, estimate in ddp["gradient_estimates"].items():
+        assert torch.equal(estimate, rank1["gradient_estimates"][name]), "the ranks hold identical estimates"
+    assert_same_parameters(ddp["gradient_estimates"], single["gradient_estimates"])
+    assert ddp["traffic_per_step"] == [(K + 1) + (K + 1) ** 2 + 2] * 3  # the estimate is one more tangent
+
+
 @pytest.mark.parametrize("first, then", [("sofo_ddp", "sofo"), ("sofo", "sofo_ddp")])
 def test_checkpoints_resume_across_the_two_strategies(straight, tmp_path, first, then):
     _, _, single = straight
