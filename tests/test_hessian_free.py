@@ -224,3 +224,24 @@ def test_models_with_penalties_are_refused_with_the_reason():
     model.penalties = [object()]
     with pytest.raises(ValueError, match="penalties"):
         model.gauss_newton_problem({"inputs": torch.randn(3, 3), "targets": torch.randn(3, 2)})
+
+
+def test_a_lightning_run_resumed_from_its_checkpoint_takes_the_same_steps(tmp_path):
+    def trainer(steps):
+        return L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False)
+
+    torch.manual_seed(0)
+    straight = HFRNN()
+    start = {k: v.clone() for k, v in straight.state_dict().items()}
+    trainer(4).fit(straight, _loader(batches=1))  # one batch per epoch: the data order is not in question
+    first = HFRNN()
+    first.load_state_dict(start)
+    cut = trainer(2)
+    cut.fit(first, _loader(batches=1))
+    cut.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = HFRNN()
+    trainer(4).fit(resumed, _loader(batches=1), ckpt_path=tmp_path / "two.ckpt")
+    assert resumed.trainer.optimizers[0].step_count == 4
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
