@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The training study's queue, most needed first: each line is one stage of benchmarks/training_quality.py
+# (2 workers, one thread each). Runs already saved are skipped, so rerunning this script resumes the study
+# where it stopped; `python benchmarks/training_quality.py --report` rebuilds the tables from whatever finished.
+#   bash benchmarks/training_quality_plan.sh            # from the repository root, in its own venv
+set -u
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+TQ="python benchmarks/training_quality.py --no-write --workers ${WORKERS:-2}"
+FF10="lr 0.3, damping 0.0001"   # the 10-bit flip-flop's best swept SOFO setting (1,000-iteration sweep)
+# 1. context-dependent integration, where SOFO may win: sweep, each method's best and SOFO's options on 3 seeds, HF's damping
+$TQ --tasks context_integration --stage sweep
+$TQ --tasks context_integration --stage seeds --iterations 2000 --options "memory 2" "gradient tangent" "unit-norm tangents"
+$TQ --tasks context_integration --stage hf-sweep
+# 2. the 10-bit flip-flop, where SOFO loses: gradient-informed and the authors' unit-norm tangents on 3 seeds; HF
+$TQ --tasks flipflop10 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$FF10 + gradient tangent" "SOFO:$FF10 + unit-norm tangents"
+# 3. neighbours of context integration (the base task's best settings): 4 contexts, a choice read out at the end
+$TQ --tasks context_integration_4 context_decision --stage labels --seeds 0 1 2 --iterations 2000 \
+    --labels "SOFO:lr 0.5, adaptive" "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1" "SOFO:lr 0.5, adaptive + gradient tangent"
+# 4. the full-space ceiling where SOFO loses (HF steps cost 10-30 SOFO steps: fewer iterations, stated in the tables)
+$TQ --tasks flipflop10 --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
+# 5. gradient tangents where SOFO loses at the authors' batch and network size (about 20 min per run on one thread)
+$TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
+# 6. where SOFO's compute goes: K x B splits at the task's own K x B
+$TQ --tasks double_reach --stage splits --seeds 0 1 2 --iterations 2000
+$TQ --tasks flipflop10 kalman --stage splits --seeds 0 --iterations 2000
+# 7. a longer memory: T = 300
+$TQ --tasks context_integration_long --stage labels --seeds 0 1 2 --iterations 2000 \
+    --labels "SOFO:lr 0.5, adaptive" "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
+# 8. HF where it is dearest, and the remaining seeds
+$TQ --tasks kalman_n100 double_reach_b256 --stage labels --seeds 0 --iterations 100 --labels "HF:damping 0.1"
+$TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
+$TQ --tasks flipflop10 kalman --stage splits --seeds 1 2 --iterations 2000
+echo "training study plan: done"
