@@ -188,7 +188,7 @@ TASKS = {
                                  "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 32, K = 32, scored at the last step only "
                                  "(authors: N = 128, B = 256, K = 128)"),
     "flipflop": TaskSpec(_flipflop(3), _tanh_rnn(64), 64,
-                         "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (main job: B = 64, K = 128)"),
+                         "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (the flip-flop config: B = 64, K = 128)"),
     "flipflop10": TaskSpec(_flipflop(10), _tanh_rnn(64), 64,
                            "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
                            "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
@@ -212,7 +212,7 @@ TASKS = {
                                  "as context_integration but the target is the choice, sign of the cued channel's "
                                  "total evidence (+-1), scored in the last 10 steps only (a nonlinear readout at the end)"),
     "flipflop_b64": TaskSpec(_flipflop(3, batch_size=64), _tanh_rnn(64), 64,
-                             "as flipflop but B = 64 (the main job's batch), each method's best B = 32 setting"),
+                             "as flipflop but B = 64 (the flip-flop config's batch), each method's best B = 32 setting"),
 }
 
 

@@ -14,7 +14,7 @@ def test_readme_example_trains():
     example = example.replace("max_steps=50", "max_steps=20, logger=False, enable_checkpointing=False")
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
-    model_cls, batch = namespace["Integrator"], namespace["batch"]
+    model_cls, batch = namespace["ContextNet"], namespace["batch"]
     import torch
 
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def test_ci_runs_the_readme_test_command():
     assert ci[-1] == command
 
 
-def test_main_job_as_the_readme_gives_it_lowers_the_flipflop_loss(tmp_path):
+def test_main_job_as_the_readme_gives_it_lowers_the_loss(tmp_path):
     """The README's first command, shortened to 30 steps, from another directory."""
     import os
     import subprocess
@@ -48,7 +48,7 @@ def test_main_job_as_the_readme_gives_it_lowers_the_flipflop_loss(tmp_path):
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"## Install and run the main job\n\n```bash\n(.*?)\n```", readme, re.S).group(1)
     fit = command.split("&&")[-1].split()
-    assert fit[:4] == ["sofo", "fit", "--config", "configs/flipflop_sofo.yaml"]
+    assert fit[:4] == ["sofo", "fit", "--config", "configs/context_integration_sofo.yaml"]
     config = str(ROOT / fit[3])
     short = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.default_root_dir", str(tmp_path)]
     sofo = str(Path(sys.executable).with_name("sofo"))
