@@ -12,6 +12,8 @@ FF10="lr 0.3, damping 0.0001"   # the 10-bit flip-flop's best swept SOFO setting
 $TQ --tasks context_integration --stage sweep
 $TQ --tasks context_integration --stage seeds --iterations 2000 --options "memory 2" "gradient tangent" "unit-norm tangents"
 $TQ --tasks context_integration --stage hf-sweep
+# Adam for 4x the iterations (more wall-clock than SOFO's 2,000): does it catch up given the time?
+$TQ --tasks context_integration --stage labels --seeds 0 1 2 --iterations 8000 --labels "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
 # 2. the 10-bit flip-flop, where SOFO loses: gradient-informed and the authors' unit-norm tangents on 3 seeds; HF
 $TQ --tasks flipflop10 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$FF10 + gradient tangent" "SOFO:$FF10 + unit-norm tangents"
 # 3. neighbours of context integration (the base task's best settings): 4 contexts, a choice read out at the end
