@@ -89,11 +89,11 @@ def tangent_count(params: Params, tangents: int, reserved: int = 0) -> int:
         return tangents
     k = num_params - reserved
     if k < 1:
-        raise ValueError(f"SOFO: memory={reserved} leaves no room for random tangents among the P={num_params} "
-                         "parameters; lower memory.")
+        raise ValueError(f"SOFO: {reserved} memory and gradient directions leave no room for random tangents among "
+                         f"the P={num_params} parameters; lower memory.")
     if reserved:
-        message = (f"tangents={tangents} plus memory={reserved} is more than the P={num_params} parameters; "
-                   f"using K=P-memory={k} random tangents (a full-rank Gauss-Newton step).")
+        message = (f"tangents={tangents} plus {reserved} memory and gradient directions is more than the "
+                   f"P={num_params} parameters; using K=P-{reserved}={k} random tangents (a full-rank Gauss-Newton step).")
     else:
         message = (f"tangents={tangents} is larger than the number of parameters P={num_params}; "
                    f"using K=P={num_params} (a full-rank Gauss-Newton step).")
