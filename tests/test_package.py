@@ -92,16 +92,17 @@ def test_the_main_job_and_analysis_run_from_an_empty_directory_with_a_decoy_mode
     fit = run([installed / main_job[0], *main_job[1:], *SHORT_RUN], tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "Done after 2 steps" in fit.stderr
-    assert list((tmp_path / "lightning_logs" / "flipflop_sofo").glob("version_0/checkpoints/last.ckpt"))
+    config = Path(main_job[3]).stem
+    assert list((tmp_path / "lightning_logs" / config).glob("version_0/checkpoints/last.ckpt"))
 
-    analyse = run([installed / "sofo", "analyse", "--config", "flipflop_sofo", "--ckpt_path", "last",
+    analyse = run([installed / "sofo", "analyse", "--config", config, "--ckpt_path", "last",
                    "--trials", "4", "--starts", "16", "--model.init_args.hidden_size", "8",
                    "--data.init_args.n_steps", "20", "--data.init_args.val_trials", "4"], tmp_path)
     assert analyse.returncode == 0, analyse.stderr[-3000:]
     assert list(tmp_path.rglob("fixed_points.png"))
 
     # python -m puts this directory first on sys.path, where the decoys are
-    module = run([python, "-m", "lightning_sofo", "fit", "--config", "flipflop_sofo", *SHORT_RUN], tmp_path)
+    module = run([python, "-m", "lightning_sofo", "fit", "--config", config, *SHORT_RUN], tmp_path)
     assert module.returncode == 0, module.stderr[-3000:]
 
 
