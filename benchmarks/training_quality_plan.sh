@@ -16,9 +16,14 @@ $TQ --tasks context_integration --stage hf-sweep
 $TQ --tasks context_integration --stage labels --seeds 0 1 2 --iterations 8000 --labels "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
 # 2. the 10-bit flip-flop, where SOFO loses: gradient-informed and the authors' unit-norm tangents on 3 seeds; HF
 $TQ --tasks flipflop10 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$FF10 + gradient tangent" "SOFO:$FF10 + unit-norm tangents"
-# 3. neighbours of context integration (the base task's best settings): 4 contexts, a choice read out at the end
-$TQ --tasks context_integration_4 context_decision --stage labels --seeds 0 1 2 --iterations 2000 \
+# 3. neighbours of context integration: 4 contexts (the base task's best settings), and a choice read out at
+#    the end (its own sweep: the base task's adaptive lr 0.5 stayed at chance there), with HF's full-space step
+$TQ --tasks context_integration_4 --stage labels --seeds 0 1 2 --iterations 2000 \
     --labels "SOFO:lr 0.5, adaptive" "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1" "SOFO:lr 0.5, adaptive + gradient tangent"
+$TQ --tasks context_decision --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive" "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
+$TQ --tasks context_decision --stage sweep
+$TQ --tasks context_decision --stage seeds --iterations 2000 --options "gradient tangent"
+$TQ --tasks context_decision --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
 # 4. the full-space ceiling where SOFO loses (HF steps cost 10-30 SOFO steps: fewer iterations, stated in the tables)
 $TQ --tasks flipflop10 --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
 # 5. gradient tangents where SOFO loses at the authors' batch and network size (about 20 min per run on one thread)
