@@ -274,15 +274,7 @@ def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
     from lightning_sofo import HessianFree
 
     if isinstance(optimizer, HessianFree):
-        optimizer.bind(model.gauss_newton_problem(batch))
-
-        def closure():
-            optimizer.zero_grad()
-            loss = model.compute_loss(batch)
-            loss.backward()
-            return loss
-
-        return float(optimizer.step(closure))
+        return float(optimizer.step(model.hessian_free_closure(batch, optimizer)))
     if isinstance(optimizer, torch.optim.Adam):
         optimizer.zero_grad()
         loss = model.compute_loss(batch)

@@ -258,32 +258,30 @@ class HessianFree(torch.optim.Optimizer):
         # q(d) = g.d + 1/2 d.G d = phi(d) - lambda/2 |d|^2, phi the damped quadratic CG minimised
         predicted = phi - 0.5 * damping * float(direction @ direction)
         ratio = (loss_after - loss_before) / predicted if predicted < 0 and math.isfinite(loss_after) else math.nan
-        decreased = loss_after < loss_before
         lr = self.param_groups[0]["lr"]
-        size = self._step_size(loss_at, direction, gradient, loss_before, lr, loss_after if decreased else math.inf)
+        size = self._step_size(loss_at, direction, gradient, loss_before, lr, known={1.0: loss_after})
         if size == 0.0:
             self.rejected_steps += 1
         if self.adapt_damping:  # no step taken, or an undefined rho, counts as a failed model: lambda rises
             failed = size == 0.0 or not math.isfinite(ratio)
             self.damping = self.damping_rule(damping, -math.inf if failed else ratio)
         update = size * direction
-        offset = 0
-        for p in params:
-            p.add_(update[offset:offset + p.numel()].view_as(p).to(p.dtype))
-            offset += p.numel()
+        for p, p_update in zip(params, unflatten(update, point).values()):
+            p.add_(p_update.to(p.dtype))
         self.last_step = HessianFreeStepInfo(loss_before, damping, result.iterations, chosen, ratio, size,
                                              float(update.norm()))
 
     def _step_size(self, loss_at, direction: Tensor, gradient: Tensor, loss_before: float, lr: float,
-                   loss_at_one: float) -> float:
+                   known: dict[float, float]) -> float:
         """The step size alpha: lr if the line search is off and lr * d lowers the loss; else the
-        Armijo search from lr. 0 when no tried alpha lowers the loss (no worse step is kept)."""
+        Armijo search from lr. 0 when no tried alpha lowers the loss (no worse step is kept).
+        `known` holds losses already evaluated, {alpha: loss at alpha * direction}."""
         slope = float(gradient @ direction)
         if slope >= 0:  # not a descent direction (CG stopped at once on a flat or non-finite problem)
             return 0.0
         alpha = lr
         for _ in range(LINE_SEARCH_TRIES if self.line_search else 1):
-            loss = loss_at_one if alpha == 1.0 else loss_at(alpha * direction)
+            loss = known[alpha] if alpha in known else loss_at(alpha * direction)
             enough = loss <= loss_before + ARMIJO * alpha * slope if self.line_search else loss < loss_before
             if enough:
                 return alpha

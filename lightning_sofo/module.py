@@ -267,6 +267,22 @@ class SOFOModule(L.LightningModule):
 
         return BatchLoss(problem.params, drawn(problem.loss), drawn(problem.outputs), problem.output_loss)
 
+    def hessian_free_closure(self, batch: Any, optimizer: HessianFree, step: int = 0,
+                             stream: str = "train/0") -> Callable[[], Tensor]:
+        """Bind `batch` to the HessianFree `optimizer` (gauss_newton_problem) and return the closure its
+        step takes, outside a Trainer: zero the gradients, backpropagate the loss, return it.
+        Usage: `loss = optimizer.step(model.hessian_free_closure(batch, optimizer))`."""
+        optimizer.bind(self.gauss_newton_problem(batch, step, stream))
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            with self.noise_draws(step, stream=stream):
+                loss = self.compute_loss(batch)
+            loss.backward()
+            return loss
+
+        return closure
+
     def training_objective(self, batch: Any) -> Tensor:
         """The task's loss plus every penalty: what training minimises, by backpropagation here
         and by SOFO in its sketches (sketch_function)."""

@@ -16,6 +16,17 @@ def _seed_and_threads():
     torch.set_num_threads(2)
 
 
+class LinearModel(SOFOModule):
+    """A linear model under the squared error: the loss is a quadratic in the parameters."""
+
+    def __init__(self, inputs=6, outputs=2):
+        super().__init__(loss="mse")
+        self.lin = nn.Linear(inputs, outputs)
+
+    def forward(self, inputs):
+        return self.lin(inputs)
+
+
 class MLP(SOFOModule):
     """I -> H (tanh) -> O."""
 

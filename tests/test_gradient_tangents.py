@@ -7,22 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
+from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
 from torch import nn
 
 from lightning_sofo import SOFO, SOFOModule
 from lightning_sofo.functional import gaussian_columns, step_generator
-
-
-class Linear(SOFOModule):
-    """A linear model under the squared error: the loss is a quadratic in the parameters."""
-
-    def __init__(self, inputs=6, outputs=2):
-        super().__init__(loss="mse")
-        self.lin = nn.Linear(inputs, outputs)
-
-    def forward(self, inputs):
-        return self.lin(inputs)
 
 
 def _params(model):
@@ -97,7 +86,7 @@ def test_full_rank_step_with_gradient_tangent_is_the_explicit_damped_gauss_newto
 
 def test_full_rank_undamped_step_lands_on_the_least_squares_minimiser():
     torch.manual_seed(3)
-    model = Linear().double()
+    model = LinearModel().double()
     batch = {"inputs": torch.randn(40, 6, dtype=torch.float64), "targets": torch.randn(40, 2, dtype=torch.float64)}
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=13, gradient_tangents=1, damping=0.0)
     optimizer.step(model.sketch_function(batch, optimizer))
@@ -112,7 +101,7 @@ def _cosines(steps: int = 40, lr: float = 1e-9):
     """cos(m_t, grad L(theta_t)) on a linear least-squares problem with P = 205 and K = 4; at a tiny
     lr the gradient stays put, so this measures the estimator alone."""
     torch.manual_seed(5)
-    model = Linear(inputs=40, outputs=5).double()
+    model = LinearModel(inputs=40, outputs=5).double()
     batch = {"inputs": torch.randn(200, 40, dtype=torch.float64), "targets": torch.randn(200, 5, dtype=torch.float64)}
     optimizer = SOFO(model.parameters(), lr=lr, tangents=4, gradient_tangents=1, damping=1e-3, seed=1)
     cosines = []

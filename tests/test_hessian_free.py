@@ -10,7 +10,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, TinyRNN, explicit_gauss_newton, flat
+from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -63,15 +63,7 @@ def _exact_optimizer(model, damping):
 
 
 def _hf_step(model, optimizer, batch):
-    optimizer.bind(model.gauss_newton_problem(batch))
-
-    def closure():
-        optimizer.zero_grad()
-        loss = model.compute_loss(batch)
-        loss.backward()
-        return loss
-
-    return optimizer.step(closure)
+    return optimizer.step(model.hessian_free_closure(batch, optimizer))
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
@@ -95,18 +87,9 @@ def test_step_is_the_explicit_damped_gauss_newton_step(recurrent):
                                rtol=1e-7, atol=1e-9)
 
 
-class Linear(SOFOModule):
-    def __init__(self):
-        super().__init__(loss="mse")
-        self.lin = nn.Linear(6, 2)
-
-    def forward(self, inputs):
-        return self.lin(inputs)
-
-
 def test_undamped_step_lands_on_the_least_squares_minimiser():
     torch.manual_seed(3)
-    model = Linear().double()
+    model = LinearModel().double()
     batch = {"inputs": torch.randn(40, 6, dtype=torch.float64), "targets": torch.randn(40, 2, dtype=torch.float64)}
     _hf_step(model, _exact_optimizer(model, damping=1e-12), batch)
     x = torch.cat([batch["inputs"], torch.ones(40, 1, dtype=torch.float64)], 1)

@@ -7,27 +7,16 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from conftest import MLP, TinyRNN, flat, flat_tangents
+from conftest import LinearModel, MLP, TinyRNN, flat, flat_tangents
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_sofo import SOFO, SOFOModule
 
 
-class Linear(SOFOModule):
-    """A linear model under the squared error: the loss is a quadratic in the parameters."""
-
-    def __init__(self, inputs=6, outputs=2):
-        super().__init__(loss="mse")
-        self.lin = nn.Linear(inputs, outputs)
-
-    def forward(self, inputs):
-        return self.lin(inputs)
-
-
 def _problem():
     torch.manual_seed(3)
-    model = Linear().double()
+    model = LinearModel().double()
     batch = {"inputs": torch.randn(40, 6, dtype=torch.float64), "targets": torch.randn(40, 2, dtype=torch.float64)}
     return model, batch
 
@@ -80,7 +69,7 @@ def test_memory_step_is_the_exact_minimiser_over_memory_and_random_tangent():
 
 def _with(model, theta):
     """A copy of the model at parameters theta."""
-    clone = Linear().double()
+    clone = LinearModel().double()
     offset = 0
     for (_, p), (_, q) in zip(clone.named_parameters(), model.named_parameters()):
         p.data.copy_(theta[offset:offset + p.numel()].reshape(p.shape))
