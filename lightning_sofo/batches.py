@@ -41,7 +41,7 @@ def check_finite(**tensors: Tensor | None) -> None:
 
 
 def check_mask(mask: Tensor | None) -> None:
-    """A mask weights the loss: no negative weights (they reward error), and something to score.
+    """A mask weights the loss: no negative weights (they reward error).
     (Called after check_finite, so a float mask without negative entries is scored where it is not 0.)"""
     if mask is None:
         return
@@ -49,9 +49,6 @@ def check_mask(mask: Tensor | None) -> None:
         raise ValueError(f"the batch's mask has negative entries (min {float(mask.min()):g}); a mask weights each "
                          "target's error and must be >= 0 (1 = scored, 0 = ignored). A negative weight rewards "
                          "error and drives the loss to -inf.")
-    if not bool(mask.any()):
-        raise ValueError("the batch's mask is all zeros: nothing in it is scored, so the loss is 0 and nothing is "
-                         "learned. Check the task's mask (the response period) or the trial length.")
 
 
 def check_batch(model: str, parameter: Tensor | None, inputs: Tensor, targets: Tensor, mask: Tensor | None) -> None:
@@ -114,3 +111,10 @@ def check_sequence(model: str, inputs: Tensor, input_size: int | None = None) ->
             f"{model} has {expected} input channels but the inputs have {inputs.shape[-1]}; "
             f"set input_size={inputs.shape[-1]} (or check the task's input_size)."
         )
+
+
+def nothing_scored_error(where: str = "the batch") -> ValueError:
+    """The error for a batch in which the loss scores nothing (check with the loss's `scored`)."""
+    return ValueError(
+        f"{where} scores nothing: its mask is all zeros, or every target is the loss's ignore_index, so the loss "
+        "is 0 and nothing is learned. Check the task's mask (the response period), its targets, or the trial length.")

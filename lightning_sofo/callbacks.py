@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
@@ -421,6 +421,31 @@ class CurvatureMonitor(L.Callback):
         self.history = list(state_dict["history"])
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, whose last.ckpt always holds the state at the end of fit.
+
+    ModelCheckpoint(save_last=True) writes last.ckpt when it saves at a validation, and at the end
+    of fit only if it never wrote one: a fit of 7 steps validated at step 5 would leave step 5's
+    state in last.ckpt, and resume, test, predict and lightning_sofo.load would all use it. This
+    one also writes last.ckpt at the end of fit whenever the last checkpoint written is older
+    than the step reached (save_last is True by default here)."""
+
+    def __init__(self, *args: Any, save_last: bool | str = True, **kwargs: Any):
+        super().__init__(*args, save_last=save_last, **kwargs)
+        self.step_saved = -1  # the global step of the last checkpoint the Trainer wrote
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        self.step_saved = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        super().on_train_end(trainer, module)
+        if not self.save_last or self.dirpath is None or trainer.fast_dev_run or trainer.global_step == self.step_saved:
+            return
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(str(path))  # every rank takes part; rank 0 writes (atomically, by the strategy)
+        self.last_model_path = str(path)
+
+
 class CheckpointOnInterrupt(L.Callback):
     """Stopping a run by SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) finishes the
     current step, writes the Trainer's last checkpoint (ModelCheckpoint's last.ckpt) at that step,
@@ -435,6 +460,8 @@ class CheckpointOnInterrupt(L.Callback):
         self._rank = 0
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if getattr(trainer.strategy, "graceful_stop", None) is not None:
+            return  # the strategy stops every rank at one step itself (sofo_ddp: lightning_sofo.stopping)
         if threading.current_thread() is threading.main_thread():
             self._interrupts, self._rank = 0, trainer.global_rank
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)

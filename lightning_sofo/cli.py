@@ -21,13 +21,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 import lightning_sofo  # noqa: F401  (registers strategy "sofo")
-from lightning_sofo.callbacks import CheckpointOnInterrupt, PredictionsToFile, TrialFigures
+from lightning_sofo.callbacks import CheckpointOnInterrupt, LastCheckpoint, PredictionsToFile, TrialFigures
 from lightning_sofo.checkpoints import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -84,7 +84,7 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
             # keep the last checkpoint (for --ckpt_path last), and write one when stopped by a signal
             given = trainer_config.get("callbacks") or []
             given = given if isinstance(given, list) else [given]
-            kwargs["callbacks"] = [*given, ModelCheckpoint(save_last=True), CheckpointOnInterrupt()]
+            kwargs["callbacks"] = [*given, LastCheckpoint(), CheckpointOnInterrupt()]
         if self.subcommand == "predict":  # outputs and rates of the test set, written beside the run
             given = kwargs.get("callbacks")
             if given is None:

@@ -63,10 +63,21 @@ class MaskedMSE:
         mask = _broadcast(mask, targets.shape, "targets")
         return None if mask is None else mask.to(targets.dtype)
 
-    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+    def scored(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        """n = sum_i m_i, the weight of the scored elements (0 when nothing is scored)."""
         if mask is None:
             return torch.tensor(float(targets.numel()), dtype=targets.dtype, device=targets.device)
-        return _safe_count(mask.sum())
+        return mask.sum()
+
+    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        return _safe_count(self.scored(targets, mask))
+
+    def check_targets(self, targets: Tensor, output_size: int | None) -> None:
+        """Values the loss can score (a device sync; once per batch)."""
+        if not targets.is_floating_point():
+            raise ValueError(
+                f"loss='mse' takes real-valued targets, got {targets.dtype}; convert them with targets.float() "
+                "(or .to(the model's dtype)), or use loss='cross_entropy' for class indices.")
 
     def _check(self, outputs: Tensor, targets: Tensor) -> None:
         if outputs.shape != targets.shape:
@@ -121,9 +132,27 @@ class MaskedCrossEntropy:
         weights = (targets != self.ignore_index).to(dtype)
         return weights if mask is None else weights * mask.to(dtype)
 
-    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+    def scored(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        """n = sum_i w_i, the weight of the scored targets (0 when every one is masked or ignore_index)."""
         dtype = mask.dtype if mask is not None and mask.is_floating_point() else torch.get_default_dtype()
-        return _safe_count(self._weights(targets, mask, dtype).sum())
+        return self._weights(targets, mask, dtype).sum()
+
+    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        return _safe_count(self.scored(targets, mask))
+
+    def check_targets(self, targets: Tensor, output_size: int | None) -> None:
+        """Class indices in 0 .. output_size - 1 (or ignore_index); a device sync, once per batch.
+        Out of range, torch's gather would fail with a raw index error (a device-side assert on a GPU)."""
+        if targets.is_floating_point() or targets.dtype == torch.bool or output_size is None:
+            return  # the dtype is refused with its own message where the loss is computed
+        scored = targets[targets != self.ignore_index]
+        bad = scored[(scored < 0) | (scored >= output_size)]
+        if bad.numel():
+            raise ValueError(
+                f"loss='cross_entropy': target class index {int(bad[0])} is outside 0..{output_size - 1}, the classes "
+                f"of the model's output_size={output_size} ({bad.numel()} such target(s)); raise output_size to at "
+                f"least {int(scored.max()) + 1}, or fix the task's targets (ignore_index={self.ignore_index} marks "
+                "unscored ones).")
 
     def _check(self, outputs: Tensor, targets: Tensor) -> None:
         if targets.is_floating_point() or targets.dtype == torch.bool:
@@ -189,8 +218,17 @@ class CallableLoss:
     def broadcast_mask(self, targets: Tensor, mask: Tensor | None) -> Tensor | None:
         return mask
 
+    def scored(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        """1, or 0 when a mask scores nothing (the callable's own weighting is its business)."""
+        nothing = mask is not None and not bool(mask.any())
+        return torch.tensor(0.0 if nothing else 1.0, dtype=targets.dtype if targets.is_floating_point() else None,
+                            device=targets.device)
+
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
         return torch.ones((), dtype=targets.dtype if targets.is_floating_point() else None, device=targets.device)
+
+    def check_targets(self, targets: Tensor, output_size: int | None) -> None:
+        return None
 
     def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         return require_scalar(self.fn(outputs, targets, mask), "callable loss")

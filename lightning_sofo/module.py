@@ -15,7 +15,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
-from lightning_sofo.batches import check_batch, check_finite, check_mask, check_sequence, unpack_batch
+from lightning_sofo.batches import (
+    check_batch,
+    check_finite,
+    check_mask,
+    check_sequence,
+    nothing_scored_error,
+    unpack_batch,
+)
 from lightning_sofo.calls import PureFunctionCheck, functional_method
 from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
@@ -223,12 +230,18 @@ class SOFOModule(L.LightningModule):
     def compute_loss(self, batch: Any) -> Tensor:
         return self._outputs_and_loss(batch)[1]
 
-    def validated_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(inputs, targets, mask) of a batch that fits this model and holds only finite values."""
+    def validated_batch(self, batch: Any, require_scored: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(inputs, targets, mask) of a batch that fits this model, holds only finite values and targets
+        the loss can score, and (require_scored) scores something. A data-parallel strategy passes
+        require_scored=False for one rank's shard and checks the global batch's count instead."""
         inputs, targets, mask = unpack_batch(batch)
         self.check_batch(inputs, targets, mask)
         check_finite(inputs=inputs, targets=targets, mask=mask)
         check_mask(mask)
+        self.loss_fn.check_targets(targets, getattr(self, "output_size", None))
+        if require_scored and targets.numel() and not float(
+                self.loss_fn.scored(targets, self.loss_fn.broadcast_mask(targets, mask))) > 0:
+            raise nothing_scored_error()  # (an empty batch, or T = 0, gets its own error from the model)
         return inputs, targets, mask
 
     def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -478,15 +491,16 @@ class SOFOModule(L.LightningModule):
         return state
 
     # ---- SOFO route --------------------------------------------------------------
-    def sketch_function(self, batch: Any, optimizer: SketchOptimizer) -> Callable[[dict[str, Tensor] | None], Any]:
+    def sketch_function(self, batch: Any, optimizer: SketchOptimizer,
+                        require_scored: bool = True) -> Callable[[dict[str, Tensor] | None], Any]:
         """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step (or FGD.step);
         closure(None) -> the loss alone at the current parameters (no tangents).
 
         The optimizer's parameters are the primals (tangents keyed as in
         optimizer.named_params()); parameters the optimizer does not hold, and
-        buffers, stay constant.
+        buffers, stay constant. require_scored: as in validated_batch (False for one rank's shard).
         """
-        inputs, targets, mask = self.validated_batch(batch)
+        inputs, targets, mask = self.validated_batch(batch, require_scored)
         names = {id(p): name for name, p in self.named_parameters()}
         optimized = optimizer.named_params()
         foreign = [key for key, p in optimized.items() if id(p) not in names]

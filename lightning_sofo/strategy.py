@@ -21,8 +21,9 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from lightning_sofo.checkpoints import AtomicCheckpointIO
+from lightning_sofo.stopping import GracefulStop
 from lightning_sofo.functional import Sketch
-from lightning_sofo.batches import unpack_batch
+from lightning_sofo.batches import nothing_scored_error, unpack_batch
 from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import SketchOptimizer
 
@@ -32,6 +33,7 @@ class _SOFOSteps:
     iteration and nothing runs backward. A data-parallel strategy overrides `_reduce`."""
 
     runs_sofo = True  # SOFOModule checks this to refuse a SOFO optimizer under another strategy
+    sharded = False  # each process sees a shard of the batch (the global batch is checked in _reduce)
     supported_precision = ("32-true", "64-true")
 
     def setup(self, trainer: L.Trainer) -> None:
@@ -86,7 +88,8 @@ class _SOFOSteps:
         module = self.lightning_module
         optimizer = self._sofo_optimizer()
         with self.precision_plugin.train_step_context():
-            loss = optimizer.step(self._reduce(module.sketch_function(batch, optimizer), batch))
+            sketch_function = module.sketch_function(batch, optimizer, require_scored=not self.sharded)
+            loss = optimizer.step(self._reduce(sketch_function, batch))
         info = optimizer.last_step
         module.log("train_loss", loss, prog_bar=True)
         diagnostics = {
@@ -149,7 +152,7 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
 
     Every rank draws the same tangents (they depend only on the optimizer's seed and step),
     sketches its own shard of the batch, and one all-reduce sums
-        [n_r L_r, n_r g~_r, n_r G~_r, n_r]     (K + K^2 + 2 numbers, whatever P is)
+        [n_r L_r, n_r g~_r, n_r G~_r, n_r, stop_r]     (K + K^2 + 3 numbers, whatever P is)
     where n_r is the rank's loss normaliser (its count of scored elements), so every rank
     gets the sketch of the global batch, L = sum_r n_r L_r / sum_r n_r, and takes the same
     step. The model is not wrapped in DistributedDataParallel: no parameter or gradient is
@@ -157,11 +160,13 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     """
 
     strategy_name = "sofo_ddp"
+    sharded = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(*args, **kwargs)
         self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
+        self.graceful_stop = GracefulStop()
 
     def configure_ddp(self) -> None:
         # no DistributedDataParallel wrapper (it exists to all-reduce gradients); the ranks start
@@ -173,19 +178,19 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     def _reduce(self, closure: Callable, batch: Any) -> Callable:
         loss_fn = self.lightning_module.loss_fn
         _, targets, mask = unpack_batch(batch)
-        count = loss_fn.normaliser(targets, loss_fn.broadcast_mask(targets, mask)).reshape(1)
+        count = loss_fn.scored(targets, loss_fn.broadcast_mask(targets, mask)).reshape(1)  # 0 for an empty shard
+
+        def weighted(value: torch.Tensor) -> torch.Tensor:  # n_r * value, and exactly 0 when n_r = 0
+            return torch.where(count > 0, count * value.reshape(-1), torch.zeros_like(value.reshape(-1)))
 
         def reduced(tangents):
             result = closure(tangents)
             if tangents is None:  # the loss alone (adaptive damping): sum_r n_r L_r / sum_r n_r
-                packed = torch.cat([(count * result).reshape(1), count]).double()
-                self._all_reduce(packed)
+                packed = self._all_reduce(torch.cat([weighted(result), count]).double())
                 return (packed[0] / packed[1]).to(result.dtype)
             k = result.grad.shape[0]
-            packed = torch.cat([
-                (count * result.loss).reshape(1), count * result.grad, (count * result.ggn).reshape(-1), count,
-            ])
-            self._all_reduce(packed)
+            packed = self._all_reduce(torch.cat([weighted(result.loss), weighted(result.grad), weighted(result.ggn),
+                                                 count]))
             total = packed[-1]
             return Sketch(packed[0] / total, packed[1 : 1 + k] / total, packed[1 + k : -1].reshape(k, k) / total)
 
@@ -199,9 +204,30 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     def backward(self, *args: Any, **kwargs: Any) -> None:
         return None  # the SOFO iteration already ran in training_step; there is no graph
 
-    def _all_reduce(self, packed: torch.Tensor) -> None:
+    def _all_reduce(self, packed: torch.Tensor) -> torch.Tensor:
+        """Sum `packed` (..., n_r) over the ranks, with one more number riding along: whether any rank
+        was asked to stop (GracefulStop). Every rank then knows the same global count and the same
+        stop request after the same step, so all of them raise, or stop, together."""
+        packed = torch.cat([packed, packed.new_full((1,), float(self.graceful_stop.requested))])
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
         self.numbers_communicated += packed.numel()
+        if packed[-1] > 0:
+            self.graceful_stop.stop_after_this_step(self.lightning_module.trainer)
+        if not packed[-2] > 0:
+            raise nothing_scored_error("the global batch (every rank's shard)")
+        return packed[:-1]
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.graceful_stop.install(self.global_rank, self.launcher)
+
+    def on_train_end(self) -> None:
+        self.graceful_stop.uninstall()
+        super().on_train_end()
+
+    def teardown(self) -> None:
+        self.graceful_stop.uninstall()
+        super().teardown()
 
 
 def register() -> None:

@@ -57,7 +57,7 @@ def test_two_processes_take_the_steps_of_one_process_on_the_global_batch(straigh
 
 def test_each_step_communicates_k_plus_k_squared_numbers_not_p(straight):
     _, ddp, _ = straight
-    per_step = K + K * K + 2  # g~, G~, the loss and the rank's normaliser
+    per_step = K + K * K + 3  # g~, G~, the loss, the rank's normaliser and its stop request
     assert ddp["traffic_per_step"] == [per_step] * 3, "every collective during a step, counted"
     assert ddp["numbers_communicated"] == 3 * per_step
     assert ddp["num_params"] > 5 * per_step
@@ -68,7 +68,7 @@ def test_adaptive_damping_under_ddp_matches_one_process(tmp_path):
     single = run(tmp_path, "sofo", 3, "single.pt", "--adaptive")
     assert_same_parameters(ddp["params"], single["params"])
     assert ddp["damping"] == pytest.approx(single["damping"], rel=1e-12) and ddp["damping"] != 1e-3
-    assert ddp["traffic_per_step"] == [K + K * K + 2 + 2] * 3  # plus the loss after the step
+    assert ddp["traffic_per_step"] == [K + K * K + 3 + 3] * 3  # plus the loss after the step (n L, n, stop)
 
 
 def test_gradient_tangents_under_ddp_match_one_process_and_every_rank_holds_the_same_estimate(tmp_path):
@@ -80,7 +80,7 @@ def test_gradient_tangents_under_ddp_match_one_process_and_every_rank_holds_the_
     for name, estimate in ddp["gradient_estimates"].items():
         assert torch.equal(estimate, rank1["gradient_estimates"][name]), "the ranks hold identical estimates"
     assert_same_parameters(ddp["gradient_estimates"], single["gradient_estimates"])
-    assert ddp["traffic_per_step"] == [(K + 1) + (K + 1) ** 2 + 2] * 3  # the estimate is one more tangent
+    assert ddp["traffic_per_step"] == [(K + 1) + (K + 1) ** 2 + 3] * 3  # the estimate is one more tangent
 
 
 @pytest.mark.parametrize("first, then", [("sofo_ddp", "sofo"), ("sofo", "sofo_ddp")])
