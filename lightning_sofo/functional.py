@@ -703,7 +703,7 @@ class LevenbergMarquardt:
     """Adaptive relative damping from the reduction ratio rho = actual change / predicted change.
 
     rho > good (the model predicted well): damping *= decrease (trust the model more);
-    rho < poor (or the loss rose, or became non-finite): damping *= increase;
+    rho < poor (the loss rose, became non-finite, or rho is undefined (nan)): damping *= increase;
     in between: unchanged. The result stays within [minimum, maximum].
     Constants as in Martens (2010), Hessian-free optimisation, section 4.1.
     """
@@ -716,11 +716,10 @@ class LevenbergMarquardt:
     maximum: float = 1e2
 
     def __call__(self, damping: float, ratio: float) -> float:
-        if math.isnan(ratio):  # no predicted decrease: nothing to learn from
-            return damping
+        # an undefined rho (the model predicted no decrease) is a failed model, as a rise of the loss is
         if math.isfinite(ratio) and ratio > self.good:
             damping *= self.decrease
-        elif ratio < self.poor:
+        elif not ratio >= self.poor:  # also nan
             damping *= self.increase
         return min(max(damping, self.minimum), self.maximum)
 

@@ -221,7 +221,9 @@ class SketchOptimizer(torch.optim.Optimizer):
             return sketch.loss
         direction, update_norm, update = moved
         ratio = self._after_update(sketch, direction, closure)
-        rejected = backup is not None and ratio < 0  # Levenberg-Marquardt: a step that raised the loss is undone
+        # Levenberg-Marquardt: a step that did not lower the loss (rho <= 0), or whose rho is undefined
+        # (the model predicted no decrease, as at too large an lr), is undone; the damping rule raised lambda
+        rejected = backup is not None and not ratio > 0
         if rejected:
             for name, p in params.items():
                 p.copy_(backup[name])

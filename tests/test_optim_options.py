@@ -11,7 +11,13 @@ from conftest import MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
 from torch.utils.data import DataLoader
 
 from lightning_sofo import FGD, SOFO, Sketch
-from lightning_sofo.functional import LevenbergMarquardt, predicted_change, sample_tangents, step_generator
+from lightning_sofo.functional import (
+    LevenbergMarquardt,
+    predicted_change,
+    reduction_ratio,
+    sample_tangents,
+    step_generator,
+)
 
 
 def tangents_of(optimizer, step):
@@ -94,7 +100,7 @@ def test_levenberg_marquardt_rule():
     assert rule(1e-3, 0.1) == pytest.approx(1.5e-3)  # poor prediction: more damping
     assert rule(1e-3, -2.0) == pytest.approx(1.5e-3)  # loss rose
     assert rule(1e-3, -math.inf) == pytest.approx(1.5e-3)  # loss became non-finite
-    assert rule(1e-3, math.nan) == 1e-3  # no predicted decrease: nothing learned
+    assert rule(1e-3, math.nan) == pytest.approx(1.5e-3)  # no predicted decrease: a failed model, more damping
     assert rule(rule.maximum, 0.0) == rule.maximum and rule(rule.minimum, 1.0) == rule.minimum
 
 
@@ -233,3 +239,49 @@ def test_adaptive_damping_refuses_per_group_learning_rates_before_moving_anythin
     with pytest.raises(ValueError, match="one lr for all parameter groups"):
         optimizer.step(model.sketch_function((torch.randn(3, 4, 2), torch.randn(3, 4, 2)), optimizer))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("predicted", [0.0, 1e-3, float("nan")], ids=["zero", "positive", "nan"])
+def test_the_reduction_ratio_is_undefined_when_no_decrease_is_predicted_and_the_damping_then_rises(predicted):
+    assert math.isnan(reduction_ratio(1.0, 0.5, predicted))
+    rule = LevenbergMarquardt()
+    assert rule(1e-2, reduction_ratio(1.0, 0.5, predicted)) == pytest.approx(1.5e-2)
+
+
+@pytest.mark.parametrize("after,expected", [(1.0, 0.0), (1.5, -0.5), (0.0, 1.0), (float("inf"), -math.inf)])
+def test_the_reduction_ratio_for_a_predicted_decrease(after, expected):
+    assert reduction_ratio(1.0, after, -1.0) == expected
+    damping = LevenbergMarquardt()(1e-2, expected)
+    assert damping == pytest.approx(1e-2 * 2 / 3 if expected > 0.75 else 1.5e-2)
+
+
+def test_adaptive_damping_takes_back_a_step_whose_model_predicts_no_decrease():
+    """At lr 2.5 on L = 1/2 ||theta||^2 the quadratic model predicts a rise (rho undefined) and the loss
+    does rise (2 -> 4.5): the step is undone and the damping raised, whatever the lr."""
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    optimizer = SOFO([param], lr=2.5, tangents=4, damping="adaptive", initial_damping=1e-2)
+    optimizer.step(quadratic_closure(param, lambda p: 0.5 * p.pow(2).sum()))
+    assert math.isnan(optimizer.last_step.reduction_ratio) and optimizer.last_step.rejected
+    assert torch.equal(param.detach(), torch.ones(4, dtype=torch.float64))
+    assert optimizer.damping == pytest.approx(1.5e-2) and optimizer.rejected_steps == 1
+
+
+def test_adaptive_damping_takes_back_a_step_that_leaves_the_loss_unchanged():
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    optimizer = SOFO([param], lr=1.0, tangents=4, damping="adaptive", initial_damping=1e-2)
+    optimizer.step(quadratic_closure(param, lambda p: torch.tensor(2.0, dtype=torch.float64)))  # L(theta) = 2
+    assert optimizer.last_step.reduction_ratio == 0.0 and optimizer.last_step.rejected
+    assert torch.equal(param.detach(), torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lr", [2.5, 1e6])
+def test_adaptive_damping_never_keeps_a_step_that_raises_the_batch_loss(lr):
+    torch.manual_seed(0)
+    model = MLP().double()
+    batch = regression_batch()
+    optimizer = SOFO(model.parameters(), lr=lr, tangents=6, damping="adaptive")
+    losses = [float(model.compute_loss(batch))]
+    for _ in range(15):
+        optimizer.step(model.sketch_function(batch, optimizer))
+        losses.append(float(model.compute_loss(batch)))
+    assert all(after <= before for before, after in zip(losses, losses[1:])), losses
