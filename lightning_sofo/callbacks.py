@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -44,7 +45,7 @@ class TrialFigures(L.Callback):
         if (self.validations - 1) % self.every or not hasattr(task, "plot_trial"):
             return
         batch = {key: value[: self.n_trials] for key, value in task.fixed_set("val")[0].items()}
-        batch = module.transfer_batch_to_device(batch, module.device, 0)
+        batch = on_model(module, batch)
         with torch.no_grad():
             outputs, rates = trial_outputs(module, batch["inputs"])
         for index in range(min(self.n_trials, batch["inputs"].shape[0])):
@@ -61,6 +62,18 @@ class TrialFigures(L.Callback):
 DECISION_CURVES = ("psychometric", "chronometric")
 
 
+def on_model(module: L.LightningModule, batch: Any) -> Any:
+    """A task's batch as `module` takes it: on its device, floating-point tensors in its parameters'
+    dtype, as the Trainer's precision plugin converts the batches it feeds (e.g. float64 under
+    precision="64-true"). For the callbacks, which draw batches of their own."""
+    batch = module.transfer_batch_to_device(batch, module.device, 0)
+    parameter = next(module.parameters(), None)
+    if parameter is None:
+        return batch
+    return apply_to_collection(batch, torch.Tensor,
+                               lambda t: t.to(parameter.dtype) if t.is_floating_point() else t)
+
+
 def decision_curves(module: L.LightningModule, task: Any, stream: str = "val") -> dict[str, Any]:
     """The task's psychometric and chronometric curves (task.psychometric, task.chronometric) on
     its whole validation (or test) set, run through the model once; a curve is left out when the
@@ -68,7 +81,7 @@ def decision_curves(module: L.LightningModule, task: Any, stream: str = "val") -
     kinds = [name for name in DECISION_CURVES if hasattr(task, name)]
     if not kinds or not hasattr(task, "fixed_set"):
         return {}
-    batches = [module.transfer_batch_to_device(batch, module.device, 0) for batch in task.fixed_set(stream)]
+    batches = [on_model(module, batch) for batch in task.fixed_set(stream)]
     with torch.no_grad():
         outputs = [module(batch["inputs"]) for batch in batches]
     curves = {}
@@ -411,7 +424,7 @@ class CurvatureMonitor(L.Callback):
             else:
                 batch = type(batch)(value[: self.max_trials] for value in batch)
             batch = trainer.precision_plugin.convert_input(batch)
-            self._fixed_batch = module.transfer_batch_to_device(batch, module.device, 0)
+            self._fixed_batch = on_model(module, batch)
         return self._fixed_batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -490,10 +503,16 @@ class CheckpointOnInterrupt(L.Callback):
 
         self._restore_handler()
         checkpoint = trainer.checkpoint_callback
-        if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
+        nonfinite = isinstance(exception, FloatingPointError)  # on_nonfinite="raise": the parameters are untouched
+        if not (isinstance(exception, SIGTERMException) or nonfinite) or checkpoint is None or checkpoint.dirpath is None:
             return
         name = getattr(checkpoint, "CHECKPOINT_NAME_LAST", "last") + checkpoint.FILE_EXTENSION
         trainer.save_checkpoint(str(Path(checkpoint.dirpath) / name))
+        if nonfinite:
+            rank_zero_info(f"Stopped at a non-finite step (on_nonfinite='raise'); the last good state, after step "
+                           f"{trainer.global_step}, is written to {Path(checkpoint.dirpath) / name} (the trial stream "
+                           "is past the batch that failed). Resume with --ckpt_path last and other settings.")
+            return
         rank_zero_info(f"Stopped by a signal after step {trainer.global_step}; checkpoint written to "
                        f"{Path(checkpoint.dirpath) / name}. Resume with --ckpt_path last.")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -68,6 +69,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(directory)
         except OSError:
             pass
+
+
+ABANDONED_AFTER_S = 600.0  # a temporary file untouched this long belongs to no live write
+
+
+def remove_abandoned_temporaries(folders: Iterable[Path], older_than_s: float = ABANDONED_AFTER_S) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a SIGKILL or a crash cut short, in
+    `folders` (an experiment's version_*/checkpoints: a run never writes again into another run's
+    folder, so its leftovers would stay for good). A file still being written is left alone: only
+    those not modified for `older_than_s` seconds go. Returns what was deleted."""
+    now, removed = time.time(), []
+    for folder in folders:
+        for leftover in Path(folder).glob(".*.tmp"):
+            try:
+                if now - leftover.stat().st_mtime > older_than_s:
+                    leftover.unlink()
+                    removed.append(leftover)
+            except OSError:  # gone already, or not ours to delete
+                continue
+    return removed
 
 
 def _umask() -> int:

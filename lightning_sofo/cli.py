@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 import lightning_sofo  # noqa: F401  (registers strategy "sofo")
 from lightning_sofo.callbacks import CheckpointOnInterrupt, LastCheckpoint, PredictionsToFile, TrialFigures
@@ -34,6 +35,7 @@ from lightning_sofo.checkpoints import (
     check_matches,
     check_optimizers,
     newest_readable,
+    remove_abandoned_temporaries,
     read_checkpoint,
 )
 from lightning_sofo.compat import ConfigWinsOverCheckpoint
@@ -54,12 +56,12 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
         import lightning_sofo.datamodules  # noqa: F401  (so the short class_path: FlipFlop resolves)
         import lightning_sofo.models  # noqa: F401
 
+        self.experiment_dir: Path | None = None  # lightning_logs/<config name>, once the Trainer is built
         super().__init__(
             model_class=SOFOModule,
             datamodule_class=L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            trainer_defaults={"callbacks": [TrialFigures()]},
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
@@ -79,19 +81,32 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
         trainer_config = config.get("trainer", {})
         if trainer_config.get("logger") in (None, True):  # Lightning's default logger, one folder per config
             root = Path(trainer_config.get("default_root_dir") or ".")
-            kwargs["logger"] = TensorBoardLogger(save_dir=str(root / "lightning_logs"), name=self.experiment_name())
+            experiment = root / "lightning_logs" / self.experiment_name()
+            self.experiment_dir = experiment
+            if self.subcommand != "fit" and not writable(experiment):
+                # a read-only archive of runs: evaluate it without writing (no logs, no config copy)
+                rank_zero_info(f"{experiment} is read-only: this {self.subcommand} writes no logs or config there.")
+                kwargs["logger"] = False
+                self.save_config_callback = None
+            else:
+                version = None
+                if rank_zero_only.rank == 0:
+                    version = claim_version(experiment)
+                    remove_abandoned_temporaries(experiment.glob("version_*/checkpoints"))
+                kwargs["logger"] = TensorBoardLogger(save_dir=str(root / "lightning_logs"), name=self.experiment_name(),
+                                                     version=version)
+        given = trainer_config.get("callbacks")
+        removed_all = isinstance(given, list) and not given  # --trainer.callbacks '[]': not even the figures
+        given = [] if given is None else given if isinstance(given, list) else [given]
+        callbacks = list(given)
+        if not removed_all and not any(isinstance(callback, TrialFigures) for callback in given):
+            callbacks.append(TrialFigures())
         if trainer_config.get("enable_checkpointing") is not False:
             # keep the last checkpoint (for --ckpt_path last), and write one when stopped by a signal
-            given = trainer_config.get("callbacks") or []
-            given = given if isinstance(given, list) else [given]
-            kwargs["callbacks"] = [*given, LastCheckpoint(), CheckpointOnInterrupt()]
-        if self.subcommand == "predict":  # outputs and rates of the test set, written beside the run
-            given = kwargs.get("callbacks")
-            if given is None:
-                given = trainer_config.get("callbacks") or []
-                given = given if isinstance(given, list) else [given]
-            if not any(isinstance(callback, BasePredictionWriter) for callback in given):
-                kwargs["callbacks"] = [*given, PredictionsToFile()]
+            callbacks += [LastCheckpoint(), CheckpointOnInterrupt()]
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(PredictionsToFile())  # outputs and rates of the test set, written beside the run
+        kwargs["callbacks"] = callbacks
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -105,7 +120,10 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
         wanted = config.get("ckpt_path")
         if wanted is None:
             return
-        found = checkpoint_to_load(self.trainer, wanted, self.subcommand)
+        folders = None
+        if self.trainer.logger is None and self.experiment_dir is not None:
+            folders = sorted(self.experiment_dir.glob("*/checkpoints"))  # the read-only archive's runs
+        found = checkpoint_to_load(self.trainer, wanted, self.subcommand, folders)
         path = None
         if found is not None:  # refuse another experiment's checkpoint before anything is trained or written
             path, checkpoint = found
@@ -146,13 +164,14 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
         rank_zero_info(summary(self.trainer))
 
 
-def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit") -> tuple[str, dict] | None:
+def checkpoint_to_load(trainer: L.Trainer, wanted: str, command: str = "fit",
+                       folders: list[Path] | None = None) -> tuple[str, dict] | None:
     """(path, checkpoint) of what a command loads: for "last", the newest readable checkpoint of the
-    Trainer's experiment (None if there is none: fit starts afresh, the others refuse); for a
-    path, that file once it reads as a Lightning checkpoint (else CheckpointError, naming the
-    newest readable checkpoint beside it)."""
+    Trainer's experiment (or of `folders`; None if there is none: fit starts afresh, the others
+    refuse); for a path, that file once it reads as a Lightning checkpoint (else CheckpointError,
+    naming the newest readable checkpoint beside it)."""
     if wanted == "last":
-        folders = experiment_checkpoint_folders(trainer)
+        folders = experiment_checkpoint_folders(trainer) if folders is None else folders
         found = newest_readable(folders)
         if found is None:
             if command == "fit":
@@ -216,6 +235,28 @@ def summary(trainer: L.Trainer) -> str:
         where.append(f"last checkpoint {checkpoint}")
     return f"Done after {trainer.global_step} steps: {shown or 'no metrics logged'}." + "".join(
         f" {part[0].upper()}{part[1:]}." for part in where)
+
+
+def claim_version(experiment: Path) -> int:
+    """The next free `version_<n>` folder of an experiment, claimed by an exclusive create: runs started
+    at the same moment in one directory (a job array) each get their own folder, where listing the
+    folders and then making one would hand two of them the same."""
+    experiment.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[len("version_"):]) for p in experiment.glob("version_*") if p.name[len("version_"):].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            (experiment / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (or, if it does not exist yet, where it would be made)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def experiment_checkpoint_folders(trainer: L.Trainer) -> list[Path]:

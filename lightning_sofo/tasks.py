@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import Metric, MetricCollection
@@ -149,8 +150,15 @@ class TaskDataModule(L.LightningDataModule):
         return {"seed": self.seed, "batches_consumed": self.batches_consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.seed = state_dict["seed"]
+        """Resume the training stream where the checkpoint left it. The seed is the task's own
+        (its config's): a resume whose config changes the seed continues with the new seed, from
+        the same batch count, and says so, as the optimizer's changed settings are said."""
+        saved = state_dict["seed"]
         self.batches_consumed = state_dict["batches_consumed"]
+        if saved != self.seed:
+            rank_zero_info(f"{type(self).__name__}: the config's seed {self.seed} replaces the checkpoint's {saved}; "
+                           f"the trials from batch {self.batches_consumed} on, and the validation and test sets, "
+                           f"are those of seed {self.seed}.")
 
     # ---- checks shared by tasks ----------------------------------------------------------
     def require(self, condition: bool, message: str) -> None:
@@ -210,7 +218,9 @@ class Scored(WrapperMetric):
         self.pick = pick
 
     def update(self, outputs: Tensor, batch: Batch) -> None:
-        self.metric.update(*self.pick(outputs, batch))
+        picked = self.pick(outputs, batch)
+        if picked[0].numel():  # a batch with nothing to score (no bit held yet, say) adds nothing
+            self.metric.update(*picked)
 
     def compute(self) -> Tensor:
         return self.metric.compute()

@@ -56,11 +56,17 @@ class TrafficPerStep(L.Callback):
         self.per_step.append(TRAFFIC[0])
 
 
-def trials():
+def trials(masked: str | None = None):
+    """The global batch. masked="odd": trials 1, 3, 5, 7 score nothing (rank 1's whole shard under
+    Lightning's distributed sampler); masked="all": no trial scores anything."""
     g = torch.Generator().manual_seed(0)
     inputs = torch.randn(GLOBAL_BATCH, 6, 2, generator=g, dtype=torch.float64)
     targets = torch.cumsum(inputs, 1) * 0.3
     mask = (torch.rand(GLOBAL_BATCH, 6, 1, generator=g) > 0.3).double()  # uneven counts per shard
+    if masked == "odd":
+        mask[1::2] = 0.0
+    elif masked == "all":
+        mask.zero_()
     return [{"inputs": inputs[i], "targets": targets[i], "mask": mask[i]} for i in range(GLOBAL_BATCH)]
 
 
@@ -74,6 +80,7 @@ def main():
     parser.add_argument("--gradient-tangents", action="store_true")
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--masked", choices=["odd", "all"], default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     devices = args.devices or (2 if args.strategy == "sofo_ddp" else 1)
@@ -94,7 +101,7 @@ def main():
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[traffic],
     )
-    loader = DataLoader(trials(), batch_size=GLOBAL_BATCH // world, shuffle=False)
+    loader = DataLoader(trials(args.masked), batch_size=GLOBAL_BATCH // world, shuffle=False)
     trainer.fit(model, loader, ckpt_path=args.resume)
     trainer.save_checkpoint(args.out + ".ckpt")
     optimizer = trainer.optimizers[0]

@@ -83,6 +83,22 @@ def test_gradient_tangents_under_ddp_match_one_process_and_every_rank_holds_the_
     assert ddp["traffic_per_step"] == [(K + 1) + (K + 1) ** 2 + 3] * 3  # the estimate is one more tangent
 
 
+def test_a_rank_whose_shard_scores_nothing_trains_with_the_others_as_one_process_would(tmp_path):
+    ddp = run(tmp_path, "sofo_ddp", 3, "ddp.pt", "--masked", "odd")  # rank 1's shard: trials 1, 3, 5, 7
+    single = run(tmp_path, "sofo", 3, "single.pt", "--masked", "odd")
+    assert_same_parameters(ddp["params"], single["params"])
+
+
+def test_a_global_batch_that_scores_nothing_is_refused_on_every_rank_alike(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(SCRIPT), "sofo_ddp", "3", str(tmp_path / "out.pt"), "--masked", "all"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = "the global batch (every rank's shard) scores nothing"
+    assert result.stderr.count(message) >= 2, result.stderr[-3000:]  # rank 0 and rank 1 say the same
+    assert "Connection closed" not in result.stderr
+
+
 @pytest.mark.parametrize("first, then", [("sofo_ddp", "sofo"), ("sofo", "sofo_ddp")])
 def test_checkpoints_resume_across_the_two_strategies(straight, tmp_path, first, then):
     _, _, single = straight
