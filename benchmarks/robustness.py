@@ -12,8 +12,14 @@ Cases (each counted over --runs repetitions, or the number given in the table):
     model untouched?
   - batches that do not fit (float64 targets, empty, T = 0, all-zero or negative mask), under SOFO
     and under Adam: refused with a ValueError, the parameters untouched?
+  - a two-process `sofo fit` under sofo_ddp stopped by SIGTERM or Ctrl-C's SIGINT sent to the whole job
+    at a random moment: did every process end, with exit status 0, within 60 s, and does last.ckpt
+    hold the step the run reports?
+  - two `sofo fit` runs of one config started at the same moment in one directory, with different lr:
+    did each get its own version folder, its own config.yaml and its own checkpoint?
 
     python benchmarks/robustness.py --runs 5
+    python benchmarks/robustness.py --cases ddp pairs --stops 10 --pairs 20   # the second table only
 """
 
 from __future__ import annotations
@@ -124,6 +130,83 @@ def interrupted_fits(signal_number: int, runs: int, reference: dict, folder: Pat
     return runs, different
 
 
+STOP_BOUND_S = 60.0
+DDP_FIT = [*FIT, "--trainer.strategy", "sofo_ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+
+
+def ddp_stops(signal_number: int, runs: int, folder: Path) -> tuple[int, int, int, list[float]]:
+    """(runs, runs that did not end cleanly within STOP_BOUND_S (killed then), runs whose last.ckpt
+    is not at the step reported, seconds from the signal to the end of the last process)."""
+    import re
+
+    import torch
+
+    hung, wrong, seconds = 0, 0, []
+    for run in range(runs):
+        root = folder / f"ddp_{signal_number}_{run}"
+        root.mkdir()
+        args = [*DDP_FIT, "--trainer.default_root_dir", str(root), "--trainer.val_check_interval", "5"]
+        args[args.index("--trainer.max_steps") + 1] = "100000"
+        process = sofo(args, root, start_new_session=True)
+        while not list(root.glob("lightning_logs/*/version_0/checkpoints/last.ckpt")):
+            if process.poll() is not None:
+                raise RuntimeError(process.stdout.read()[-2000:])
+            time.sleep(0.005)
+        time.sleep(random.uniform(0.0, 2.0))
+        os.killpg(process.pid, signal_number)
+        sent = time.monotonic()
+        try:
+            output = process.communicate(timeout=STOP_BOUND_S)[0]
+            while time.monotonic() - sent < STOP_BOUND_S:  # and the other rank?
+                try:
+                    os.killpg(process.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.02)
+            else:
+                raise subprocess.TimeoutExpired("sofo", STOP_BOUND_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            hung += 1
+            continue
+        seconds.append(time.monotonic() - sent)
+        if process.returncode != 0:
+            hung += 1
+            continue
+        reported = re.search(r"Done after (\d+) steps", output)
+        [checkpoint] = root.glob("lightning_logs/*/version_0/checkpoints/last.ckpt")
+        step = torch.load(checkpoint, weights_only=False)["global_step"]
+        wrong += reported is None or int(reported.group(1)) != step
+    return runs, hung, wrong, seconds
+
+
+def simultaneous_pairs(pairs: int, folder: Path) -> tuple[int, int]:
+    """(pairs, pairs that shared a version folder, a config.yaml or a checkpoint)."""
+    import torch
+    import yaml
+
+    crossed = 0
+    for pair in range(pairs):
+        root = folder / f"pair_{pair}"
+        root.mkdir()
+        args = [*FIT, "--trainer.default_root_dir", str(root), "--trainer.val_check_interval", "2"]
+        args[args.index("--trainer.max_steps") + 1] = "2"
+        runs = [sofo([*args, "--optimizer.init_args.lr", lr], root) for lr in ("0.25", "0.75")]
+        for run in runs:
+            output = run.communicate(timeout=600)[0]
+            if run.returncode != 0:
+                raise RuntimeError(output[-2000:])
+        folders = sorted(root.glob("lightning_logs/*/version_*"))
+        lrs = set()
+        for version in folders:
+            lr = yaml.safe_load((version / "config.yaml").read_text())["optimizer"]["init_args"]["lr"]
+            saved = torch.load(version / "checkpoints" / "last.ckpt", weights_only=False)
+            lrs.add(lr if saved["optimizer_states"][0]["param_groups"][0]["lr"] == lr else None)
+        crossed += len(folders) != 2 or lrs != {0.25, 0.75}
+    return pairs, crossed
+
+
 def truncated_newest(runs: int, folder: Path) -> tuple[int, int]:
     """(runs, resumes that did not continue from the newest readable checkpoint)."""
     import torch
@@ -218,50 +301,84 @@ def bad_batches() -> tuple[int, int, int]:
     return 2 * len(cases), unclear, changed
 
 
+CASES = ("writes", "fits", "truncated", "damaged", "batches", "ddp", "pairs")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="repetitions of each interrupted-fit case")
     parser.add_argument("--kills", type=int, default=50, help="kills during checkpoint writes")
     parser.add_argument("--files", type=int, default=200, help="damaged checkpoint files")
+    parser.add_argument("--stops", type=int, default=10, help="stops of a sofo_ddp run per signal")
+    parser.add_argument("--pairs", type=int, default=20, help="pairs of runs started at the same moment")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     random.seed(0)
-    rows = []
+    rows, lab_rows = [], []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        for writer, name in (("lightning", "Lightning's TorchCheckpointIO (baseline)"), ("atomic", "AtomicCheckpointIO")):
-            runs, broken = kills_during_writes(args.kills, folder, writer)
-            rows.append((f"SIGKILL during a checkpoint write by {name}, TMPDIR on /dev/shm (another filesystem)",
-                         runs, f"{runs - broken} of {runs} left a whole checkpoint (the old or the new one)", broken))
-        reference_root = folder / "reference"
-        reference_root.mkdir()
-        sofo(FIT + ["--trainer.default_root_dir", str(reference_root)], reference_root).communicate(timeout=600)
-        reference = final_parameters(reference_root)
-        for name, number in (("SIGTERM", signal.SIGTERM), ("SIGINT (Ctrl-C)", signal.SIGINT), ("SIGKILL", signal.SIGKILL)):
-            runs, different = interrupted_fits(number, args.runs, reference, folder)
-            rows.append((f"`sofo fit` of a noisy network stopped by {name} at a random moment, then `--ckpt_path last`",
-                         runs, f"{runs - different} of {runs} ended bit-identical to the uninterrupted run", different))
-        runs, failed = truncated_newest(args.runs, folder)
-        rows.append(("newest checkpoint truncated at a random byte, then `--ckpt_path last`", runs,
-                     f"{runs - failed} of {runs} warned and resumed from the newest readable checkpoint", failed))
-        runs, unclear, changed = damaged_files(args.files, folder)
-        rows.append(("damaged or foreign checkpoint files (random bytes, truncated, a byte flipped, another "
-                     "library's, another config's)", runs, f"{runs - unclear} of {runs} refused naming the file (or, "
-                     "a byte flipped outside every checksum, loaded intact)", changed))
-    runs, unclear, changed = bad_batches()
-    rows.append(("batches that do not fit (float64 targets, empty, T = 0, all-zero or negative mask), SOFO and Adam",
-                 runs, f"{runs - unclear} of {runs} refused with an error naming the fix", changed))
+        if "writes" in args.cases:
+            for writer, name in (("lightning", "Lightning's TorchCheckpointIO (baseline)"),
+                                 ("atomic", "AtomicCheckpointIO")):
+                runs, broken = kills_during_writes(args.kills, folder, writer)
+                rows.append((f"SIGKILL during a checkpoint write by {name}, TMPDIR on /dev/shm (another filesystem)",
+                             runs, f"{runs - broken} of {runs} left a whole checkpoint (the old or the new one)",
+                             broken))
+        if "fits" in args.cases:
+            reference_root = folder / "reference"
+            reference_root.mkdir()
+            sofo(FIT + ["--trainer.default_root_dir", str(reference_root)], reference_root).communicate(timeout=600)
+            reference = final_parameters(reference_root)
+            for name, number in (("SIGTERM", signal.SIGTERM), ("SIGINT (Ctrl-C)", signal.SIGINT),
+                                 ("SIGKILL", signal.SIGKILL)):
+                runs, different = interrupted_fits(number, args.runs, reference, folder)
+                rows.append((f"`sofo fit` of a noisy network stopped by {name} at a random moment, then "
+                             "`--ckpt_path last`", runs,
+                             f"{runs - different} of {runs} ended bit-identical to the uninterrupted run", different))
+        if "truncated" in args.cases:
+            runs, failed = truncated_newest(args.runs, folder)
+            rows.append(("newest checkpoint truncated at a random byte, then `--ckpt_path last`", runs,
+                         f"{runs - failed} of {runs} warned and resumed from the newest readable checkpoint", failed))
+        if "damaged" in args.cases:
+            runs, unclear, changed = damaged_files(args.files, folder)
+            rows.append(("damaged or foreign checkpoint files (random bytes, truncated, a byte flipped, another "
+                         "library's, another config's)", runs, f"{runs - unclear} of {runs} refused naming the file "
+                         "(or, a byte flipped outside every checksum, loaded intact)", changed))
+        if "ddp" in args.cases:
+            for name, number in (("SIGTERM", signal.SIGTERM), ("SIGINT (Ctrl-C)", signal.SIGINT)):
+                runs, hung, wrong, seconds = ddp_stops(number, args.stops, folder)
+                spread = f"{min(seconds):.1f}-{max(seconds):.1f} s" if seconds else "none ended"
+                lab_rows.append((f"2-process `sofo fit --trainer.strategy sofo_ddp` stopped by {name} sent to the "
+                                 "whole job at a random moment", runs,
+                                 f"{runs - hung - wrong} of {runs} ended with status 0 on every rank within "
+                                 f"{STOP_BOUND_S:.0f} s ({spread} from the signal), last.ckpt at the step reported; "
+                                 f"{hung} hung or failed", wrong))
+        if "pairs" in args.cases:
+            runs, crossed = simultaneous_pairs(args.pairs, folder)
+            lab_rows.append(("two `sofo fit` runs of one config started at the same moment in one directory "
+                             "(lr 0.25 and 0.75)", runs, f"{runs - crossed} of {runs} pairs kept apart: two version "
+                             "folders, each with its own config.yaml and checkpoint", crossed))
+    if "batches" in args.cases:
+        runs, unclear, changed = bad_batches()
+        rows.append(("batches that do not fit (float64 targets, empty, T = 0, all-zero or negative mask), SOFO and "
+                     "Adam", runs, f"{runs - unclear} of {runs} refused with an error naming the fix", changed))
     import torch
 
-    lines = ["| case | runs | outcome | parameters or files corrupted |", "|---|---|---|---|"]
-    lines += [f"| {case} | {runs} | {outcome} | {bad} |" for case, runs, outcome, bad in rows]
-    text = (f"Measured by `python benchmarks/robustness.py --runs {args.runs}` on {platform.machine()} CPU, "
-            f"torch {torch.__version__}.\n\n" + "\n".join(lines))
-    print(text)
-    if not args.no_write:
-        from results import write_section
+    measured = (f"Measured by `python benchmarks/robustness.py {' '.join(sys.argv[1:])}` on {platform.machine()} "
+                f"CPU ({os.cpu_count()} cores), torch {torch.__version__}.\n\n")
+    header = ["| case | runs | outcome | parameters or files corrupted |", "|---|---|---|---|"]
+    for title, table in (("Robustness: interrupted runs and damaged checkpoints", rows),
+                         ("Robustness: stops under DDP and runs started together", lab_rows)):
+        if not table:
+            continue
+        text = measured + "\n".join(header + [f"| {case} | {runs} | {outcome} | {bad} |"
+                                              for case, runs, outcome, bad in table])
+        print(f"## {title}\n\n{text}\n")
+        if not args.no_write:
+            from results import write_section
 
-        write_section("Robustness: interrupted runs and damaged checkpoints", text)
+            write_section(title, text)
 
 
 if __name__ == "__main__":

@@ -463,9 +463,11 @@ class CheckpointOnInterrupt(L.Callback):
     """Stopping a run by SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) finishes the
     current step, writes the Trainer's last checkpoint (ModelCheckpoint's last.ckpt) at that step,
     and exits cleanly, so `--ckpt_path last` resumes exactly there. During fit, SIGINT is turned
-    into SIGTERM (Lightning's own graceful stop at a step boundary, on every rank); a second
-    Ctrl-C stops at once. SIGKILL cannot be caught: a run killed that way resumes from the last
-    checkpoint ModelCheckpoint wrote (checkpoints are written atomically, so that one is whole)."""
+    into SIGTERM (Lightning's own graceful stop at a step boundary); a second Ctrl-C stops at once.
+    Under sofo_ddp the strategy handles both signals itself (lightning_sofo.stopping) and this
+    callback stands aside. A FloatingPointError (SOFO's on_nonfinite="raise") also writes
+    last.ckpt first: the state of the last good step. SIGKILL cannot be caught: a run killed that
+    way resumes from the last checkpoint written (atomically, so that one is whole)."""
 
     def __init__(self):
         self._previous_handler = None
