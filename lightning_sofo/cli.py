@@ -370,6 +370,23 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as error:
         sys.stderr.write(f"sofo: error: {error}\n")
         raise SystemExit(2) from None
+    except Exception as error:  # noqa: BLE001  (jsonargparse wraps what a class raises when it is built)
+        missing = missing_extra(error)
+        if missing is None:  # not a missing optional extra: the traceback is the message
+            raise
+        sys.stderr.write(f"sofo: error: {missing}\n")  # one line naming the install command
+        raise SystemExit(2) from None
+
+
+def missing_extra(error: BaseException) -> ImportError | None:
+    """The ImportError naming a `pip install` command somewhere in `error`'s chain of causes, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ImportError) and "pip install" in str(error):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

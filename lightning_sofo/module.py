@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, get_args
 
 import lightning as L
 import torch
@@ -38,8 +38,8 @@ from lightning_sofo.optim import SketchOptimizer
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES = get_args(CompileMode)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradien
 MAX_DAMPING_RAISES = 5
 MAX_CYCLE_ENTRIES = 2**27  # P x (cycle length x K) numbers of one tangent cycle's basis (512 MiB in float32)
 SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
+
+
+OnNonfinite = Literal["skip", "raise", "increase_damping"]  # what a non-finite step does (the CLI checks it)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
 
-    def __init__(self, params: ParamsT, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: str = "skip",
+    def __init__(self, params: ParamsT, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: OnNonfinite = "skip",
                  memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None,
                  gradient_tangents: int = 0, gradient_decay: float = 0.9, tangent_basis: str = "orthonormal"):
         name = type(self).__name__
@@ -551,7 +554,7 @@ class SOFO(SketchOptimizer):
             scaled to unit length and not orthogonalised: the SOFO authors' own distribution).
     """
 
-    _nonfinite_policies = ("skip", "raise", "increase_damping")
+    _nonfinite_policies = get_args(OnNonfinite)
 
     def __init__(
         self,
@@ -562,7 +565,7 @@ class SOFO(SketchOptimizer):
         momentum: float = 0.0,
         seed: int = 0,
         initial_damping: float = 1e-3,
-        on_nonfinite: str = "skip",
+        on_nonfinite: OnNonfinite = "skip",
         memory: int = 0,
         orthogonal_cycles: bool | int = False,
         tangents_per_block: dict[str, int] | None = None,
@@ -660,7 +663,7 @@ class FGD(SketchOptimizer):
         momentum: float = 0.0,
         seed: int = 0,
         scale_by_dimension: bool = False,
-        on_nonfinite: str = "skip",
+        on_nonfinite: Literal["skip", "raise"] = "skip",
     ):
         if not isinstance(scale_by_dimension, bool):
             raise ValueError(f"FGD: scale_by_dimension must be True or False, got {scale_by_dimension!r}.")

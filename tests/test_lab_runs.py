@@ -193,3 +193,24 @@ def test_bool_targets_under_mse_are_refused_with_the_conversion():
     batch = {"inputs": torch.randn(4, 3), "targets": torch.ones(4, 2, dtype=torch.bool)}
     for message in _both_routes(model, batch):
         assert "loss='mse' takes real-valued targets" in message and "targets.float()" in message
+
+
+def test_a_missing_optional_extra_is_one_line_naming_the_install_command(tmp_path, capsys, monkeypatch):
+    from lightning_sofo.datamodules import neurogym_tasks
+
+    def missing():
+        raise ImportError('neurogym tasks need the optional dependency neurogym: pip install "lightning-sofo[neurogym]"')
+
+    monkeypatch.setattr(neurogym_tasks, "import_neurogym", missing)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", "neurogym_sofo", "--trainer.default_root_dir", str(tmp_path)])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("sofo: error: neurogym tasks need") and 'pip install "lightning-sofo[neurogym]"' in error[-1]
+    assert not any("Traceback" in line for line in error)
+
+
+def test_on_nonfinite_is_checked_by_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(tmp_path, 2, "--optimizer.init_args.on_nonfinite", "explode"))
+    assert "on_nonfinite" in capsys.readouterr().err
