@@ -5,28 +5,45 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_example_trains():
+def readme_example() -> str:
     readme = (ROOT / "README.md").read_text()
-    example = re.search(r"## Example\n\n```python\n(.*?)```", readme, re.S).group(1)
-    example = example.replace("max_steps=50", "max_steps=20, logger=False, enable_checkpointing=False")
-    namespace: dict = {}
-    exec(compile(example, "README.md", "exec"), namespace)
-    model_cls, batch = namespace["ContextNet"], namespace["batch"]
-    import torch
+    return re.search(r"## Example\n\n```python\n(.*?)```", readme, re.S).group(1)
 
-    torch.manual_seed(0)
-    model = model_cls()
-    start = model.compute_loss(batch).item()
+
+def test_readme_example_trains_as_written():
+    """The example exactly as printed (seeded): 50 SOFO steps end far below predicting zero."""
+    namespace: dict = {}
+    exec(compile(readme_example().replace("max_steps=50)", "max_steps=50, logger=False, enable_checkpointing=False)"),
+                 "README.md", "exec"), namespace)
+    batch = namespace["batch"]
+    assert "torch.manual_seed(0)" in readme_example()
+    # the fitted model is not bound to a name in the example: train it again from the same seed below
+    assert float((batch["targets"] ** 2).mean()) > 0.05
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_readme_example_succeeds_on_every_seed(seed):
+    """Over 5 seeds (weights and trials), 50 steps end at least 20x below the loss of predicting zero."""
     import lightning as L
+    import torch
     from torch.utils.data import DataLoader
 
-    L.Trainer(strategy="sofo", max_steps=20, logger=False, enable_checkpointing=False).fit(
-        model, DataLoader([batch], batch_size=None)
-    )
-    assert model.compute_loss(batch).item() < 0.5 * start
+    example = readme_example()
+    fit_line = next(line for line in example.splitlines() if line.startswith("L.Trainer("))
+    namespace: dict = {}
+    exec(compile(example.replace("torch.manual_seed(0)", f"torch.manual_seed({seed})").replace(fit_line, ""),
+                 "README.md", "exec"), namespace)
+    batch = namespace["batch"]
+    model = namespace["ContextNet"]()
+    L.Trainer(strategy="sofo", max_steps=50, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(model, DataLoader([batch], batch_size=None))
+    predicting_zero = float((batch["targets"] ** 2).mean())
+    assert model.compute_loss(batch).item() < predicting_zero / 20
 
 
 def test_ci_runs_the_readme_test_command():
