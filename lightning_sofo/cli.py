@@ -14,11 +14,15 @@ atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each va
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -358,15 +362,71 @@ def analyse_command(argv: list[str]) -> Path:
     return out
 
 
+THIRD_PARTY_NOISE = (  # warnings of the libraries under the command that say nothing about the user's run
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's pytree helper on torch 2.13
+    r".*No artists with labels found to put in legend.*",  # matplotlib, on a figure without a legend entry
+    r".*render_modes.*",  # gymnasium, on neurogym's environments
+    r".*The dirpath has changed from.*",  # ModelCheckpoint, on validate/test of an earlier run's checkpoint
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")  # Lightning's advertisements of its cloud services
+
+
+@contextlib.contextmanager
+def without_third_party_noise() -> Iterator[None]:
+    """While the `sofo` command runs (only then: the filters are removed after), drop the libraries'
+    output that says nothing about the run: Lightning's cloud tips and the warnings above."""
+    lightning_log, tips = logging.getLogger("lightning.pytorch.utilities.rank_zero"), _DropTips()
+    lightning_log.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message in THIRD_PARTY_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        lightning_log.removeFilter(tips)
+
+
+COMMANDS = {
+    "fit": "train a model on a task; --ckpt_path last resumes the newest run of the same config",
+    "validate": "evaluate a checkpoint on the task's validation set",
+    "test": "evaluate a checkpoint on the task's test set",
+    "predict": "write the test set's outputs, unit rates, inputs and targets to predictions.npz beside the run",
+    "analyse": "fixed points, linearised dynamics and PCA trajectories of a trained recurrent network",
+}
+
+
+def overview() -> str:
+    """`sofo --help`: every command in one line each, and the bundled configs."""
+    configs = sorted(path.stem for path in BUNDLED_CONFIGS.glob("*.yaml"))
+    lines = ["usage: sofo {" + ",".join(COMMANDS) + "} --config CONFIG [--section.option value ...]", "",
+             "Train and evaluate lightning_sofo models on their tasks (Lightning's CLI; SOFO, Adam or HF).", "",
+             "commands:"]
+    lines += [f"  {name:<10}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "`sofo COMMAND --help` lists a command's options. CONFIG is a YAML file, or one of the bundled",
+              "configs by name:", ""]
+    lines += ["  " + ", ".join(configs[i:i + 5]) for i in range(0, len(configs), 5)]
+    lines += ["", "example: sofo fit --config context_integration_sofo --trainer.max_steps 100", ""]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `sofo` console script: LightningCLI's subcommands, and `analyse`.
     A checkpoint that cannot be used ends the command with its message (exit status 2)."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv in ([], ["-h"], ["--help"]):
+        sys.stdout.write(overview())
+        return
     try:
         if argv[:1] == ["analyse"]:
-            analyse_command(argv[1:])
+            with without_third_party_noise():
+                analyse_command(argv[1:])
             return
-        SOFOCLI(args=resolve_config_paths(argv))
+        with without_third_party_noise():
+            SOFOCLI(args=resolve_config_paths(argv))
     except CheckpointError as error:
         sys.stderr.write(f"sofo: error: {error}\n")
         raise SystemExit(2) from None

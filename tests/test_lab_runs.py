@@ -214,3 +214,20 @@ def test_on_nonfinite_is_checked_by_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(fit_args(tmp_path, 2, "--optimizer.init_args.on_nonfinite", "explode"))
     assert "on_nonfinite" in capsys.readouterr().err
+
+
+def test_sofo_help_lists_every_command_in_whole_sentences(capsys):
+    main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "analyse"):
+        assert f"\n  {command} " in text
+    assert "context_integration_sofo" in text
+
+
+def test_the_command_drops_third_party_noise_and_only_while_it_runs(tmp_path, caplog, recwarn):
+    import logging
+
+    main(fit_args(tmp_path, 2))
+    assert "Tip:" not in caplog.text and "Done after 2 steps" in caplog.text
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message) or "No artists" in str(w.message)]
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").filters  # the filter is gone again
