@@ -19,3 +19,14 @@ def test_docs_build_strictly(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "index.html").is_file() and (tmp_path / "resuming" / "index.html").is_file()
+
+
+def test_the_cli_page_lists_every_bundled_config():
+    import re
+
+    from lightning_sofo.cli import BUNDLED_CONFIGS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    table = page[page.index("| task | configs |"):].split("\n\n")[0]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", table))
+    assert listed == {path.stem for path in BUNDLED_CONFIGS.glob("*.yaml")}
