@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from lightning_sofo.arguments import PositiveInt, require
-
-Params = Mapping[str, Tensor]
+from lightning_sofo.functional import Params
 Operator = Callable[[Tensor], Tensor]  # a symmetric P x P matrix, as v (P,) -> M v (P,)
 
 

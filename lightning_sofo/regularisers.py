@@ -22,7 +22,7 @@ Hessian then enters G~ as it is and the solve clamps negative eigenvalues of G~.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from torch.func import grad, jvp, vmap
 
 from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, require
 from lightning_sofo.functional import (
+    Params,
     Sketch,
     parameter_penalty_sketch,
     smooth_l1,
@@ -38,8 +39,6 @@ from lightning_sofo.functional import (
     weight_penalty_sketch,
 )
 from lightning_sofo.losses import require_scalar
-
-Params = Mapping[str, Tensor]
 
 
 class RatePenalty:
