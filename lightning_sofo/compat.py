@@ -1,4 +1,4 @@
-"""The one place lightning_sofo touches a private Lightning name.
+"""The one place lightning_sofo touches private Lightning names.
 
 Checked against the Lightning range pinned in pyproject.toml (2.6.x); tests/test_cli.py fails,
 naming the method, if a Lightning release removes or renames it.
@@ -9,6 +9,14 @@ naming the method, if a Lightning release removes or renames it.
   public switch for this; `ConfigWinsOverCheckpoint` turns it off, and the `sofo` command then
   checks the checkpoint against the run's own config instead (lightning_sofo.cli).
 
+- `LightningModule._trainer`: whether a module is attached to a Trainer. The public `trainer`
+  property raises when it is not, and a SOFOModule also runs outside a Trainer (a plain torch loop,
+  the benchmarks), so `attached_trainer` reads the attribute.
+- `SingleDeviceStrategy._root_device`: the device given to `SOFOStrategy(device=...)` explicitly,
+  which its `root_device` property must return instead of the Trainer's choice (`explicit_device`).
+
+tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning name.
+
 One behaviour without a private name is relied on as well: Lightning's accelerator connector fills
 the `parallel_devices` attribute of any strategy that has one (as it does for its own parallel
 strategies), which is how `strategy="sofo"` learns the device of `accelerator=` / `devices=`
@@ -17,9 +25,23 @@ strategies), which is how `strategy="sofo"` learns the device of `accelerator=` 
 
 from __future__ import annotations
 
+import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 PRIVATE_NAMES = {LightningCLI: ("_parse_ckpt_path",)}  # what this module overrides, for the test
+PRIVATE_ATTRIBUTES = {L.LightningModule: "_trainer", SingleDeviceStrategy: "_root_device"}  # read, for the test
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The Trainer `module` is attached to, or None outside one."""
+    return module._trainer
+
+
+def explicit_device(strategy: SingleDeviceStrategy) -> torch.device:
+    """The device a single-device strategy was built with."""
+    return strategy._root_device
 
 
 class ConfigWinsOverCheckpoint(LightningCLI):

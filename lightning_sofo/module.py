@@ -24,6 +24,7 @@ from lightning_sofo.batches import (
     unpack_batch,
 )
 from lightning_sofo.calls import PureFunctionCheck, functional_method
+from lightning_sofo.compat import attached_trainer
 from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.functional import (
@@ -250,7 +251,7 @@ class SOFOModule(L.LightningModule):
         return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        attached = self._trainer is not None
+        attached = attached_trainer(self) is not None
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
         step, stream = self.trainer.global_step if attached else 0, f"train/{micro_batch}"
         for optimizer in self.trainer.optimizers if attached else []:
@@ -318,13 +319,13 @@ class SOFOModule(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         inputs, _, _ = unpack_batch(batch)
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = self.trainer.global_step if attached_trainer(self) is not None else 0
         with self.noise_draws(step, stream=f"predict/{batch_idx}"):
             return self(inputs)
 
     def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
-        step = self.trainer.global_step if self._trainer is not None else 0
+        step = self.trainer.global_step if attached_trainer(self) is not None else 0
         with self.noise_draws(step, stream=f"{stage}/{batch_idx}"):
             outputs, loss = self._outputs_and_loss(batch)
         # sync_dist: under sofo_ddp each rank scores its share of the validation set
@@ -338,7 +339,7 @@ class SOFOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the model against the task (input and output sizes, loss) and take the
         task's metrics, when the Trainer runs with a DataModule that declares them."""
-        task = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        task = getattr(self.trainer, "datamodule", None) if attached_trainer(self) is not None else None
         if task is None:
             return
         for size in ("input_size", "output_size"):
@@ -442,7 +443,7 @@ class SOFOModule(L.LightningModule):
         step, process rank, stream): a resumed run draws exactly the noise an uninterrupted one
         would, and under sofo_ddp each rank draws its own. torch's global generator is
         restored on exit, so the rest of the program's random stream is not touched."""
-        rank = self.global_rank if self._trainer is not None else 0
+        rank = self.global_rank if attached_trainer(self) is not None else 0
         key = f"{self.noise_seed}/{step}/{rank}/{stream}".encode()
         seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
         device = self.device
@@ -452,7 +453,7 @@ class SOFOModule(L.LightningModule):
             yield
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        optimizers = self.trainer.optimizers if attached_trainer(self) is not None else []
         checkpoint[checkpoints.METADATA_KEY] = {
             **checkpoints.metadata(self, optimizers), "noise_seed": self.noise_seed,
             "configured_groups": self.__dict__.get("_configured_groups"),  # the config this run was given
@@ -462,7 +463,7 @@ class SOFOModule(L.LightningModule):
         metadata = checkpoint.get(checkpoints.METADATA_KEY, {})
         if metadata.get("noise_seed") is not None:
             self.noise_seed = metadata["noise_seed"]
-        if self._trainer is None:  # load_from_checkpoint: Lightning's own (strict or not) load decides
+        if attached_trainer(self) is None:  # load_from_checkpoint: Lightning's own (strict or not) load decides
             return
         if self.strict_loading:
             checkpoints.check_matches(self, checkpoint, self.trainer.ckpt_path)

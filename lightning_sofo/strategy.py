@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
 from lightning_sofo.checkpoints import AtomicCheckpointIO
+from lightning_sofo.compat import explicit_device
 from lightning_sofo.stopping import GracefulStop
 from lightning_sofo.functional import Sketch
 from lightning_sofo.batches import nothing_scored_error, unpack_batch
@@ -135,7 +136,7 @@ class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
     @property
     def root_device(self) -> torch.device:
         if self._explicit_device or not self.parallel_devices:
-            return self._root_device
+            return explicit_device(self)
         return torch.device(self.parallel_devices[0])
 
     def setup(self, trainer: L.Trainer) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -287,3 +288,8 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
         if source.name != "compat.py":
             text = source.read_text()
             assert not re.search(r"def _parse_ckpt_path|lightning\S*\._[a-z]", text), f"private Lightning name in {source}"
+            assert not re.search(r"\._trainer\b|\._root_device\b", text), f"private Lightning attribute in {source}"
+    module = L.LightningModule()
+    for owner, attribute in compat.PRIVATE_ATTRIBUTES.items():
+        instance = module if owner is L.LightningModule else owner(device="cpu")
+        assert hasattr(instance, attribute), f"{owner.__name__}.{attribute} is gone from Lightning: update compat."
