@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import signal
+import textwrap
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -581,7 +582,8 @@ def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_inpu
     conditions = task.conditions(batch)[:n_trials] if hasattr(task, "conditions") else None
     analysis = analyse(module, inputs, conditions, constant_input, free=state, starts=starts, start_noise=0.5)
     title = f"{type(task).__name__ if task is not None else ''}: {analysis.fixed_points.summary()}"
-    figures = {"analysis/fixed_points": plot_fixed_points(analysis, title=title[:90]),
+    title = textwrap.fill(title, width=70)  # wrapped, not cut: a 7-inch figure holds about 70 characters a line
+    figures = {"analysis/fixed_points": plot_fixed_points(analysis, title=title),
                "analysis/eigenvalues": plot_eigenvalues(analysis.fixed_points)}
     return analysis, figures
 
