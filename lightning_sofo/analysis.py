@@ -399,7 +399,7 @@ def pca(rates: Tensor, components: int = 3) -> PCA:
     return PCA(mean, right[:k], variance[:k] / variance.sum().clamp_min(1e-300))
 
 
-def trajectories(module: nn.Module, inputs: Tensor, free: str | tuple[int, ...] = "all"
+def trajectories(module: nn.Module, inputs: Tensor, free: str | tuple[int, ...] = "all", initial_state: Any = None
                  ) -> tuple[Tensor, Tensor, StateLayout, list[Tensor]]:
     """The module over a batch of inputs (B, T, I), eval mode: (states (B, T, D), rates (B, T, N),
     layout, held). states are the flat free part of each state (the state itself when it is a
@@ -410,7 +410,7 @@ def trajectories(module: nn.Module, inputs: Tensor, free: str | tuple[int, ...] 
     module.eval()
     try:
         with torch.no_grad():
-            _, visited = module.unroll(inputs, return_states=True)
+            _, visited = module.unroll(inputs, return_states=True, initial_state=initial_state)
     finally:
         module.train(was_training)
     layout = StateLayout.of(visited[0], free)
@@ -474,12 +474,14 @@ class Analysis:
 
 
 def analyse(module: nn.Module, inputs: Tensor, conditions: Tensor | None = None, constant_input: Tensor | None = None,
-            components: int = 3, free: str | tuple[int, ...] = "all", **solver: Any) -> Analysis:
+            components: int = 3, free: str | tuple[int, ...] = "all", initial_state: Any = None,
+            **solver: Any) -> Analysis:
     """Trajectories of a batch (inputs (B, T, I)), their PCA, and the fixed points at a constant
     input (zeros by default) found from the visited states; `solver` goes to find_fixed_points.
     free: which parts of a structured state are solved for ("all", "network" = the first
-    tensor, e.g. an arm controller's network with the body held at its average; see StateLayout.of)."""
-    states, rates, layout, held = trajectories(module, inputs, free)
+    tensor, e.g. an arm controller's network with the body held at its average; see StateLayout.of).
+    initial_state: the trials' own h_0 (a batch's "initial_state"), else the module's."""
+    states, rates, layout, held = trajectories(module, inputs, free, initial_state)
     points = find_fixed_points(module, states, constant_input, layout=layout, held=held, **solver)
     rate_of = getattr(module, "hidden_rates", None)
     if rate_of is not None:

@@ -31,6 +31,14 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     )
 
 
+def given_initial_state(batch: Any) -> Any | None:
+    """The trials' own initial state h_0, when a dict batch carries one under "initial_state" (a
+    tensor (B, N), or a pytree of tensors shaped as the model's state); None otherwise, and the
+    model starts from its `initial_state(batch_size)`. A given h_0 is data: SOFO's tangents and
+    backpropagation do not move it."""
+    return batch.get("initial_state") if isinstance(batch, dict) else None
+
+
 def check_finite(**tensors: Tensor | None) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():

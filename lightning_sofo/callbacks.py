@@ -15,9 +15,11 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
+from torch.utils._pytree import tree_map
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lightning_sofo.batches import given_initial_state
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.psychometrics import plot_chronometric, plot_psychometric
 
@@ -45,10 +47,10 @@ class TrialFigures(L.Callback):
         task = trainer.datamodule
         if (self.validations - 1) % self.every or not hasattr(task, "plot_trial"):
             return
-        batch = {key: value[: self.n_trials] for key, value in task.fixed_set("val")[0].items()}
+        batch = tree_map(lambda value: value[: self.n_trials], dict(task.fixed_set("val")[0]))
         batch = on_model(module, batch)
         with torch.no_grad():
-            outputs, rates = trial_outputs(module, batch["inputs"])
+            outputs, rates = trial_outputs(module, batch["inputs"], given_initial_state(batch))
         for index in range(min(self.n_trials, batch["inputs"].shape[0])):
             figure = task.plot_trial(batch, outputs, rates, index=index)
             self._log(trainer, figure, f"trials/{index}")
@@ -109,12 +111,14 @@ def plot_decision_curve(name: str, curve: Any, title: str):
     return plot_chronometric(curve, title=title, xlabel="coherence (%)")
 
 
-def trial_outputs(module: L.LightningModule, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Outputs (B, T, O) and, for recurrent modules, unit rates (B, T, N)."""
+def trial_outputs(module: L.LightningModule, inputs: torch.Tensor,
+                  initial_state: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Outputs (B, T, O) and, for recurrent modules, unit rates (B, T, N), from `initial_state` (the
+    trials' own h_0) or the module's."""
     if getattr(module, "is_recurrent", False):
         if hasattr(module, "hidden_rates"):
-            return module.unroll_with_rates(inputs)
-        outputs, states = module.unroll(inputs, return_states=True)
+            return module.unroll_with_rates(inputs, initial_state=initial_state)
+        outputs, states = module.unroll(inputs, return_states=True, initial_state=initial_state)
         if isinstance(states[0], torch.Tensor):
             return outputs, torch.stack(states, dim=1)
         return outputs, None
@@ -148,7 +152,7 @@ class PredictionsToFile(BasePredictionWriter):
         step = trainer.global_step
         noise = getattr(pl_module, "noise_draws", None)
         with torch.no_grad(), (noise(step, stream=f"predict/{batch_idx}") if noise else contextlib.nullcontext()):
-            outputs, rates = trial_outputs(pl_module, inputs)
+            outputs, rates = trial_outputs(pl_module, inputs, given_initial_state(batch))
         part = {"outputs": outputs}
         if rates is not None:
             part["rates"] = rates
@@ -580,7 +584,10 @@ def analyse_batch(module, batch, task, n_trials: int, starts: int, constant_inpu
     inputs = batch["inputs"] if isinstance(batch, dict) else batch[0]
     inputs = inputs[:n_trials].to(module.device)
     conditions = task.conditions(batch)[:n_trials] if hasattr(task, "conditions") else None
-    analysis = analyse(module, inputs, conditions, constant_input, free=state, starts=starts, start_noise=0.5)
+    start = given_initial_state(batch)
+    start = None if start is None else tree_map(lambda leaf: leaf[:n_trials].to(module.device), start)
+    analysis = analyse(module, inputs, conditions, constant_input, free=state, starts=starts, start_noise=0.5,
+                       initial_state=start)
     title = f"{type(task).__name__ if task is not None else ''}: {analysis.fixed_points.summary()}"
     title = textwrap.fill(title, width=70)  # wrapped, not cut: a 7-inch figure holds about 70 characters a line
     figures = {"analysis/fixed_points": plot_fixed_points(analysis, title=title),

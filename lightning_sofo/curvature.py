@@ -75,6 +75,7 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     from lightning_sofo.functional import recurrent_loss
 
     inputs, targets, mask = module.validated_batch(batch)
+    given_start = module.checked_initial_state(batch) if hasattr(module, "checked_initial_state") else None
     everything = {name: p.detach() for name, p in module.named_parameters()}
     chosen = _select(module, everything, parameters)
     fixed = {name: p for name, p in everything.items() if name not in chosen}
@@ -85,7 +86,12 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
         return {**fixed, **params}
 
     def outputs(params: Params) -> Tensor:
-        return functions["forward"](full(params), inputs)
+        if given_start is None:
+            return functions["forward"](full(params), inputs)
+        return functions["forward"](full(params), inputs, given_start)
+
+    def start(params: Params) -> Any:  # h_0: the trials' own, or the model's as a function of the parameters
+        return given_start if given_start is not None else functions["initial_state"](params, inputs.shape[0])
 
     def output_loss(y: Tensor) -> Tensor:
         return loss_fn(y, targets, mask)
@@ -93,7 +99,7 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     def loss(params: Params) -> Tensor:
         if not module.is_recurrent:
             return output_loss(outputs(params))
-        return recurrent_loss(lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
+        return recurrent_loss(start, functions["step"],
                               full(params), inputs, targets, loss_fn, mask, window_steps=window_steps)
 
     return BatchLoss(chosen, loss, outputs, output_loss)

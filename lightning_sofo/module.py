@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.utils._pytree import tree_leaves
 
 from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
@@ -20,6 +21,7 @@ from lightning_sofo.batches import (
     check_finite,
     check_mask,
     check_sequence,
+    given_initial_state,
     nothing_scored_error,
     unpack_batch,
 )
@@ -191,20 +193,23 @@ class SOFOModule(L.LightningModule):
     def is_recurrent(self) -> bool:
         return type(self).step is not SOFOModule.step
 
-    def forward(self, inputs: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, initial_state: Any = None) -> Tensor:
+        """Outputs (B, T, O) of a recurrent model over inputs (B, T, I), from `initial_state` (the
+        trials' own h_0) or, when None, from the model's initial_state(B)."""
         if not self.is_recurrent:
             raise NotImplementedError(
                 f"{type(self).__name__} implements neither forward(inputs) (feed-forward) nor "
                 "initial_state(batch_size) and step(state, inputs_t) (recurrent); implement one of the two."
             )
-        return self.unroll(inputs)
+        return self.unroll(inputs, initial_state=initial_state)
 
-    def unroll(self, inputs: Tensor, return_states: bool = False) -> Tensor | tuple[Tensor, list[Any]]:
-        """Run `step` over inputs (B, T, I); returns outputs (B, T, O), and with
-        return_states also the list of the T states after each step. `state_perturbation`, when
-        set, changes the state before each step."""
+    def unroll(self, inputs: Tensor, return_states: bool = False,
+               initial_state: Any = None) -> Tensor | tuple[Tensor, list[Any]]:
+        """Run `step` over inputs (B, T, I) from `initial_state` (default: the model's
+        initial_state(B)); returns outputs (B, T, O), and with return_states also the list of the
+        T states after each step. `state_perturbation`, when set, changes the state before each step."""
         check_sequence(type(self).__name__, inputs, getattr(self, "input_size", None))
-        state = self.initial_state(inputs.shape[0])
+        state = self.initial_state(inputs.shape[0]) if initial_state is None else initial_state
         outputs, states = [], []
         for t in range(inputs.shape[1]):
             if self.state_perturbation is not None:
@@ -216,10 +221,10 @@ class SOFOModule(L.LightningModule):
         outputs = torch.stack(outputs, dim=1)
         return (outputs, states) if return_states else outputs
 
-    def unroll_with_rates(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+    def unroll_with_rates(self, inputs: Tensor, initial_state: Any = None) -> tuple[Tensor, Tensor]:
         """`unroll` over inputs (B, T, I), with the rates after each step: outputs (B, T, O) and
         hidden_rates of the T states (B, T, N). Needs a model that defines hidden_rates."""
-        outputs, states = self.unroll(inputs, return_states=True)
+        outputs, states = self.unroll(inputs, return_states=True, initial_state=initial_state)
         return outputs, torch.stack([self.hidden_rates(state) for state in states], dim=1)
 
     def check_batch(self, inputs: Tensor, targets: Tensor, mask: Tensor | None) -> None:
@@ -245,9 +250,30 @@ class SOFOModule(L.LightningModule):
             raise nothing_scored_error()  # (an empty batch, or T = 0, gets its own error from the model)
         return inputs, targets, mask
 
+    def outputs_of(self, batch: Any) -> Tensor:
+        """The model's outputs on a batch's inputs, from the trials' own h_0 when the batch gives one."""
+        inputs, _, _ = unpack_batch(batch)
+        start = self.checked_initial_state(batch)
+        return self(inputs) if start is None else self(inputs, initial_state=start)
+
+    def checked_initial_state(self, batch: Any) -> Any | None:
+        """batch["initial_state"], checked against this model (recurrent, one state per trial), or None."""
+        start = given_initial_state(batch)
+        if start is None:
+            return None
+        if not self.is_recurrent:
+            raise ValueError(f"the batch gives an initial_state, but {type(self).__name__} is feed-forward (it has no "
+                             "state); drop the batch's 'initial_state'.")
+        inputs, _, _ = unpack_batch(batch)
+        for leaf in tree_leaves(start):
+            if not isinstance(leaf, Tensor) or leaf.shape[:1] != inputs.shape[:1]:
+                raise ValueError(f"the batch's initial_state must hold one state per trial (leading dimension B = "
+                                 f"{inputs.shape[0]}, as the inputs); got {getattr(leaf, 'shape', type(leaf).__name__)}.")
+        return start
+
     def _outputs_and_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         inputs, targets, mask = self.validated_batch(batch)
-        outputs = self(inputs)
+        outputs = self.outputs_of(batch)
         return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -302,7 +328,7 @@ class SOFOModule(L.LightningModule):
         and by SOFO in its sketches (sketch_function)."""
         if self.rate_penalties:
             inputs, targets, mask = self.validated_batch(batch)
-            outputs, rates = self.unroll_with_rates(inputs)
+            outputs, rates = self.unroll_with_rates(inputs, initial_state=self.checked_initial_state(batch))
             loss = PenalisedLoss(self.loss_fn, self.rate_penalties)((outputs, rates), targets, mask)
         else:
             loss = self.compute_loss(batch)
@@ -318,10 +344,9 @@ class SOFOModule(L.LightningModule):
         return self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        inputs, _, _ = unpack_batch(batch)
         step = self.trainer.global_step if attached_trainer(self) is not None else 0
         with self.noise_draws(step, stream=f"predict/{batch_idx}"):
-            return self(inputs)
+            return self.outputs_of(batch)
 
     def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
@@ -502,6 +527,7 @@ class SOFOModule(L.LightningModule):
         buffers, stay constant. require_scored: as in validated_batch (False for one rank's shard).
         """
         inputs, targets, mask = self.validated_batch(batch, require_scored)
+        given_start = self.checked_initial_state(batch)
         names = {id(p): name for name, p in self.named_parameters()}
         optimized = optimizer.named_params()
         foreign = [key for key, p in optimized.items() if id(p) not in names]
@@ -534,12 +560,17 @@ class SOFOModule(L.LightningModule):
         def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
             functions = {name: self.functional(name) for name in ("initial_state", "forward")}
             functions["step"] = self.functional(step_name)
+            batch_size = inputs.shape[0]
+
+            def start(p):  # h_0: the trials' own (data: no tangent), or the model's as a function of p
+                return given_start if given_start is not None else functions["initial_state"](p, batch_size)
+
             if tangents is None:  # the loss alone, by the same (compiled) time loop
                 with torch.no_grad(), PureFunctionCheck(self, primals):
                     if not self.is_recurrent:
                         return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
                     return recurrent_loss(
-                        lambda p: functions["initial_state"](p, inputs.shape[0]), functions["step"],
+                        start, functions["step"],
                         primals, inputs, targets, loss_fn, mask,
                         compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
                         compile_mode=self.compile_mode,
@@ -547,9 +578,8 @@ class SOFOModule(L.LightningModule):
             named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
             with PureFunctionCheck(self, primals):
                 if self.is_recurrent:
-                    batch_size = inputs.shape[0]
                     return recurrent_sketch(
-                        lambda p: functions["initial_state"](p, batch_size),
+                        start,
                         functions["step"],
                         primals, named_tangents, inputs, targets, loss_fn, mask,
                         compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
