@@ -64,7 +64,7 @@ def train(method: str, steps: int, seed: int = 0, reaction_time: bool = False):
 def main():
     import torch
 
-    from lightning_sofo.callbacks import decision_curves
+    from lightning_sofo.trials import decision_curves
     from lightning_sofo.psychometrics import plot_psychometric
     from results import write_section
 
@@ -106,7 +106,7 @@ def main():
 def chronometric(args) -> None:
     import torch
 
-    from lightning_sofo.callbacks import decision_curves
+    from lightning_sofo.trials import decision_curves
     from lightning_sofo.psychometrics import plot_chronometric, plot_psychometric
     from results import write_section
 

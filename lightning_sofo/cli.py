@@ -307,7 +307,7 @@ def analyse_command(argv: list[str]) -> Path:
 
     import torch
 
-    from lightning_sofo.callbacks import analyse_batch, decision_curves, first_validation_batch, plot_decision_curve
+    from lightning_sofo.trials import analyse_batch, decision_curves, first_validation_batch, plot_decision_curve
 
     def positive(text: str) -> int:
         value = int(text)

@@ -15,7 +15,8 @@ neurogym = pytest.importorskip("neurogym")
 from lightning_sofo.datamodules import NeurogymTask  # noqa: E402
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
-from lightning_sofo.callbacks import TrialFigures, decision_curves, psychometric_curve  # noqa: E402
+from lightning_sofo.callbacks import TrialFigures  # noqa: E402
+from lightning_sofo.trials import decision_curves, psychometric_curve  # noqa: E402
 from lightning_sofo.psychometrics import (  # noqa: E402
     decision_choices,
     decision_times,
