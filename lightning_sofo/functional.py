@@ -81,7 +81,7 @@ class SketchedLoss(Protocol):
 # --------------------------------------------------------------------------- #
 # 1. Tangents
 # --------------------------------------------------------------------------- #
-def tangent_count(params: Params, tangents: int, reserved: int = 0) -> int:
+def usable_tangent_count(params: Params, tangents: int, reserved: int = 0) -> int:
     """K clamped to P - reserved (more than P orthonormal directions do not exist; `reserved`
     columns are taken by other directions, e.g. SOFO's memory), with a warning."""
     num_params = sum(p.numel() for p in params.values())
@@ -113,7 +113,7 @@ def sample_tangents(params: Params, tangents: int, generator: torch.Generator) -
     (reduced QR), so that V^T V = I_K. Returns {name: (K, *param.shape)}, each
     contiguous, in the parameters' dtype and on their device.
     """
-    k = tangent_count(params, tangents)
+    k = usable_tangent_count(params, tangents)
     return split_tangents(params, orthonormal_columns(gaussian_columns(params, k, generator)))
 
 
@@ -364,7 +364,7 @@ def recurrent_sketch(
     state, state_tangents = batched_jvp(initial_state, (params,), (tangents,), (True,))
     # h_0 is often an expanded view (h0.expand(B, N)); forward mode needs its own memory
     state, state_tangents = tree_map(torch.Tensor.contiguous, (state, state_tangents))
-    tangent_chunk = resolve_tangent_chunk(tangent_chunk, state, tangent_count_of(tangents))
+    tangent_chunk = resolve_tangent_chunk(tangent_chunk, state, count_tangents(tangents))
     steps = step_loop(step)
 
     normaliser = loss.normaliser(targets, mask)
@@ -430,7 +430,7 @@ def _accumulated(term: Sketch, dtype: torch.dtype | None) -> Sketch:
     return Sketch(term.loss.to(dtype), term.grad.to(dtype), term.ggn.to(dtype))
 
 
-def tangent_count_of(tangents: Params) -> int:
+def count_tangents(tangents: Params) -> int:
     """K, the leading dimension of a tangent dict."""
     return next(iter(tangents.values())).shape[0]
 
@@ -444,7 +444,7 @@ def _in_tangent_chunks(run, size: int, steps, params, tangents, state, state_tan
     primal run, repeated per chunk, is identical), and the last advances it as one run would."""
     if not size:
         return run(steps, params, tangents, state, state_tangents, inputs)
-    k = tangent_count_of(tangents)
+    k = count_tangents(tangents)
     devices = [t.device for t in tree_leaves(state) if t.device.type == "cuda"][:1]
     parts = []
     for start in range(0, k, size):
@@ -507,7 +507,7 @@ def recurrent_loss(
     normaliser = loss.normaliser(targets, mask)
     total = torch.zeros((), dtype=targets.dtype if targets.is_floating_point() else inputs.dtype, device=inputs.device)
     steps = step_loop(step)
-    for window, run in _windows(horizon, chunk, compile_steps, "primal_steps", _run_steps, compile_mode):
+    for window, run in _windows(horizon, chunk, compile_steps, "run_steps", _run_steps, compile_mode):
         state, outputs = run(steps, params, state, inputs[:, window])
         total = total + loss.window_loss(outputs, targets[:, window], None if mask is None else mask[:, window],
                                          normaliser)

@@ -35,7 +35,7 @@ from lightning_sofo.functional import (
     solve_subspace,
     split_tangents,
     step_generator,
-    tangent_count,
+    usable_tangent_count,
 )
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
@@ -345,7 +345,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         params = self.named_params() if params is None else params
         name = type(self).__name__
         generator = step_generator(self.seed, self.step_count, next(iter(params.values())).device)
-        k = tangent_count(params, self.tangents, self.memory + self.gradient_tangents)
+        k = usable_tangent_count(params, self.tangents, self.memory + self.gradient_tangents)
         columns = []
         if self.tangents_per_block:
             named = self._named(params)

@@ -185,21 +185,21 @@ class PenalisedLoss:
     (y_t, r_t) and their tangents the pair (dy_t, dr_t) (SOFOModule.step_with_rates).
     The normaliser is the pair (the task's n, T), so every window's share is exact."""
 
-    def __init__(self, task, rate_penalties: list[RatePenalty]):
-        self.task = task
+    def __init__(self, loss, rate_penalties: list[RatePenalty]):
+        self.loss = loss  # the task's loss on the outputs (MaskedMSE, MaskedCrossEntropy, CallableLoss)
         self.rate_penalties = list(rate_penalties)
-        self.per_step = task.per_step
+        self.per_step = loss.per_step
 
     def broadcast_mask(self, targets: Tensor, mask: Tensor | None) -> Tensor | None:
-        return self.task.broadcast_mask(targets, mask)
+        return self.loss.broadcast_mask(targets, mask)
 
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        count = self.task.normaliser(targets, mask)
+        count = self.loss.normaliser(targets, mask)
         return count, torch.tensor(float(targets.shape[1]), dtype=count.dtype, device=count.device)
 
     def window_loss(self, outputs, targets: Tensor, mask: Tensor | None, normaliser) -> Tensor:
         (y, rates), (count, horizon) = outputs, normaliser
-        return self.task.window_loss(y, targets, mask, count) + sum(
+        return self.loss.window_loss(y, targets, mask, count) + sum(
             penalty.window_value(rates, horizon) for penalty in self.rate_penalties)
 
     def __call__(self, outputs, targets: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -208,7 +208,7 @@ class PenalisedLoss:
 
     def sketch(self, outputs, output_tangents, targets: Tensor, mask: Tensor | None, normaliser) -> Sketch:
         (y, rates), (dy, rate_tangents), (count, horizon) = outputs, output_tangents, normaliser
-        total = self.task.sketch(y, dy, targets, mask, count)
+        total = self.loss.sketch(y, dy, targets, mask, count)
         for penalty in self.rate_penalties:
             total = total + penalty.sketch(rates, rate_tangents, horizon)
         return total
