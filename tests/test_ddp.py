@@ -157,7 +157,7 @@ def test_torchrun_on_two_nodes_takes_the_steps_of_one_process(straight, tmp_path
                  base) for node in (0, 1)]
     ddp = launch_two_nodes(tmp_path, "torchrun.pt", commands)
     assert ddp["cluster_environment"] == "TorchElasticEnvironment" and ddp["world_size"] == 2
-    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 2] * 3
+    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 3] * 3
     assert_same_parameters(ddp["params"], single["params"])
 
 
@@ -177,5 +177,5 @@ def test_slurm_tasks_on_two_nodes_take_the_steps_of_one_process(straight, tmp_pa
                           "--num-nodes", "2"], env))
     ddp = launch_two_nodes(tmp_path, "slurm.pt", commands)
     assert ddp["cluster_environment"] == "SLURMEnvironment" and ddp["world_size"] == 2
-    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 2] * 3
+    assert ddp["step_count"] == 3 and ddp["traffic_per_step"] == [K + K * K + 3] * 3
     assert_same_parameters(ddp["params"], single["params"])
