@@ -46,6 +46,12 @@ SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 OnNonfinite = Literal["skip", "raise", "increase_damping"]  # what a non-finite step does (the CLI checks it)
 
+REQUIRED = object()
+# The settings of SketchOptimizer that a checkpoint records and a resumed run takes from its own config
+# (load_state_dict lists the changes), with the value an older checkpoint that lacks one was run with.
+SETTINGS = {"seed": REQUIRED, "tangents": REQUIRED, "momentum": 0.0, "memory": 0, "orthogonal_cycles": False,
+            "gradient_tangents": 0, "gradient_decay": 0.9, "tangent_basis": "orthonormal"}
+
 
 @dataclass(frozen=True)
 class StepInfo:
@@ -440,19 +446,12 @@ class SketchOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["sofo"] = dict(
-            seed=self.seed,
             step_count=self.step_count,
             skipped_steps=self.skipped_steps,
             rejected_steps=self.rejected_steps,
             nonfinite_steps=self.nonfinite_steps,
             last_nonfinite_step=self.last_nonfinite_step,
-            tangents=self.tangents,
-            memory=self.memory,
-            orthogonal_cycles=self.orthogonal_cycles,
-            momentum=self.momentum,
-            gradient_tangents=self.gradient_tangents,
-            gradient_decay=self.gradient_decay,
-            tangent_basis=self.tangent_basis,
+            **{name: getattr(self, name) for name in SETTINGS},
             **self._extra_state(),
         )
         return state
@@ -478,10 +477,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.rejected_steps = sofo.get("rejected_steps", 0)
         self.nonfinite_steps = sofo.get("nonfinite_steps", 0)
         self.last_nonfinite_step = sofo.get("last_nonfinite_step", -1)
-        saved = {"seed": sofo["seed"], "tangents": sofo["tangents"], "momentum": sofo.get("momentum", 0.0),
-                 "memory": sofo.get("memory", 0), "orthogonal_cycles": sofo.get("orthogonal_cycles", False),
-                 "gradient_tangents": sofo.get("gradient_tangents", 0), "gradient_decay": sofo.get("gradient_decay", 0.9),
-                 "tangent_basis": sofo.get("tangent_basis", "orthonormal"), **self._saved_settings(sofo)}
+        saved = {name: sofo[name] if default is REQUIRED else sofo.get(name, default)
+                 for name, default in SETTINGS.items()} | self._saved_settings(sofo)
         now = self.settings()
         self.settings_changed_on_load = {name: (value, now[name]) for name, value in saved.items() if value != now[name]}
         if not self.momentum:  # a velocity saved by a run with momentum has no use here
@@ -498,9 +495,7 @@ class SketchOptimizer(torch.optim.Optimizer):
 
     def settings(self) -> dict:
         """The settings a resumed run takes from its own construction (see load_state_dict)."""
-        return {"seed": self.seed, "tangents": self.tangents, "momentum": self.momentum, "memory": self.memory,
-                "orthogonal_cycles": self.orthogonal_cycles, "gradient_tangents": self.gradient_tangents,
-                "gradient_decay": self.gradient_decay, "tangent_basis": self.tangent_basis}
+        return {name: getattr(self, name) for name in SETTINGS}
 
     def _saved_settings(self, sofo: dict) -> dict:
         return {}
