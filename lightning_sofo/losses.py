@@ -50,7 +50,19 @@ def _safe_count(count: Tensor) -> Tensor:
     return torch.where(count > 0, count, torch.ones_like(count))
 
 
-class MaskedMSE:
+class _ScoredLoss:
+    """A loss divided by the weight of what it scores, n (`scored`): L = (sum over the scored
+    elements) / n. Subclasses give broadcast_mask, scored and window_loss (one window's share)."""
+
+    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
+        return _safe_count(self.scored(targets, mask))
+
+    def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = self.broadcast_mask(targets, mask)
+        return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
+
+
+class MaskedMSE(_ScoredLoss):
     """L = sum_i m_i (y_i - t_i)^2 / n, n = sum_i m_i (all elements when no mask).
 
     With 0/1 masks this is the mean squared error over the scored elements; with
@@ -69,9 +81,6 @@ class MaskedMSE:
             return torch.tensor(float(targets.numel()), dtype=targets.dtype, device=targets.device)
         return mask.sum()
 
-    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
-        return _safe_count(self.scored(targets, mask))
-
     def check_targets(self, targets: Tensor, output_size: int | None) -> None:
         """Values the loss can score (a device sync; once per batch)."""
         if not targets.is_floating_point():
@@ -85,10 +94,6 @@ class MaskedMSE:
                 f"loss='mse': outputs have shape {tuple(outputs.shape)} but targets {tuple(targets.shape)}; "
                 "the model's outputs and the batch's targets must have the same shape."
             )
-
-    def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        mask = self.broadcast_mask(targets, mask)
-        return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
 
     def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor:
         """sum_i m_i (y_i - t_i)^2 over these elements (a window of a trial), divided by the
@@ -110,7 +115,7 @@ class MaskedMSE:
         return Sketch(loss, grad_sketch, ggn)
 
 
-class MaskedCrossEntropy:
+class MaskedCrossEntropy(_ScoredLoss):
     """Softmax cross-entropy with class-index targets.
 
     outputs are logits (..., C), targets class indices (...) of an integer dtype;
@@ -136,9 +141,6 @@ class MaskedCrossEntropy:
         """n = sum_i w_i, the weight of the scored targets (0 when every one is masked or ignore_index)."""
         dtype = mask.dtype if mask is not None and mask.is_floating_point() else torch.get_default_dtype()
         return self._weights(targets, mask, dtype).sum()
-
-    def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
-        return _safe_count(self.scored(targets, mask))
 
     def check_targets(self, targets: Tensor, output_size: int | None) -> None:
         """Class indices in 0 .. output_size - 1 (or ignore_index); a device sync, once per batch.
@@ -172,10 +174,6 @@ class MaskedCrossEntropy:
         log_probs = torch.log_softmax(outputs, dim=-1)
         picked = log_probs.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
         return weights, safe_targets, log_probs, picked
-
-    def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
-        mask = self.broadcast_mask(targets, mask)
-        return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
 
     def window_loss(self, outputs: Tensor, targets: Tensor, mask: Tensor | None, normaliser: Tensor) -> Tensor:
         """-sum_i w_i log p_i[t_i] over these positions (a window of a trial), divided by the
