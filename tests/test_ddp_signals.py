@@ -21,20 +21,23 @@ from test_cli import run_dir, shrunk
 BOUND_S = 60  # from the signal to the end of every process of the job
 
 
-def start(root: Path) -> subprocess.Popen:
+def start(root: Path, *extra: str) -> subprocess.Popen:
+    """The job, under way on both ranks; its output goes to `root / "output.txt"`."""
     args = shrunk("flipflop_sofo.yaml", root)
     args[args.index("--trainer.max_steps") + 1] = "100000"
     args[args.index("--trainer.val_check_interval") + 1] = "5"
     args += ["--trainer.strategy", "sofo_ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-             "--trainer.log_every_n_steps", "1000"]
+             "--trainer.log_every_n_steps", "1000", *extra]
     sofo = str(Path(sys.executable).with_name("sofo"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen([sofo, *args], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, start_new_session=True)  # its own process group, as a job has
+    with open(root / "output.txt", "w") as output:
+        process = subprocess.Popen([sofo, *args], cwd=root, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                   env=env, start_new_session=True)  # its own process group, as a job has
+    process.output = root / "output.txt"
     checkpoint = run_dir(root) / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists():  # training is under way on both ranks
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert process.poll() is None, process.output.read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.01)
     time.sleep(0.3)
@@ -44,10 +47,12 @@ def start(root: Path) -> subprocess.Popen:
 def wait_for_the_job(process: subprocess.Popen, bound: float) -> str:
     """The job's output once rank 0 and every process it started have ended, within `bound` seconds."""
     try:
-        output = process.communicate(timeout=bound)[0]
+        process.wait(timeout=bound)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"the job did not end within {bound} s of the signal:\n{process.communicate()[0][-3000:]}")
+        process.wait()
+        pytest.fail(f"the job did not end within {bound} s of the signal:\n{process.output.read_text()[-3000:]}")
+    output = process.output.read_text()
     deadline = time.monotonic() + 10
     while True:  # rank 1 must not be left behind, waiting on a collective
         try:
@@ -83,9 +88,14 @@ def test_a_signal_stops_every_rank_at_one_step_and_last_ckpt_holds_it(signal_num
 
 
 def test_a_second_signal_stops_the_job_at_once(tmp_path):
-    process = start(tmp_path)
+    # A large validation set makes the graceful stop's final validation last long enough for the
+    # second signal to arrive while it runs, on a fast machine as on a slow one.
+    process = start(tmp_path, "--data.init_args.val_trials", "1200", "--trainer.limit_val_batches", "300")
     os.killpg(process.pid, signal.SIGINT)
-    time.sleep(0.5)  # heard (not coalesced with the second), and well before the graceful stop's 5 s end
+    deadline = time.monotonic() + 20
+    while "SIGINT: every rank stops" not in process.output.read_text():  # the first is heard, not coalesced
+        assert time.monotonic() < deadline, process.output.read_text()[-3000:]
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGINT)
     output = wait_for_the_job(process, 20)
     assert process.returncode != 0
