@@ -24,18 +24,17 @@ $TQ --tasks context_decision --stage labels --seeds 0 --iterations 2000 --labels
 $TQ --tasks context_decision --stage sweep
 $TQ --tasks context_decision --stage seeds --iterations 2000 --options "gradient tangent"
 $TQ --tasks context_decision --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
-# 4. the full-space ceiling where SOFO loses (HF steps cost 10-30 SOFO steps: fewer iterations, stated in the tables)
-$TQ --tasks flipflop10 --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
-# 5. gradient tangents where SOFO loses at the authors' batch and network size (about 20 min per run on one thread)
-$TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
-# 6. where SOFO's compute goes: K x B splits at the task's own K x B
+# 4. where SOFO's compute goes: K x B splits at the task's own K x B, 3 seeds (the configs' defaults follow them)
 $TQ --tasks double_reach --stage splits --seeds 0 1 2 --iterations 2000
-$TQ --tasks flipflop10 kalman --stage splits --seeds 0 --iterations 2000
+$TQ --tasks flipflop10 kalman --stage splits --seeds 0 1 2 --iterations 2000
+# 5. the full-space ceiling where SOFO loses (HF steps cost 10-30 SOFO steps: fewer iterations, stated in the tables)
+$TQ --tasks flipflop10 --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
+# 6. gradient tangents where SOFO loses at the authors' batch and network size (about 20 min per run on one thread)
+$TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
 # 7. a longer memory: T = 300
 $TQ --tasks context_integration_long --stage labels --seeds 0 1 2 --iterations 2000 \
     --labels "SOFO:lr 0.5, adaptive" "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
 # 8. HF where it is dearest, and the remaining seeds
 $TQ --tasks kalman_n100 double_reach_b256 --stage labels --seeds 0 --iterations 100 --labels "HF:damping 0.1"
 $TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
-$TQ --tasks flipflop10 kalman --stage splits --seeds 1 2 --iterations 2000
 echo "training study plan: done"
