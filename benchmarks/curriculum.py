@@ -55,8 +55,7 @@ def _delayed_addition(n_steps):
 def _relu_rnn(task):
     from lightning_sofo.models import VanillaRNN
 
-    return VanillaRNN(task.input_size, 64, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9,
-                      compile_steps=50)
+    return VanillaRNN(task.input_size, 64, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9)
 
 
 def _double_reach(second_go_delay):
@@ -68,7 +67,7 @@ def _double_reach(second_go_delay):
 def _arm_controller(task):
     from lightning_sofo.models import ArmController, TwoLinkArm
 
-    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02, compile_steps=50)
+    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02)
 
 
 def _flipflop(n_steps):
@@ -80,8 +79,7 @@ def _flipflop(n_steps):
 def _tanh_rnn(task):
     from lightning_sofo.models import VanillaRNN
 
-    return VanillaRNN(task.input_size, 64, task.output_size, dt=0.01, tau=0.1, nonlinearity="tanh", gain=0.9,
-                      compile_steps=50)
+    return VanillaRNN(task.input_size, 64, task.output_size, dt=0.01, tau=0.1, nonlinearity="tanh", gain=0.9)
 
 
 def _adam(lr):
@@ -126,6 +124,7 @@ def one_run(task_name: str, method: str, schedule: str, seed: int, steps: int) -
     import lightning as L
     import torch
 
+    from lightning_sofo import SOFOStrategy
     from lightning_sofo.callbacks import Curriculum
 
     experiment = EXPERIMENTS[task_name]
@@ -161,7 +160,7 @@ def one_run(task_name: str, method: str, schedule: str, seed: int, steps: int) -
                                 threshold=experiment.threshold)
         callbacks.append(curriculum)
     quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    strategy = "sofo" if method == "SOFO" else "auto"
+    strategy = SOFOStrategy(compile_steps=50) if method == "SOFO" else "auto"
     clip = dict(gradient_clip_val=1.0) if method == "Adam" else {}
     L.Trainer(strategy=strategy, max_steps=steps, val_check_interval=experiment.every,
               check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=callbacks, **clip, **quiet

@@ -31,7 +31,7 @@ def child(strategy: str, devices: int, threads: int, steps: int, accelerator: st
 
     sys.path.insert(0, str(HERE.parent))
     import lightning_sofo  # noqa: F401
-    from lightning_sofo import SOFO
+    from lightning_sofo import SOFO, SOFODDPStrategy, SOFOStrategy
     from lightning_sofo.models import VanillaRNN
 
     torch.set_num_threads(threads)
@@ -59,10 +59,12 @@ def child(strategy: str, devices: int, threads: int, steps: int, accelerator: st
     inputs = torch.randn(GLOBAL_BATCH, T, 3, generator=g)
     trials = [{"inputs": inputs[i], "targets": torch.tanh(inputs[i].cumsum(0))} for i in range(GLOBAL_BATCH)]
     timer = Timer()
-    trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=devices, max_steps=steps,
+    engine = dict(compile_steps=10)
+    trainer = L.Trainer(strategy=SOFODDPStrategy(**engine) if strategy == "sofo_ddp" else SOFOStrategy(**engine),
+                        accelerator=accelerator, devices=devices, max_steps=steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
-    model = Net(3, N, 3, compile_steps=10)
+    model = Net(3, N, 3)
     trainer.fit(model, DataLoader(trials, batch_size=GLOBAL_BATCH // devices, shuffle=False))
     if trainer.global_rank == 0:
         Path(out).write_text(json.dumps(timer.seconds))

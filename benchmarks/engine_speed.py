@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten_rnn import handwritten_sketch  # noqa: E402
 from results import write_section  # noqa: E402
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.functional import sample_tangents, step_generator  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
@@ -54,8 +55,8 @@ def setup(n, b, k, t, device):
     tangents = sample_tangents(optimizer.named_params(), k, step_generator(0, 0, torch.device(device)))
     names = dict(zip(optimizer.named_params(), (name for name, p in model.named_parameters() if p.requires_grad)))
     def generic(compile_steps, tangent_chunk):
-        model.compile_steps, model.tangent_chunk = compile_steps, tangent_chunk
-        return model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+        engine = SOFOEngine(compile_steps=compile_steps, tangent_chunk=tangent_chunk)
+        return engine.sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
 
     by_name = {names[key]: v for key, v in tangents.items()}
     return {

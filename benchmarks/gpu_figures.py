@@ -88,13 +88,14 @@ def host_syncs(device: str, n: int, b: int, k: int, t: int) -> dict[str, int]:
     compiled (chunks of 25 steps) and eager; CPU: not measurable, empty."""
     import torch
 
+    from lightning_sofo import SOFOEngine
+
     if device != "cuda":
         return {}
     model, batch, optimizer, tangents = sketch_problem(device, n, b, k, t)
     counts = {}
     for label, compile_steps in (("compiled", 25), ("eager", 0)):
-        model.compile_steps = compile_steps
-        closure = model.sketch_function(batch, optimizer)
+        closure = SOFOEngine(compile_steps=compile_steps).sketch_function(model, batch, optimizer)
         closure(tangents)  # compile outside the count
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
@@ -116,15 +117,15 @@ def tf32_comparison(device: str, n: int, b: int, k: int, t: int, repeats: int = 
 
     from engine_speed import timed
 
+    from lightning_sofo import SOFOEngine
     from lightning_sofo.functional import solve_subspace
 
     model, batch, optimizer, tangents = sketch_problem(device, n, b, k, t)
-    model.compile_steps = 25 if t >= 25 else 0
     sketches, seconds = {}, {False: [], True: []}
     for repeat in range(repeats + 1):
         for allow in (False, True):
-            model.allow_tf32 = allow
-            closure = model.sketch_function(batch, optimizer)
+            engine = SOFOEngine(compile_steps=25 if t >= 25 else 0, allow_tf32=allow)
+            closure = engine.sketch_function(model, batch, optimizer)
 
             def sketch():
                 sketches[allow] = closure(tangents)
@@ -147,7 +148,7 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
     """SOFO and Adam on the same Kalman model, data and seed, each for `budget` seconds of training."""
     import torch
 
-    from lightning_sofo import SOFO
+    from lightning_sofo import SOFO, SOFOEngine
     from lightning_sofo.datamodules import AdaptiveKalman
     from lightning_sofo.models import VanillaRNN
     from training_quality import final_metrics, train_step, validation_loss
@@ -157,8 +158,9 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
         task = AdaptiveKalman(n_steps=t, batch_size=b, val_trials=b, seed=0)
         task.setup("fit")
         torch.manual_seed(0)
-        model = VanillaRNN(task.input_size, n, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu", gain=0.9,
-                           compile_steps=25 if t >= 25 else 0).to(device)
+        model = VanillaRNN(task.input_size, n, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu",
+                           gain=0.9).to(device)
+        engine = SOFOEngine(compile_steps=25 if t >= 25 else 0)
         validation = [{key: value.to(device) for key, value in batch.items()} for batch in task.fixed_set("val")]
         stream = iter(task.train_dataloader())
         if method == "SOFO":
@@ -178,7 +180,7 @@ def training_comparison(device: str, n: int, b: int, k: int, t: int, budget: flo
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            train_step(model, optimizer, batch, clip=1.0)
+            train_step(model, optimizer, batch, clip=1.0, engine=engine)
             if device == "cuda":
                 torch.cuda.synchronize()
             iteration += 1

@@ -46,7 +46,7 @@ FIT = ["--config", str(ROOT / "configs" / "flipflop_sofo.yaml"), "--trainer.max_
        "--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
        "false", "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1000",
        "--data.init_args.batch_size", "4", "--data.init_args.val_trials", "4", "--data.init_args.n_steps", "20",
-       "--model.init_args.hidden_size", "8", "--model.init_args.compile_steps", "0",
+       "--model.init_args.hidden_size", "8", "--trainer.strategy.compile_steps", "0",
        "--model.init_args.recurrent_noise", "0.1", "--model.init_args.input_noise", "0.05",
        "--optimizer.init_args.tangents", "8"]
 
@@ -273,7 +273,7 @@ def bad_batches() -> tuple[int, int, int]:
     """(cases x routes, not refused by a ValueError, parameters changed)."""
     import torch
 
-    from lightning_sofo import SOFO
+    from lightning_sofo import SOFO, SOFOEngine
     from lightning_sofo.models import VanillaRNN
 
     good = lambda **kw: {"inputs": torch.randn(3, 5, 2), "targets": torch.randn(3, 5, 1), **kw}
@@ -289,7 +289,7 @@ def bad_batches() -> tuple[int, int, int]:
             try:
                 if route == "sofo":
                     optimizer = SOFO(model.parameters(), tangents=4)
-                    optimizer.step(model.sketch_function(batch, optimizer))
+                    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
                 else:
                     optimizer = torch.optim.Adam(model.parameters())
                     model.compute_loss(batch).backward()

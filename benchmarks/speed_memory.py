@@ -31,6 +31,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
 
@@ -64,7 +65,8 @@ class Bench:
 
     def __init__(self, n, b, k, device, compile_steps):
         torch.manual_seed(0)
-        self.model = VanillaRNN(INPUTS, n, OUTPUTS, compile_steps=compile_steps).to(device)
+        self.model = VanillaRNN(INPUTS, n, OUTPUTS).to(device)
+        self.engine = SOFOEngine(compile_steps=compile_steps)
         self.initial = [p.detach().clone() for p in self.model.parameters()]
         self.sofo = SOFO(self.model.parameters(), tangents=k)
         self.adam = torch.optim.Adam(self.model.parameters(), lr=1e-3)
@@ -77,7 +79,7 @@ class Bench:
 
     def iteration(self, method, data):
         if method == "SOFO":
-            self.sofo.step(self.model.sketch_function(data, self.sofo))
+            self.sofo.step(self.engine.sketch_function(self.model, data, self.sofo))
         else:
             self.adam.zero_grad(set_to_none=True)
             self.model.compute_loss(data).backward()
@@ -101,21 +103,21 @@ class Bench:
             self.iteration(method, data)
             sync()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
-        peak, model = [0.0], self.model
+        peak, model, engine = [0.0], self.model, self.engine
         unsampled = model.step
 
         def sampled_step(state, inputs_t):
             peak[0] = max(peak[0], heap_in_use_mib())
             return unsampled(state, inputs_t)
 
-        model.step, model.compile_steps = sampled_step, 0
+        model.step, self.engine = sampled_step, SOFOEngine(compile_steps=0)  # eager: the sampler runs every step
         try:
             before = heap_in_use_mib()
             self.iteration(method, data)
             peak[0] = max(peak[0], heap_in_use_mib())
         finally:
             del model.step
-            model.compile_steps = self.compile_steps
+            self.engine = engine
         return max(peak[0] - before, 0.0)
 
 

@@ -75,6 +75,8 @@ DIAGNOSTICS = {"K 128": dict(tangents=128)}
 # Hessian-free (full-space damped Gauss-Newton by CG, Levenberg-Marquardt damping adapted from the
 # initial value swept here): the ceiling of what better tangents can win; CG_BUDGET products per step
 CG_BUDGET = 30
+# how SOFO's steps run the models: the time loop in compiled windows of 50 steps, as in every saved run
+ENGINE = dict(compile_steps=50)
 HF_SWEEP = [Setting("HF", f"damping {d:g}", dict(damping=d, max_cg_iterations=CG_BUDGET)) for d in (1e-2, 1e-1, 1.0)]
 # where SOFO's compute goes: at the task's own K x B, the split of it between tangents and trials
 SPLIT_TANGENTS = (16, 32, 64, 128, 256)
@@ -157,7 +159,7 @@ def _relu_rnn(hidden_size, readout_init="random"):
         from lightning_sofo.models import VanillaRNN
 
         return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=0.01, tau=0.04, nonlinearity="relu",
-                          gain=0.9, compile_steps=50, readout_init=readout_init)
+                          gain=0.9, readout_init=readout_init)
     return make
 
 
@@ -166,14 +168,14 @@ def _tanh_rnn(hidden_size):
         from lightning_sofo.models import VanillaRNN
 
         return VanillaRNN(task.input_size, hidden_size, task.output_size, dt=0.01, tau=0.1, nonlinearity="tanh",
-                          gain=0.9, compile_steps=50)
+                          gain=0.9)
     return make
 
 
 def _arm_controller(task):
     from lightning_sofo.models import ArmController, TwoLinkArm
 
-    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02, compile_steps=50)
+    return ArmController(task.input_size, hidden_size=32, body=TwoLinkArm(dt=0.01), tau=0.02)
 
 
 TASKS = {
@@ -267,8 +269,9 @@ def build(task_name: str, setting: Setting, seed: int):
     return task, model, SOFO(model.parameters(), tangents=tangents, seed=seed, **options), None
 
 
-def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
-    """One training iteration; returns the loss. Adam (BPTT) clips the gradient norm at `clip` (None: off)."""
+def train_step(model, optimizer, batch, clip: float | None = CLIP, engine=None) -> float:
+    """One training iteration; returns the loss. Adam (BPTT) clips the gradient norm at `clip` (None: off);
+    SOFO's sketches are taken by `engine` (default: a SOFOEngine with the settings ENGINE)."""
     import torch
 
     from lightning_sofo import HessianFree
@@ -283,7 +286,10 @@ def train_step(model, optimizer, batch, clip: float | None = CLIP) -> float:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         return float(loss.detach())
-    return float(optimizer.step(model.sketch_function(batch, optimizer)))
+    from lightning_sofo import SOFOEngine
+
+    engine = engine or SOFOEngine(**ENGINE)
+    return float(optimizer.step(engine.sketch_function(model, batch, optimizer)))
 
 
 _BATCHES: dict = {}  # the training stream of the (task, seed) this process ran last: every method sees it

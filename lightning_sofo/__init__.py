@@ -3,6 +3,7 @@
 Importing this package registers the strategy "sofo" with Lightning.
 """
 
+from lightning_sofo.engine import SOFOEngine
 from lightning_sofo.functional import Sketch, SubspaceStep, sample_tangents, solve_subspace
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
@@ -10,7 +11,7 @@ from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
 from lightning_sofo.regularisers import ParameterPenalty, RatePenalty, WeightL1, WeightL2
 from lightning_sofo.runs import TrainedRun, load
-from lightning_sofo.strategy import SOFOStrategy, register as _register
+from lightning_sofo.strategy import SOFODDPStrategy, SOFOStrategy, register as _register
 
 _register()
 
@@ -21,6 +22,8 @@ __all__ = [
     "SketchOptimizer",
     "SOFOModule",
     "SOFOStrategy",
+    "SOFODDPStrategy",
+    "SOFOEngine",
     "Sketch",
     "StepInfo",
     "SubspaceStep",

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacfwd, vmap
 
+from lightning_sofo.calls import functional
+
 StateMap = Callable[[Tensor], Tensor]  # h (M, D) -> F(h, u) (M, D)
 
 
@@ -126,7 +128,7 @@ def state_map(module: nn.Module, inputs: Tensor, dtype: torch.dtype = torch.floa
     if not getattr(module, "is_recurrent", False):
         raise ValueError(f"{type(module).__name__} is not a recurrent module (it has no step); fixed points need "
                          "initial_state and step(state, inputs_t).")
-    functional_step = module.functional("step")  # step(state, inputs_t) with the tensors swapped in
+    functional_step = functional(module, "step")  # step(state, inputs_t) with the tensors swapped in
     tensors = {name: p.detach().to(dtype) for name, p in module.named_parameters()}
     tensors.update({name: b.to(dtype) if b.is_floating_point() else b for name, b in module.named_buffers()})
     u = inputs.detach().to(dtype)

@@ -40,6 +40,31 @@ class _Window(nn.Module):
         return step_through(getattr(self.module, self.method), state, inputs)
 
 
+METHODS = ("initial_state", "step", "step_with_rates", "forward")
+
+
+class _CallsOfOneModule(dict):
+    """The functional calls built for one module, kept in its __dict__: never copied or pickled
+    with it (their closures hold the module they were built for), so a copy builds its own."""
+
+    def __reduce__(self):
+        return (_CallsOfOneModule, ())
+
+    def __deepcopy__(self, memo: dict) -> "_CallsOfOneModule":
+        return _CallsOfOneModule()
+
+
+def functional(module: nn.Module, method: str) -> Callable[..., Any]:
+    """`functional_method(module, method)`, built once per module and method (one of METHODS), so
+    that torch.compile's guards on it hold from one iteration to the next."""
+    calls = module.__dict__.setdefault("_functional_calls", _CallsOfOneModule())
+    if method not in calls:
+        if method not in METHODS:
+            raise ValueError(f"functional calls are built for {METHODS}, not {method!r}.")
+        calls[method] = functional_method(module, method)
+    return calls[method]
+
+
 def functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
     """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`.
 

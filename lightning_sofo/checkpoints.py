@@ -14,6 +14,7 @@ checkpoint belongs to the model and optimizer it is loaded into.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import time
@@ -25,6 +26,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_sofo.engine import ENGINE_SETTINGS
 from lightning_sofo.optim import SketchOptimizer
 
 METADATA_KEY = "lightning_sofo"  # what SOFOModule adds to each checkpoint: model and optimizer classes
@@ -95,6 +97,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def without_engine_settings(source: Any) -> Any:
+    """`source` for Lightning's load_from_checkpoint, readable by today's models: a checkpoint file
+    written while the SOFO engine's settings (compile_steps, ...) were model hyperparameters comes back
+    as an in-memory copy without them (they never changed what a model computes; they are the SOFO
+    strategy's now). Anything else, file-like objects and URLs included, is returned as it is."""
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_file():
+        return source
+    checkpoint = read_checkpoint(source)
+    hyperparameters = checkpoint.get("hyper_parameters")
+    if not isinstance(hyperparameters, dict) or not set(ENGINE_SETTINGS) & set(hyperparameters):
+        return source
+    checkpoint["hyper_parameters"] = {key: value for key, value in hyperparameters.items()
+                                      if key not in ENGINE_SETTINGS}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -5,8 +5,10 @@
     sofo analyse --config flipflop_sofo --ckpt_path last        # fixed points and PCA figures of the trained net
 
 Importing lightning_sofo registers the strategies, so `trainer.strategy: sofo` works in a
-config; lightning_sofo.models and lightning_sofo.datamodules are imported so their classes are
-also known by their short names (class_path: FlipFlop). Every run
+config; the bundled configs name the class (lightning_sofo.SOFOStrategy), so that its engine
+settings can be set from the command line (--trainer.strategy.compile_steps 0).
+lightning_sofo.models and lightning_sofo.datamodules are imported so their classes are also
+known by their short names (class_path: FlipFlop). Every run
 logs to TensorBoard under `lightning_logs/<config name>/`, keeps the last checkpoint (written
 atomically; also when stopped by SIGTERM or Ctrl-C), and draws trials at each validation;
 `--ckpt_path last` resumes from the newest readable checkpoint of the same config's runs.
@@ -22,10 +24,11 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -43,6 +46,7 @@ from lightning_sofo.checkpoints import (
     read_checkpoint,
 )
 from lightning_sofo.compat import ConfigWinsOverCheckpoint
+from lightning_sofo.engine import ENGINE_SETTINGS
 from lightning_sofo.module import SOFOModule
 
 BUNDLED_CONFIGS = Path(str(importlib.resources.files("lightning_sofo.configs")))
@@ -145,6 +149,8 @@ class SOFOCLI(ConfigWinsOverCheckpoint):
     before_fit = before_validate = before_test = before_predict = resolve_checkpoint
 
     def parse_arguments(self, parser, args) -> None:
+        if not isinstance(args, dict):
+            check_no_engine_settings_on_the_model(args or [])
         # `sofo` hands LightningCLI its own command line (config names resolved to files), so
         # Lightning's warning about `args` beside a command line would fire on every start
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
@@ -283,6 +289,46 @@ def experiment_checkpoint_folders(trainer: L.Trainer) -> list[Path]:
                               f"{type(logger).__name__} logger has no local folder); give --ckpt_path FILE, or set "
                               "the ModelCheckpoint's dirpath.")
     return list(dict.fromkeys(folder.resolve() for folder in folders))
+
+
+class ConfigError(ValueError):
+    """A config or command line that asks for something in the wrong place; the message says where."""
+
+
+def engine_settings_of_the_model(model: Any) -> list[str]:
+    """The engine settings (SOFOEngine's) that a config's `model` section sets, at its top or under init_args."""
+    if not isinstance(model, dict):
+        return []
+    init_args = model.get("init_args")
+    return [key for key in ENGINE_SETTINGS
+            if key in model or (isinstance(init_args, dict) and key in init_args)]
+
+
+def check_no_engine_settings_on_the_model(argv: list[str]) -> None:
+    """Refuse a command line, or a config file it names, that sets compile_steps, compile_mode,
+    tangent_chunk, allow_tf32 or accumulate_float64 on the model: they belong to the SOFO strategy
+    now (lightning_sofo.SOFOEngine), and the message shows where they go."""
+    found = []
+    for i, arg in enumerate(argv):
+        key = arg.split("=", 1)[0]
+        for prefix in ("--model.init_args.", "--model."):
+            if key.startswith(prefix) and key[len(prefix):] in ENGINE_SETTINGS:
+                found.append((key[len(prefix):], arg))
+        if arg in ("--config", "-c") and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
+            config = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+            if isinstance(config, dict):
+                found += [(key, f"model.init_args.{key} in {argv[i + 1]}")
+                          for key in engine_settings_of_the_model(config.get("model"))]
+    if found:
+        key, where = found[0]
+        raise ConfigError(
+            f"{where}: {key} is a setting of the SOFO strategy now, not of the model (it says how a step runs the "
+            f"model, not what the model computes). In a config write\n"
+            f"  trainer:\n    strategy:\n      class_path: lightning_sofo.SOFOStrategy\n      init_args:\n"
+            f"        {key}: ...\n"
+            f"or on the command line --trainer.strategy lightning_sofo.SOFOStrategy --trainer.strategy.{key} ...; "
+            "under Adam or HF (Lightning's default strategy) it never had an effect: delete it."
+        )
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
@@ -427,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         with without_third_party_noise():
             SOFOCLI(args=resolve_config_paths(argv))
-    except CheckpointError as error:
+    except (CheckpointError, ConfigError) as error:
         sys.stderr.write(f"sofo: error: {error}\n")
         raise SystemExit(2) from None
     except Exception as error:  # noqa: BLE001  (jsonargparse wraps what a class raises when it is built)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from lightning_sofo.arguments import PositiveInt, require
+from lightning_sofo.calls import functional
 from lightning_sofo.functional import Params
 Operator = Callable[[Tensor], Tensor]  # a symmetric P x P matrix, as v (P,) -> M v (P,)
 
@@ -79,7 +80,7 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     everything = {name: p.detach() for name, p in module.named_parameters()}
     chosen = _select(module, everything, parameters)
     fixed = {name: p for name, p in everything.items() if name not in chosen}
-    functions = {name: module.functional(name) for name in ("initial_state", "step", "forward")}
+    functions = {name: functional(module, name) for name in ("initial_state", "step", "forward")}
     loss_fn = module.loss_fn
 
     def full(params: Params) -> dict[str, Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from typing import Any, Callable, Iterator, Literal, get_args
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils._pytree import tree_leaves
 
 from lightning_sofo import checkpoints
-from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, require
+from lightning_sofo.arguments import NonNegativeFloat, require
 from lightning_sofo.batches import (
     check_batch,
     check_finite,
@@ -25,42 +25,12 @@ from lightning_sofo.batches import (
     nothing_scored_error,
     unpack_batch,
 )
-from lightning_sofo.calls import PureFunctionCheck, functional_method
 from lightning_sofo.compat import attached_trainer
 from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
-from lightning_sofo.functional import (
-    Sketch,
-    feedforward_sketch,
-    recurrent_loss,
-    recurrent_sketch,
-    resolve_compile_steps,
-)
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
-
-
-CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
-COMPILE_MODES = get_args(CompileMode)
-
-
-@contextlib.contextmanager
-def cuda_tf32_matmuls(enabled: bool) -> Iterator[None]:
-    """Within the block, float32 matmuls on CUDA devices run in TF32 (torch's
-    torch.backends.cuda.matmul.fp32_precision = "tf32"); the previous setting is restored after,
-    also on an error. Nothing changes when not enabled, or when TF32 is already on. CPU matmuls
-    are never affected."""
-    matmul = torch.backends.cuda.matmul
-    if not enabled or matmul.fp32_precision == "tf32":
-        yield
-        return
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
 
 
 class SOFOModule(L.LightningModule):
@@ -74,25 +44,6 @@ class SOFOModule(L.LightningModule):
     Args:
         loss: "mse" (masked mean squared error), "cross_entropy" (class-index
             targets, logits as outputs) or callable(outputs, targets, mask) -> scalar.
-        compile_steps: run the recurrent engine in torch.compile'd chunks of this many steps; 0
-            runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in chunks
-            of 25 and runs shorter ones eagerly (functional.resolve_compile_steps). A compilation
-            that fails falls back to the eager engine, with one warning.
-        tangent_chunk: a recurrent model's forward-mode pass runs this many of the K tangents at a
-            time (the sketches are taken on all K together, so they are the same); 0 runs all K
-            at once; "auto" (the default) runs all K at once on a GPU, and on a CPU chunks of 16 or
-            more tangents whose state tangents fit in the CPU's cache
-            (functional.resolve_tangent_chunk).
-        compile_mode: torch.compile's mode for the compiled engine: "default", "reduce-overhead"
-            (each compiled window replayed as a CUDA graph on a GPU; no effect on a CPU) or
-            "max-autotune".
-        accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in
-            float64, for float32 models on long trials.
-        allow_tf32: on a CUDA GPU, run the model's passes of each SOFO step (the forward-mode
-            tangents with their sketches, and the loss checks) with TF32 matmuls, a 10-bit
-            mantissa, for tensor-core speed; the optimizer's K x K solve and everything outside
-            the step keep the program's own setting. No effect on a CPU. Pair it with
-            accumulate_float64 on long trials.
         weight_l2: lambda of an L2 penalty lambda * sum ||theta||^2 on the trained parameters
             (regularisers.WeightL2; under SOFO g~ += 2 lambda V^T theta, G~ += 2 lambda V^T V).
         weight_l1: lambda of a smooth L1 penalty lambda * sum (sqrt(theta^2 + eps^2) - eps) on
@@ -114,31 +65,13 @@ class SOFOModule(L.LightningModule):
     plots and analysis.
     """
 
-    def __init__(self, loss: LossSpec = "mse", compile_steps: NonNegativeInt | Literal["auto"] = "auto",
-                 accumulate_float64: bool = False, compile_mode: CompileMode = "default",
-                 weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0, rate_l2: NonNegativeFloat = 0.0,
-                 penalties: list[Penalty] | None = None,
-                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto", allow_tf32: bool = False):
+    def __init__(self, loss: LossSpec = "mse", weight_l2: NonNegativeFloat = 0.0, weight_l1: NonNegativeFloat = 0.0,
+                 rate_l2: NonNegativeFloat = 0.0, penalties: list[Penalty] | None = None):
         super().__init__()
         self.loss_fn = resolve_loss(loss)
-        if tangent_chunk != "auto":
-            require(type(self).__name__, NonNegativeInt, tangent_chunk=tangent_chunk)
-        self.tangent_chunk = tangent_chunk
-        if compile_steps != "auto":
-            require(type(self).__name__, NonNegativeInt, compile_steps=compile_steps)
         require(type(self).__name__, NonNegativeFloat, weight_l2=weight_l2, weight_l1=weight_l1, rate_l2=rate_l2)
         self.weight_l2 = float(weight_l2)
         self.penalties = self._penalties(float(weight_l2), float(weight_l1), float(rate_l2), penalties)
-        if not isinstance(accumulate_float64, bool):
-            raise ValueError(f"accumulate_float64 must be True or False, got {accumulate_float64!r}.")
-        self.compile_steps = compile_steps
-        if compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode is one of {COMPILE_MODES}, got {compile_mode!r}.")
-        self.compile_mode = compile_mode
-        self.accumulate_float64 = accumulate_float64
-        if not isinstance(allow_tf32, bool):
-            raise ValueError(f"allow_tf32 must be True or False, got {allow_tf32!r}.")
-        self.allow_tf32 = allow_tf32
         # (state, t) -> state, applied before step t of `unroll` (evaluation and plots; SOFO's
         # engine does not use it): set by callbacks.Perturbation for the validations it perturbs
         self.state_perturbation: Callable[[Any, int], Any] | None = None
@@ -325,7 +258,7 @@ class SOFOModule(L.LightningModule):
 
     def training_objective(self, batch: Any) -> Tensor:
         """The task's loss plus every penalty: what training minimises, by backpropagation here
-        and by SOFO in its sketches (sketch_function)."""
+        and by SOFO in its sketches (engine.SOFOEngine.sketch_function)."""
         if self.rate_penalties:
             inputs, targets, mask = self.validated_batch(batch)
             outputs, rates = self.unroll_with_rates(inputs, initial_state=self.checked_initial_state(batch))
@@ -477,6 +410,12 @@ class SOFOModule(L.LightningModule):
             torch.manual_seed(seed)
             yield
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's load_from_checkpoint, which also reads checkpoints written while the SOFO
+        engine's settings (compile_steps, ...) were model hyperparameters (they are dropped)."""
+        return super().load_from_checkpoint(checkpoints.without_engine_settings(checkpoint_path), *args, **kwargs)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         optimizers = self.trainer.optimizers if attached_trainer(self) is not None else []
         checkpoint[checkpoints.METADATA_KEY] = {
@@ -499,96 +438,3 @@ class SOFOModule(L.LightningModule):
                                      for s in checkpoint.get("optimizer_states", [])],
             }
             self.__dict__["_checkpoint_configured_groups"] = metadata.get("configured_groups")
-
-    def functional(self, method: str) -> Callable[..., Any]:
-        """`f(params, *args) = self.<method>(*args)` with the tensors named in `params` (a dict
-        name -> tensor, as named_parameters / named_buffers) swapped in; method is
-        "initial_state", "step", "step_with_rates" or "forward". Built once per module, so that torch.compile's
-        guards on it hold from one iteration to the next."""
-        if "_functional_cache" not in self.__dict__:
-            self.__dict__["_functional_cache"] = {
-                name: functional_method(self, name) for name in ("initial_state", "step", "step_with_rates", "forward")
-            }
-        return self.__dict__["_functional_cache"][method]
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_functional_cache", None)  # closures over self: rebuilt on use, never copied or pickled
-        return state
-
-    # ---- SOFO route --------------------------------------------------------------
-    def sketch_function(self, batch: Any, optimizer: SketchOptimizer,
-                        require_scored: bool = True) -> Callable[[dict[str, Tensor] | None], Any]:
-        """closure(tangents) -> Sketch of this module's loss on `batch`, for SOFO.step (or FGD.step);
-        closure(None) -> the loss alone at the current parameters (no tangents).
-
-        The optimizer's parameters are the primals (tangents keyed as in
-        optimizer.named_params()); parameters the optimizer does not hold, and
-        buffers, stay constant. require_scored: as in validated_batch (False for one rank's shard).
-        """
-        inputs, targets, mask = self.validated_batch(batch, require_scored)
-        given_start = self.checked_initial_state(batch)
-        names = {id(p): name for name, p in self.named_parameters()}
-        optimized = optimizer.named_params()
-        foreign = [key for key, p in optimized.items() if id(p) not in names]
-        if foreign:
-            raise ValueError(
-                f"the SOFO optimizer holds {len(foreign)} tensor(s) that are not parameters of "
-                f"{type(self).__name__}; build it from self.parameters() in configure_optimizers."
-            )
-        primals = {names[id(p)]: p.detach() for p in optimized.values()}
-        to_module_names = {key: names[id(p)] for key, p in optimized.items()}
-        optimizer.name_parameters(to_module_names)
-        if self.is_recurrent:
-            check_sequence(type(self).__name__, inputs, getattr(self, "input_size", None))
-
-        step = optimizer.step_count  # the noise of this iteration: one draw for its sketch and its loss checks
-        # with rate penalties the step also returns its rates, and the loss scores them too
-        loss_fn = PenalisedLoss(self.loss_fn, self.rate_penalties) if self.rate_penalties else self.loss_fn
-        step_name = "step_with_rates" if self.rate_penalties else "step"
-
-        def closure(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            with self.noise_draws(step), cuda_tf32_matmuls(self.allow_tf32):
-                result = sketch_or_loss(tangents)
-            if tangents is None:
-                return result + sum(penalty(primals) for penalty in self.parameter_penalties)
-            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
-            for penalty in self.parameter_penalties:
-                result = result + penalty.sketch(primals, named_tangents)
-            return result
-
-        def sketch_or_loss(tangents: dict[str, Tensor] | None) -> Sketch | Tensor:
-            functions = {name: self.functional(name) for name in ("initial_state", "forward")}
-            functions["step"] = self.functional(step_name)
-            batch_size = inputs.shape[0]
-
-            def start(p):  # h_0: the trials' own (data: no tangent), or the model's as a function of p
-                return given_start if given_start is not None else functions["initial_state"](p, batch_size)
-
-            if tangents is None:  # the loss alone, by the same (compiled) time loop
-                with torch.no_grad(), PureFunctionCheck(self, primals):
-                    if not self.is_recurrent:
-                        return self.loss_fn(functions["forward"](primals, inputs), targets, mask)
-                    return recurrent_loss(
-                        start, functions["step"],
-                        primals, inputs, targets, loss_fn, mask,
-                        compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
-                        compile_mode=self.compile_mode,
-                    )
-            named_tangents = {to_module_names[key]: v for key, v in tangents.items()}
-            with PureFunctionCheck(self, primals):
-                if self.is_recurrent:
-                    return recurrent_sketch(
-                        start,
-                        functions["step"],
-                        primals, named_tangents, inputs, targets, loss_fn, mask,
-                        compile_steps=resolve_compile_steps(self.compile_steps, inputs.shape[1]),
-                        compile_mode=self.compile_mode,
-                        accumulate_dtype=torch.float64 if self.accumulate_float64 else None,
-                        tangent_chunk=self.tangent_chunk,
-                    )
-                return feedforward_sketch(
-                    lambda p: functions["forward"](p, inputs), primals, named_tangents, self.loss_fn, targets, mask
-                )
-
-        return closure

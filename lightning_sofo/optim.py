@@ -203,7 +203,7 @@ class SketchOptimizer(torch.optim.Optimizer):
                 f"{name}.step was called with a zero-argument closure, as a backpropagation loop does "
                 f"(Lightning's default strategy or a plain torch loop). {name} computes no gradients: train "
                 "with Trainer(strategy='sofo'), or call step(closure) with closure(tangents) -> Sketch "
-                "(see SOFOModule.sketch_function)."
+                "(see SOFOEngine.sketch_function)."
             )
 
     @torch.no_grad()

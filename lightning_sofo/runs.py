@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import yaml
 
+from lightning_sofo.engine import ENGINE_SETTINGS
 from lightning_sofo.checkpoints import CheckpointError, check_matches, newest_readable, read_checkpoint
 from lightning_sofo.module import SOFOModule
 
@@ -48,6 +49,10 @@ def load(run_dir: str | Path, checkpoint: str | Path | None = None) -> TrainedRu
     saved = yaml.safe_load(config_path.read_text())
     # what builds the classes; the rest (ckpt_path, weights_only, ...) are arguments of fit
     config = {key: saved[key] for key in CLASS_KEYS if key in saved}
+    model = config.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+        # a run from before the engine settings moved to the strategy: they do not change what loads
+        model["init_args"] = {key: value for key, value in model["init_args"].items() if key not in ENGINE_SETTINGS}
     trainer = dict(config.get("trainer") or {}, logger=False, enable_checkpointing=False, callbacks=None)
     config["trainer"] = trainer
     cli = SOFOCLI(args=config, run=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -22,6 +22,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 
 from lightning_sofo.checkpoints import AtomicCheckpointIO
 from lightning_sofo.compat import explicit_device
+from lightning_sofo.engine import CompileMode, SOFOEngine
+from lightning_sofo.arguments import NonNegativeInt
 from lightning_sofo.stopping import GracefulStop
 from lightning_sofo.functional import Sketch
 from lightning_sofo.batches import nothing_scored_error, unpack_batch
@@ -31,8 +33,10 @@ from lightning_sofo.optim import SketchOptimizer
 
 class _SOFOSteps:
     """The hooks shared by the SOFO strategies: each training step is one SOFO (or FGD)
-    iteration and nothing runs backward. A data-parallel strategy overrides `_reduce`."""
+    iteration, whose sketches `engine` takes, and nothing runs backward. A data-parallel
+    strategy overrides `_reduce`."""
 
+    engine: SOFOEngine
     runs_sofo = True  # SOFOModule checks this to refuse a SOFO optimizer under another strategy
     sharded = False  # each process sees a shard of the batch (the global batch is checked in _reduce)
     supported_precision = ("32-true", "64-true")
@@ -89,7 +93,7 @@ class _SOFOSteps:
         module = self.lightning_module
         optimizer = self._sofo_optimizer()
         with self.precision_plugin.train_step_context():
-            sketch_function = module.sketch_function(batch, optimizer, require_scored=not self.sharded)
+            sketch_function = self.engine.sketch_function(module, batch, optimizer, require_scored=not self.sharded)
             loss = optimizer.step(self._reduce(sketch_function, batch))
         info = optimizer.last_step
         module.log("train_loss", loss, prog_bar=True)
@@ -123,13 +127,20 @@ class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
 
     The device follows the Trainer's accelerator and `devices` (Lightning fills
     `parallel_devices` from them) unless one is given here.
+
+    The engine settings (lightning_sofo.SOFOEngine, which says what each does) choose how each
+    step runs the model's passes: compile_steps (compiled windows of the time loop, "auto"),
+    compile_mode, tangent_chunk ("auto"), allow_tf32 and accumulate_float64.
     """
 
     strategy_name = "sofo"
 
-    def __init__(self, device: torch.device | str | None = None, **kwargs: Any):
+    def __init__(self, device: torch.device | str | None = None,
+                 compile_steps: NonNegativeInt | Literal["auto"] = "auto", compile_mode: CompileMode = "default",
+                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto", allow_tf32: bool = False, accumulate_float64: bool = False, **kwargs: Any):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(device=device or "cpu", **kwargs)
+        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64)
         self._explicit_device = device is not None
         self.parallel_devices: list[torch.device] = []
 
@@ -158,14 +169,21 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
     gets the sketch of the global batch, L = sum_r n_r L_r / sum_r n_r, and takes the same
     step. The model is not wrapped in DistributedDataParallel: no parameter or gradient is
     ever communicated after the initial broadcast from rank 0.
+
+    The engine settings (lightning_sofo.SOFOEngine, which says what each does) choose how each
+    step runs the model's passes: compile_steps (compiled windows of the time loop, "auto"),
+    compile_mode, tangent_chunk ("auto"), allow_tf32 and accumulate_float64.
     """
 
     strategy_name = "sofo_ddp"
     sharded = True
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, compile_steps: NonNegativeInt | Literal["auto"] = "auto",
+                 compile_mode: CompileMode = "default", tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
+                 allow_tf32: bool = False, accumulate_float64: bool = False, **kwargs: Any):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
-        super().__init__(*args, **kwargs)
+        super().__init__(**kwargs)
+        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64)
         self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
         self.graceful_stop = GracefulStop()
 

@@ -10,15 +10,14 @@ forward-mode engine carries its tangents and SOFO's memory stays constant in T.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from lightning_sofo.module import CompileMode
 from lightning_sofo.regularisers import Penalty
-from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
+from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step
 from .vanilla_rnn import LeakyRNNCell
 
@@ -148,10 +147,6 @@ class ArmController(SOFOModule):
         nonlinearity: phi, "relu" here (the SOFO authors' reach networks).
         motor_scale: initial scale of the motor readout (N m or excitation per unit rate).
         loss: as SOFOModule.
-        compile_steps: as SOFOModule.
-        compile_mode: as SOFOModule.
-        tangent_chunk: as SOFOModule.
-        allow_tf32: as SOFOModule.
         weight_l2: as SOFOModule.
         weight_l1: as SOFOModule.
         rate_l2: as SOFOModule (an L2 penalty on the controller's firing rates).
@@ -173,10 +168,6 @@ class ArmController(SOFOModule):
         nonlinearity: str = "relu",
         motor_scale: float = 0.1,
         loss: str = "mse",
-        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
-        compile_mode: CompileMode = "default",
-        tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
-        allow_tf32: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,
@@ -184,7 +175,7 @@ class ArmController(SOFOModule):
         motor_noise: NonNegativeFloat = 0.0,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, allow_tf32=allow_tf32, weight_l2=weight_l2, weight_l1=weight_l1,
+        super().__init__(loss=loss, weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         require(type(self).__name__, NonNegativeFloat, motor_noise=motor_noise)
         self.motor_noise = float(motor_noise)

@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from lightning_sofo.module import CompileMode
 from lightning_sofo.regularisers import Penalty
-from lightning_sofo.arguments import NonNegativeFloat, NonNegativeInt, PositiveInt, require
+from lightning_sofo.arguments import NonNegativeFloat, PositiveInt, require
 
 
 class GRU(SOFOModule):
@@ -27,10 +25,6 @@ class GRU(SOFOModule):
         output_size: O, the outputs.
         learn_initial_state: make h_0 a parameter (else h_0 = 0).
         loss: as SOFOModule.
-        compile_steps: as SOFOModule.
-        compile_mode: as SOFOModule.
-        tangent_chunk: as SOFOModule.
-        allow_tf32: as SOFOModule.
         weight_l2: as SOFOModule.
         weight_l1: as SOFOModule.
         rate_l2: as SOFOModule (an L2 penalty on the hidden state, the GRU's rates).
@@ -44,16 +38,12 @@ class GRU(SOFOModule):
         output_size: PositiveInt,
         learn_initial_state: bool = False,
         loss: str = "mse",
-        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
-        compile_mode: CompileMode = "default",
-        tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
-        allow_tf32: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,
         penalties: list[Penalty] | None = None,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, allow_tf32=allow_tf32, weight_l2=weight_l2, weight_l1=weight_l1,
+        super().__init__(loss=loss, weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, input_size=input_size, hidden_size=hidden_size, output_size=output_size)

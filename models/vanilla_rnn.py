@@ -21,16 +21,15 @@ eps_t = (1 - alpha) eps_{t-1} + alpha phi(h_{t-1}).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lightning_sofo import SOFOModule
-from lightning_sofo.module import CompileMode
 from lightning_sofo.regularisers import Penalty
-from lightning_sofo.arguments import Fraction, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, require
+from lightning_sofo.arguments import Fraction, NonNegativeFloat, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step, require_time_constant
 
 NONLINEARITIES = {"tanh": torch.tanh, "relu": torch.relu, "softplus": nn.functional.softplus}
@@ -202,11 +201,6 @@ class VanillaRNN(SOFOModule):
         output_noise: s_out, standard deviation of noise added to the outputs
             (drawn when the recurrent noise is, see `noise_in_eval`).
         loss: as SOFOModule.
-        compile_steps: as SOFOModule.
-        compile_mode: as SOFOModule.
-        tangent_chunk: as SOFOModule.
-        allow_tf32: as SOFOModule.
-        accumulate_float64: as SOFOModule.
         weight_l2: as SOFOModule (an L2 penalty on the weights, exact under SOFO).
         weight_l1: as SOFOModule (a smooth L1 penalty on the weights).
         rate_l2: as SOFOModule (an L2 penalty on the firing rates, exact under SOFO).
@@ -234,11 +228,6 @@ class VanillaRNN(SOFOModule):
         output_size: PositiveInt,
         output_noise: NonNegativeFloat = 0.0,
         loss: str = "mse",
-        compile_steps: NonNegativeInt | Literal["auto"] = "auto",
-        compile_mode: CompileMode = "default",
-        tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
-        allow_tf32: bool = False,
-        accumulate_float64: bool = False,
         weight_l2: NonNegativeFloat = 0.0,
         weight_l1: NonNegativeFloat = 0.0,
         rate_l2: NonNegativeFloat = 0.0,
@@ -249,8 +238,7 @@ class VanillaRNN(SOFOModule):
         readout_from_excitatory: bool = False,
         **cell_options: Any,
     ):
-        super().__init__(loss=loss, compile_steps=compile_steps, compile_mode=compile_mode, tangent_chunk=tangent_chunk, allow_tf32=allow_tf32, accumulate_float64=accumulate_float64,
-                         weight_l2=weight_l2, weight_l1=weight_l1,
+        super().__init__(loss=loss, weight_l2=weight_l2, weight_l1=weight_l1,
                          rate_l2=rate_l2, penalties=penalties)
         self.save_hyperparameters(ignore=["penalties"])  # objects; the run's config holds them
         require(type(self).__name__, PositiveInt, output_size=output_size)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, SOFOModule
 
 
@@ -106,11 +107,12 @@ def module_tangents(module: SOFOModule, k: int, seed: int = 0) -> tuple[SOFO, di
     return optimizer, sample_tangents(params, k, step_generator(seed, 0, torch.device("cpu")))
 
 
-def assert_noisy_sketch_matches_reverse_mode(model: SOFOModule, batch, optimizer, tangents) -> None:
-    """The sketch of one SOFO iteration equals V^T grad of the same noisy loss (the iteration's
-    noise draw, noise_draws(step)) by reverse mode."""
+def assert_noisy_sketch_matches_reverse_mode(model: SOFOModule, batch, optimizer, tangents,
+                                             engine: SOFOEngine = SOFOEngine()) -> None:
+    """The sketch of one SOFO iteration, taken by `engine`, equals V^T grad of the same noisy loss
+    (the iteration's noise draw, noise_draws(step)) by reverse mode."""
     inputs, targets, mask = batch
-    sketch = model.sketch_function(batch, optimizer)(tangents)
+    sketch = engine.sketch_function(model, batch, optimizer)(tangents)
     with model.noise_draws(optimizer.step_count):
         loss = model.loss_fn(model(inputs), targets, mask)
     loss.backward()

@@ -17,7 +17,7 @@ sys.path.insert(0, str(BENCHMARKS))
 def _tiny_kalman(tq):
     spec = tq.TASKS["kalman"]
     return tq.TaskSpec(lambda seed: type(spec.make_task(0))(n_steps=30, batch_size=4, val_trials=8, seed=seed),
-                       lambda task: _eager(spec.make_model(task)), 4, "toy")
+                       spec.make_model, 4, "toy")
 
 
 def test_training_quality_runs_are_saved_selected_and_reported(monkeypatch, tmp_path):
@@ -27,6 +27,7 @@ def test_training_quality_runs_are_saved_selected_and_reported(monkeypatch, tmp_
 
     monkeypatch.setattr(tq, "EVALUATIONS", 2)
     monkeypatch.setattr(tq, "OUT", tmp_path)
+    monkeypatch.setattr(tq, "ENGINE", dict(compile_steps=0))  # eager: nothing to compile
     monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
     chosen = [s for s in tq.SWEEP if s.label in ("lr 1, damping 0.001", "lr 0.1, damping 0.01", "lr 0.01, clip 1",
                                                   "lr 0.001")]
@@ -52,11 +53,6 @@ def test_training_quality_runs_are_saved_selected_and_reported(monkeypatch, tmp_
     text = tq.report_task("kalman", 3, 3)
     assert "| SOFO damping \\ lr |" in text and "Goal check: excess MSE" in text and "oracle Kalman filter" in text
     assert (tmp_path / "kalman.png").is_file()
-
-
-def _eager(model):
-    model.compile_steps = 0
-    return model
 
 
 def test_training_quality_same_seed_same_start():
@@ -141,7 +137,7 @@ def test_curriculum_benchmark_runs_saves_and_reports(monkeypatch, tmp_path):
     experiment = curriculum.EXPERIMENTS["flipflop"]
     tiny = curriculum.Experiment(
         "toy", lambda n_steps: type(experiment.make_task(25))(n_steps=n_steps, batch_size=4, val_trials=4, seed=0),
-        lambda task: type(experiment.make_model(task))(task.input_size, 4, task.output_size, compile_steps=0),
+        lambda task: type(experiment.make_model(task))(task.input_size, 4, task.output_size),
         "n_steps", [20, 30], "val_loss", 1e9, {"Adam": 4, "SOFO": 4}, 2, experiment.optimizers)
     monkeypatch.setitem(curriculum.EXPERIMENTS, "flipflop", tiny)
     monkeypatch.setattr(curriculum, "OUT", tmp_path)
@@ -163,6 +159,7 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
 
     monkeypatch.setattr(tq, "EVALUATIONS", 1)
     monkeypatch.setattr(tq, "OUT", tmp_path)
+    monkeypatch.setattr(tq, "ENGINE", dict(compile_steps=0))
     monkeypatch.setattr(tq, "SPLIT_TANGENTS", (2, 4, 8))
     monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
     sofo = [s for s in tq.SWEEP if s.label == "lr 1, damping 0.001"][0]

@@ -62,7 +62,8 @@ def shrunk(config: str, root: Path) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--data.init_args.batch_size", "4", "--data.init_args.val_trials", "4",
             "--model.init_args.hidden_size", "8"] + SHRINK[task]
-    args += ["--model.init_args.compile_steps", "0"]  # two steps: the eager engine, no compilation to wait for
+    if "SOFOStrategy" in (BUNDLED_CONFIGS / config).read_text():  # two steps: the eager engine, nothing to compile
+        args += ["--trainer.strategy.compile_steps", "0"]
     if method in ("sofo", "fgd", "curriculum", "authors", "constrained", "reaction_time", "lesion"):
         args += ["--optimizer.init_args.tangents", "8"]
     if method == "curriculum":  # its first level is T = 20 with both markers by step 15
@@ -138,7 +139,7 @@ def test_sofo_and_adam_configs_differ_only_in_optimiser_and_strategy():
         a = yaml.safe_load(sofo.read_text())
         b = yaml.safe_load(sofo.with_name(sofo.name.replace("_sofo", "_adam")).read_text())
         assert a["model"] == b["model"] and a["data"] == b["data"] and a["seed_everything"] == b["seed_everything"]
-        assert a["trainer"]["strategy"] == "sofo" and "strategy" not in b["trainer"]
+        assert a["trainer"]["strategy"]["class_path"] == "lightning_sofo.SOFOStrategy" and "strategy" not in b["trainer"]
         assert a["optimizer"]["class_path"] == "lightning_sofo.SOFO"
         assert b["optimizer"]["class_path"] == "torch.optim.Adam" and b["trainer"]["gradient_clip_val"] > 0
     for hf in BUNDLED_CONFIGS.glob("*_hf.yaml"):  # Hessian-free: the same model and data, default strategy
@@ -259,7 +260,8 @@ def test_trial_shorter_than_the_task_periods_is_a_clear_error(tmp_path):
 
 def test_console_script_trains_on_two_processes_with_sofo_ddp(tmp_path):
     script = Path(sys.executable).with_name("sofo")
-    args = shrunk("flipflop_sofo.yaml", tmp_path) + ["--trainer.strategy", "sofo_ddp", "--trainer.devices", "2",
+    args = shrunk("flipflop_sofo.yaml", tmp_path) + ["--trainer.strategy", "lightning_sofo.SOFODDPStrategy",
+                                                     "--trainer.strategy.compile_steps", "0", "--trainer.devices", "2",
                                                      "--trainer.accelerator", "cpu"]
     result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -11,6 +11,7 @@ import torch
 from torch.func import hessian, jacrev
 
 from conftest import MLP, TinyRNN
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, curvature, sample_tangents
 from lightning_sofo.functional import step_generator
 from lightning_sofo.models import VanillaRNN
@@ -145,7 +146,7 @@ def test_sketched_ggn_spectrum_is_the_spectrum_of_vt_g_v():
     optimizer = model.configure_optimizers()
     tangents = sample_tangents(optimizer.named_params(), 5, step_generator(optimizer.seed, 0, torch.device("cpu")))
     V = torch.cat([v.reshape(5, -1) for v in tangents.values()], dim=1)
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     torch.testing.assert_close(curvature.sketched_ggn_spectrum(optimizer.last_sketch.ggn),
                                torch.linalg.eigvalsh(V @ G @ V.T), atol=1e-10, rtol=1e-8)
 

@@ -26,7 +26,8 @@ def start(root: Path, *extra: str) -> subprocess.Popen:
     args = shrunk("flipflop_sofo.yaml", root)
     args[args.index("--trainer.max_steps") + 1] = "100000"
     args[args.index("--trainer.val_check_interval") + 1] = "5"
-    args += ["--trainer.strategy", "sofo_ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+    args += ["--trainer.strategy", "lightning_sofo.SOFODDPStrategy", "--trainer.strategy.compile_steps", "0",
+             "--trainer.devices", "2", "--trainer.accelerator", "cpu",
              "--trainer.log_every_n_steps", "1000", *extra]
     sofo = str(Path(sys.executable).with_name("sofo"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import module_tangents
 
+from lightning_sofo import SOFODDPStrategy, SOFOEngine, SOFOStrategy
 from lightning_sofo import functional
 from lightning_sofo.functional import AUTO_COMPILE_MIN_STEPS, AUTO_COMPILE_WINDOW, resolve_compile_steps
 from lightning_sofo.models import VanillaRNN
@@ -35,15 +36,16 @@ def test_auto_compiles_long_trials_and_runs_short_ones_eagerly():
     assert resolve_compile_steps("auto", AUTO_COMPILE_MIN_STEPS) == AUTO_COMPILE_WINDOW
     assert resolve_compile_steps("auto", AUTO_COMPILE_MIN_STEPS - 1) == 0
     assert resolve_compile_steps(7, 10_000) == 7 and resolve_compile_steps(0, 10_000) == 0
-    assert VanillaRNN(2, 4, 2).compile_steps == "auto", "the default"
+    assert SOFOEngine().compile_steps == "auto", "the default"
+    assert SOFOStrategy().engine.compile_steps == "auto" and SOFODDPStrategy().engine.compile_steps == "auto"
 
 
-def sketch(model, steps, compile_steps):
+def sketch(model, steps, compile_steps, **settings):
     torch.manual_seed(1)
     inputs, targets = torch.randn(3, steps, 2), torch.randn(3, steps, 2)
-    model.compile_steps = compile_steps
     optimizer, tangents = module_tangents(model, 6)
-    return model.sketch_function((inputs, targets, None), optimizer)(tangents)
+    engine = SOFOEngine(compile_steps=compile_steps, **settings)
+    return engine.sketch_function(model, (inputs, targets, None), optimizer)(tangents)
 
 
 def test_the_default_engine_is_compiled_for_long_trials_with_the_eager_sketches(compile_calls):
@@ -97,12 +99,12 @@ def test_cuda_graph_mode_falls_back_cleanly_on_a_cpu(compile_calls):
     """compile_mode="reduce-overhead" (CUDA graphs on a GPU) runs on a CPU as the default mode
     does, with the same sketches; a mode that torch.compile does not know is refused clearly."""
     torch.manual_seed(0)
-    model = VanillaRNN(2, 8, 2, compile_mode="reduce-overhead")
-    eager, graphed = sketch(model, 110, 0), sketch(model, 110, "auto")
+    model = VanillaRNN(2, 8, 2)
+    eager, graphed = sketch(model, 110, 0), sketch(model, 110, "auto", compile_mode="reduce-overhead")
     assert compile_calls == ["_sketch_steps"]
     torch.testing.assert_close(graphed.ggn, eager.ggn, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="compile_mode is one of"):
-        VanillaRNN(2, 8, 2, compile_mode="fast")
+        SOFOStrategy(compile_mode="fast")
 
 
 class PrecisionSpy(VanillaRNN):
@@ -137,25 +139,27 @@ def test_tf32_is_scoped_to_the_sofo_step_and_changes_nothing_on_a_cpu(before):
         matmul.fp32_precision = before
         legacy = legacy_precision()
         torch.manual_seed(0)
-        model = PrecisionSpy(2, 8, 2, allow_tf32=True)
-        with_tf32 = sketch(model, 5, 0)
+        model = PrecisionSpy(2, 8, 2)
+        with_tf32 = sketch(model, 5, 0, allow_tf32=True)
         assert set(model.seen) == {"tf32"}, "every step ran under TF32"
         assert matmul.fp32_precision == before, "restored after the step"
         assert legacy_precision() == legacy, "torch's legacy getter answers as before (it refuses a mix of APIs)"
-        model.allow_tf32, model.seen = False, []
+        model.seen = []
         without = sketch(model, 5, 0)
         assert set(model.seen) == {before}, "without the option the program's setting holds"
         for field in ("loss", "grad", "ggn"):
             assert torch.equal(getattr(with_tf32, field), getattr(without, field)), field
-        model.allow_tf32, model.fail = True, True
+        model.fail = True
         with pytest.raises(RuntimeError, match="a failing step"):
-            sketch(model, 5, 0)
+            sketch(model, 5, 0, allow_tf32=True)
         assert matmul.fp32_precision == before, "restored after an error"
     finally:
         matmul.fp32_precision = original
 
 
 def test_allow_tf32_is_checked():
-    assert VanillaRNN(2, 4, 2).allow_tf32 is False, "off by default"
+    assert SOFOEngine().allow_tf32 is False, "off by default"
     with pytest.raises(ValueError, match="allow_tf32 must be True or False"):
-        VanillaRNN(2, 4, 2, allow_tf32="yes")
+        SOFOStrategy(allow_tf32="yes")
+    with pytest.raises(ValueError, match="accumulate_float64 must be True or False"):
+        SOFOEngine(accumulate_float64=1)

@@ -10,6 +10,7 @@ import torch
 from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
 from torch import nn
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, SOFOModule
 from lightning_sofo.functional import gaussian_columns, step_generator
 
@@ -35,14 +36,14 @@ def test_combined_basis_sketches_equal_reverse_mode_gradient_and_explicit_ggn():
     model, batch = _rnn_batch()
     optimizer = SOFO(model.parameters(), lr=0.3, tangents=4, gradient_tangents=1, damping=1e-3)
     for _ in range(3):  # so that the estimate is a real one, not the first step's random column
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     tangents = optimizer.draw_tangents()
     basis = flat_tangents(tangents)
     assert basis.shape[1] == 5  # K + 1
     assert torch.allclose(basis.T @ basis, torch.eye(5, dtype=torch.float64), atol=1e-12)
     estimate = flat({n: optimizer.state[p]["gradient_estimate"] for n, p in model.named_parameters()})
     assert torch.allclose(basis @ (basis.T @ estimate), estimate, atol=1e-12 * estimate.norm())  # in the span exactly
-    sketch = model.sketch_function(batch, optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, batch, optimizer)(tangents)
     grad, ggn = explicit_gauss_newton(model, batch["inputs"], batch["targets"])
     torch.testing.assert_close(sketch.grad, basis.T @ grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sketch.ggn, basis.T @ ggn @ basis, rtol=1e-9, atol=1e-12)
@@ -56,10 +57,10 @@ def test_estimate_is_the_decayed_sum_of_sketched_gradients():
     expected = None
     for _ in range(3):
         tangents = optimizer.draw_tangents()
-        sketch = model.sketch_function(batch, optimizer)(tangents)  # the sketch step() will compute
+        sketch = SOFOEngine().sketch_function(model, batch, optimizer)(tangents)  # the sketch step() will compute
         projected = flat_tangents(tangents) @ sketch.grad
         expected = projected if expected is None else beta * expected + projected
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         estimate = flat({n: optimizer.state[p]["gradient_estimate"] for n, p in model.named_parameters()})
         torch.testing.assert_close(estimate, expected, rtol=1e-10, atol=1e-14)
 
@@ -73,14 +74,14 @@ def test_full_rank_step_with_gradient_tangent_is_the_explicit_damped_gauss_newto
     size = sum(p.numel() for p in model.parameters())
     damping = 1e-3
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=size - 1, gradient_tangents=1, damping=damping)
-    optimizer.step(model.sketch_function(batch, optimizer))  # a first step, so the estimate exists
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))  # a first step, so the estimate exists
     assert "gradient_estimate" in optimizer.state[next(model.parameters())]
     assert flat_tangents(optimizer.draw_tangents()).shape == (size, size)
     theta = _params(model)
     grad, ggn = explicit_gauss_newton(model, batch["inputs"], batch["targets"])
     lam = damping * torch.linalg.eigvalsh(ggn)[-1]
     expected = theta - torch.linalg.solve(ggn + lam * torch.eye(size, dtype=torch.float64), grad)
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     torch.testing.assert_close(_params(model), expected, rtol=1e-8, atol=1e-10)
 
 
@@ -89,8 +90,8 @@ def test_full_rank_undamped_step_lands_on_the_least_squares_minimiser():
     model = LinearModel().double()
     batch = {"inputs": torch.randn(40, 6, dtype=torch.float64), "targets": torch.randn(40, 2, dtype=torch.float64)}
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=13, gradient_tangents=1, damping=0.0)
-    optimizer.step(model.sketch_function(batch, optimizer))
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     x = torch.cat([batch["inputs"], torch.ones(40, 1, dtype=torch.float64)], 1)
     solution = torch.linalg.lstsq(x, batch["targets"]).solution  # (7, 2): weight^T and bias
     torch.testing.assert_close(model.lin.weight.detach(), solution[:6].T, rtol=1e-9, atol=1e-10)
@@ -107,7 +108,7 @@ def _cosines(steps: int = 40, lr: float = 1e-9):
     cosines = []
     for _ in range(steps):
         gradient = _gradient(model, batch)
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         estimate = flat({n: optimizer.state[p]["gradient_estimate"] for n, p in model.named_parameters()})
         cosines.append(float(estimate @ gradient / (estimate.norm() * gradient.norm())))
     return cosines
@@ -129,7 +130,7 @@ def test_resumed_run_with_gradient_tangents_takes_the_same_steps():
     settings = dict(lr=0.3, tangents=3, gradient_tangents=1, gradient_decay=0.8, damping=1e-3, seed=4)
     reference = SOFO(model.parameters(), **settings)
     for _ in range(3):
-        reference.step(model.sketch_function(batch, reference))
+        reference.step(SOFOEngine().sketch_function(model, batch, reference))
     state = reference.state_dict()
     assert state["sofo"]["gradient_tangents"] == 1
     resumed_model = TinyRNN().double()
@@ -139,8 +140,8 @@ def test_resumed_run_with_gradient_tangents_takes_the_same_steps():
     assert resumed.settings_changed_on_load == {}
     assert torch.equal(flat_tangents(resumed.draw_tangents()), flat_tangents(reference.draw_tangents()))
     for _ in range(2):
-        reference.step(model.sketch_function(batch, reference))
-        resumed.step(resumed_model.sketch_function(batch, resumed))
+        reference.step(SOFOEngine().sketch_function(model, batch, reference))
+        resumed.step(SOFOEngine().sketch_function(resumed_model, batch, resumed))
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
 
@@ -148,7 +149,7 @@ def test_resumed_run_with_gradient_tangents_takes_the_same_steps():
 def test_resuming_without_gradient_tangents_drops_the_estimate_and_lists_the_change():
     model, batch = _rnn_batch()
     reference = SOFO(model.parameters(), lr=0.3, tangents=3, gradient_tangents=1, damping=1e-3)
-    reference.step(model.sketch_function(batch, reference))
+    reference.step(SOFOEngine().sketch_function(model, batch, reference))
     plain = SOFO(model.parameters(), lr=0.3, tangents=3, damping=1e-3)
     plain.load_state_dict(reference.state_dict())
     assert plain.settings_changed_on_load["gradient_tangents"] == (1, 0)
@@ -166,7 +167,7 @@ def test_unit_norm_tangents_are_the_authors_gaussian_columns_scaled_to_unit_leng
     off_diagonal = basis.T @ basis - torch.eye(6, dtype=torch.float64)
     assert off_diagonal.abs().max() > 1e-3  # not orthogonalised
     # the sketches are still exactly V^T grad L and V^T G V for this V
-    sketch = model.sketch_function(batch, optimizer)(optimizer.draw_tangents())
+    sketch = SOFOEngine().sketch_function(model, batch, optimizer)(optimizer.draw_tangents())
     grad, ggn = explicit_gauss_newton(model, batch["inputs"], batch["targets"])
     torch.testing.assert_close(sketch.grad, basis.T @ grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sketch.ggn, basis.T @ ggn @ basis, rtol=1e-9, atol=1e-12)

@@ -9,6 +9,7 @@ import torch
 from conftest import MLP, TinyRNN, flat, flat_tangents
 from torch.func import functional_call, grad
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO
 from lightning_sofo.analysis import trajectories
 from lightning_sofo.functional import sample_tangents, step_generator
@@ -48,7 +49,7 @@ def test_sofo_sketches_from_the_batch_state_match_reverse_mode():
     batch = _batch(model)
     optimizer = SOFO(model.parameters(), tangents=6)
     tangents = sample_tangents(optimizer.named_params(), 6, step_generator(optimizer.seed, 0, torch.device("cpu")))
-    sketch = model.sketch_function(batch, optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, batch, optimizer)(tangents)
     params = {name: p.detach() for name, p in model.named_parameters()}
 
     def loss(p):

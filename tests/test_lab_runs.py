@@ -18,6 +18,7 @@ import yaml
 from conftest import MLP
 
 import lightning_sofo.cli as cli
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO
 from lightning_sofo.callbacks import TrialFigures
 from lightning_sofo.checkpoints import remove_abandoned_temporaries
@@ -168,7 +169,7 @@ def _both_routes(model, batch):
             if route == "backprop":
                 model.compute_loss(batch)
             else:
-                model.sketch_function(batch, SOFO(model.parameters(), tangents=2))
+                SOFOEngine().sketch_function(model, batch, SOFO(model.parameters(), tangents=2))
         errors.append(str(raised.value))
     return errors
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import assert_noisy_sketch_matches_reverse_mode, flat_tangents, module_tangents
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo.models import GRU, ArmController, MotorNetBody, TwoLinkArm, VanillaRNN
 from lightning_sofo.datamodules import Reach
 
@@ -35,7 +36,7 @@ def test_vanilla_rnn_sketched_gradient_is_reverse_mode(nonlinearity, learn_initi
         model.cell.h0.normal_()
     inputs, targets, mask = rnn_batch()
     optimizer, tangents = module_tangents(model, 7)
-    sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     model.loss_fn(model(inputs), targets, mask).backward()
     gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
     torch.testing.assert_close(sketch.grad, flat_tangents(tangents).T @ gradient, rtol=1e-5, atol=1e-12)
@@ -46,7 +47,7 @@ def test_handwritten_lower_bound_computes_the_same_sketches():
     model = VanillaRNN(3, 6, 2).double()
     inputs, targets, mask = rnn_batch()
     optimizer, tangents = module_tangents(model, 5)
-    generic = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    generic = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     handwritten = handwritten_sketch(model, dict(zip(names, tangents.values())), inputs, targets, mask)
     for a, b in [(generic.loss, handwritten.loss), (generic.grad, handwritten.grad), (generic.ggn, handwritten.ggn)]:
@@ -82,7 +83,7 @@ def test_the_default_network_steps_in_seconds():
 # ---- VanillaRNN options ----------------------------------------------------------
 def sketch_matches_reverse_mode(model, inputs, targets, mask=None, k=7):
     optimizer, tangents = module_tangents(model, k)
-    sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     model.zero_grad()
     model.loss_fn(model(inputs), targets, mask).backward()
     gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
@@ -136,9 +137,9 @@ def test_noisy_sketch_differentiates_one_noise_draw():
     inputs, targets, mask = rnn_batch()
     optimizer, tangents = module_tangents(model, 5)
     torch.manual_seed(11)
-    sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     torch.manual_seed(12)  # the global generator plays no part
-    again = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    again = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     assert torch.equal(sketch.loss, again.loss)
     assert_noisy_sketch_matches_reverse_mode(model, (inputs, targets, mask), optimizer, tangents)
 

@@ -10,6 +10,7 @@ import torch
 from conftest import MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
 from torch.utils.data import DataLoader
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import FGD, SOFO, Sketch
 from lightning_sofo.functional import (
     LevenbergMarquardt,
@@ -45,7 +46,7 @@ def test_fgd_update_is_lr_times_v_v_transpose_grad(scale_by_dimension):
     before = flat(dict(model.named_parameters())).detach().clone()
     grad = reverse_mode_grad(model, batch)
     V = flat_tangents(tangents_of(optimizer, 0))  # (P, K)
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     scale = V.shape[0] / V.shape[1] if scale_by_dimension else 1.0
     expected = before - 0.1 * scale * V @ (V.T @ grad)
     torch.testing.assert_close(flat(dict(model.named_parameters())).detach(), expected, rtol=1e-10, atol=1e-12)
@@ -63,7 +64,7 @@ def test_fgd_with_momentum_is_heavy_ball_on_v_v_transpose_grad():
         V = flat_tangents(tangents_of(optimizer, step))
         velocity = 0.9 * velocity + V @ (V.T @ grad)
         theta = theta - 0.2 * velocity
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         torch.testing.assert_close(flat(dict(model.named_parameters())).detach(), theta, rtol=1e-10, atol=1e-12)
 
 
@@ -78,12 +79,12 @@ def test_sofo_momentum_adds_beta_times_the_previous_step():
     opt_heavy = SOFO(heavy.parameters(), lr=0.5, tangents=6, damping=1e-3, momentum=0.7)
     start = flat(dict(plain.named_parameters())).detach().clone()
     for model, optimizer in ((plain, opt_plain), (heavy, opt_heavy)):
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     after_one = flat(dict(heavy.named_parameters())).detach().clone()
     torch.testing.assert_close(after_one, flat(dict(plain.named_parameters())).detach(), rtol=0, atol=0)
     previous_step = (start - after_one) / 0.5  # V a of step 1
     for model, optimizer in ((plain, opt_plain), (heavy, opt_heavy)):
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     expected = flat(dict(plain.named_parameters())).detach() - 0.5 * 0.7 * previous_step
     torch.testing.assert_close(flat(dict(heavy.named_parameters())).detach(), expected, rtol=1e-10, atol=1e-12)
     # the velocity is optimizer state: it survives a state_dict round trip
@@ -119,7 +120,7 @@ def test_predicted_change_is_the_exact_loss_change_on_a_quadratic():
     damping = 1e-2
     for _ in range(4):
         before = float(model.compute_loss(batch))
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         info = optimizer.last_step
         assert info.relative_damping == pytest.approx(damping)
         assert info.reduction_ratio == pytest.approx(1.0, abs=1e-9)
@@ -135,7 +136,7 @@ def test_predicted_change_matches_the_explicit_quadratic_model():
     optimizer = SOFO(model.parameters(), tangents=4)
     tangents = tangents_of(optimizer, 0)
     V = flat_tangents(tangents)
-    sketch = model.sketch_function(batch, optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, batch, optimizer)(tangents)
     a = torch.randn(4, dtype=torch.float64)
     delta = -0.3 * V @ a
     expected = grad @ delta + 0.5 * delta @ ggn @ delta
@@ -188,7 +189,7 @@ def test_adaptive_damping_state_survives_a_checkpoint():
     optimizer = SOFO(model.parameters(), tangents=5, damping="adaptive")
     batch = (torch.randn(3, 4, 2), torch.randn(3, 4, 2))
     for _ in range(3):
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     restored = SOFO(model.parameters(), tangents=5, damping="adaptive")
     restored.load_state_dict(optimizer.state_dict())
     assert restored.adaptive and restored.damping == optimizer.damping != 1e-3  # the damping reached is state
@@ -237,7 +238,7 @@ def test_adaptive_damping_refuses_per_group_learning_rates_before_moving_anythin
                      damping="adaptive")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="one lr for all parameter groups"):
-        optimizer.step(model.sketch_function((torch.randn(3, 4, 2), torch.randn(3, 4, 2)), optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, (torch.randn(3, 4, 2), torch.randn(3, 4, 2)), optimizer))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
@@ -282,6 +283,6 @@ def test_adaptive_damping_never_keeps_a_step_that_raises_the_batch_loss(lr):
     optimizer = SOFO(model.parameters(), lr=lr, tangents=6, damping="adaptive")
     losses = [float(model.compute_loss(batch))]
     for _ in range(15):
-        optimizer.step(model.sketch_function(batch, optimizer))
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         losses.append(float(model.compute_loss(batch)))
     assert all(after <= before for before, after in zip(losses, losses[1:])), losses

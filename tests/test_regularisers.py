@@ -12,6 +12,7 @@ import torch
 from conftest import explicit_gauss_newton, flat, flat_tangents, module_tangents, unflatten
 from torch.func import functional_call, hessian, jacrev
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, ParameterPenalty, RatePenalty, SOFOModule, WeightL1
 from lightning_sofo.datamodules import FlipFlop
 from lightning_sofo.models import GRU, ArmController, VanillaRNN
@@ -29,7 +30,7 @@ def test_the_sketches_of_the_penalised_loss_match_reverse_mode_and_the_explicit_
     inputs = torch.randn(4, 6, 2, dtype=torch.float64)
     targets = torch.randn(4, 6, 3, dtype=torch.float64)
     optimizer, tangents = module_tangents(model, 7)
-    closure = model.sketch_function((inputs, targets, None), optimizer)
+    closure = SOFOEngine().sketch_function(model, (inputs, targets, None), optimizer)
     sketch = closure(tangents)
     V = flat_tangents(tangents)
     parameters = list(model.parameters())  # the frozen initial state h_0 too: neither trained nor penalised
@@ -152,7 +153,7 @@ def test_every_penalty_enters_the_sketches_with_its_exact_curvature(masked):
     targets = torch.randn(4, 6, 3, dtype=torch.float64)
     mask = (torch.rand(4, 6, 1) > 0.4).double() if masked else None
     optimizer, tangents = module_tangents(model, 9)
-    closure = model.sketch_function((inputs, targets, mask), optimizer)
+    closure = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)
     sketch = closure(tangents)
     V = flat_tangents(tangents)  # (P, K) over the trained parameters
 
@@ -170,7 +171,7 @@ def test_every_penalty_enters_the_sketches_with_its_exact_curvature(masked):
     bare = VanillaRNN(2, 5, 3).double()
     bare.load_state_dict(model.state_dict())
     bare_optimizer, bare_tangents = module_tangents(bare, 9)
-    assert not torch.allclose(bare.sketch_function((inputs, targets, mask), bare_optimizer)(bare_tangents).ggn,
+    assert not torch.allclose(SOFOEngine().sketch_function(bare, (inputs, targets, mask), bare_optimizer)(bare_tangents).ggn,
                               sketch.ggn)
 
 
@@ -188,13 +189,11 @@ def test_rate_penalties_are_exact_across_sketch_blocks_and_compiled_windows():
         objective = model.training_objective((inputs, targets, None))
         objective.backward()
         gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-        model.compile_steps = 0
-        sketch = model.sketch_function((inputs, targets, None), optimizer)(tangents)
+        sketch = SOFOEngine(compile_steps=0).sketch_function(model, (inputs, targets, None), optimizer)(tangents)
         torch.testing.assert_close(sketch.loss, objective.detach(), rtol=1e-10, atol=0)
         torch.testing.assert_close(sketch.grad, V.T @ gradient, rtol=1e-7, atol=1e-12)
         if compile_steps:
-            model.compile_steps = compile_steps
-            compiled = model.sketch_function((inputs, targets, None), optimizer)
+            compiled = SOFOEngine(compile_steps=compile_steps).sketch_function(model, (inputs, targets, None), optimizer)
             windowed = compiled(tangents)
             torch.testing.assert_close(windowed.loss, sketch.loss, rtol=1e-10, atol=0)
             torch.testing.assert_close(windowed.grad, sketch.grad, rtol=1e-9, atol=1e-12)

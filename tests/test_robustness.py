@@ -12,6 +12,7 @@ import torch
 from conftest import MLP, TinyRNN
 from torch.utils.data import DataLoader
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import FGD, SOFO, Sketch, functional, solve_subspace
 from lightning_sofo.models import VanillaRNN
 
@@ -174,13 +175,14 @@ def test_float64_accumulation_over_a_long_float32_trial():
     tangents = functional.sample_tangents(optimizer.named_params(), 8, torch.Generator().manual_seed(0))
     sketches = {}
     for accumulate in (False, True):
-        model.accumulate_float64 = accumulate
-        sketches[accumulate] = model.sketch_function(batch, optimizer)(tangents)
+        engine = SOFOEngine(accumulate_float64=accumulate)
+        sketches[accumulate] = engine.sketch_function(model, batch, optimizer)(tangents)
     reference_model = VanillaRNN(2, 16, 2, dt=0.01, tau=0.1).double()
     reference_model.load_state_dict(model.state_dict())
     reference_optimizer = SOFO(reference_model.parameters(), tangents=8)
-    truth = reference_model.sketch_function({k: v.double() for k, v in batch.items()}, reference_optimizer)(
-        {k: v.double() for k, v in tangents.items()})
+    reference = SOFOEngine().sketch_function(reference_model, {k: v.double() for k, v in batch.items()},
+                                             reference_optimizer)
+    truth = reference({k: v.double() for k, v in tangents.items()})
     assert sketches[True].ggn.dtype == torch.float64 and sketches[False].ggn.dtype == torch.float32
     error = {a: float((s.ggn.double() - truth.ggn).abs().max() / truth.ggn.abs().max()) for a, s in sketches.items()}
     assert error[True] < error[False] and error[True] < 1e-5
@@ -259,7 +261,7 @@ def test_batch_checks_say_what_was_expected(batch, message, route):
     with pytest.raises(ValueError, match=message):
         if route == "sofo":
             optimizer = model.configure_optimizers()
-            optimizer.step(model.sketch_function(batch, optimizer))
+            optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         else:
             model.compute_loss(batch)
 
@@ -289,7 +291,7 @@ def test_trials_without_time_steps_are_refused(route):
     with pytest.raises(ValueError, match=r"no time steps .*T = 0"):
         if route == "sofo":
             optimizer = model.configure_optimizers()
-            optimizer.step(model.sketch_function(batch, optimizer))
+            optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
         else:
             model.compute_loss(batch)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

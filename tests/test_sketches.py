@@ -7,6 +7,7 @@ import torch
 from conftest import MLP, TinyRNN, explicit_gauss_newton, flat_tangents, module_tangents
 from torch.func import functional_call
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo.functional import feedforward_sketch
 from lightning_sofo.losses import MaskedMSE
 
@@ -89,7 +90,7 @@ def check_sketches_against_oracles(build, loss):
         mask = None
     k = 5
     optimizer, tangents = module_tangents(model, k)
-    sketch = model.sketch_function({"inputs": inputs, "targets": targets, "mask": mask}, optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, {"inputs": inputs, "targets": targets, "mask": mask}, optimizer)(tangents)
 
     V = flat_tangents(tangents)
     assert torch.allclose(V.T @ V, torch.eye(k, dtype=V.dtype), atol=1e-12)
@@ -117,9 +118,9 @@ def test_recurrent_path_equals_unrolled_sequence(loss, compile_steps, monkeypatc
 
     monkeypatch.setattr(functional, "SKETCH_BLOCK", 2)
     model, inputs, targets, mask = recurrent_case(loss)
-    model.compile_steps = compile_steps
     optimizer, tangents = module_tangents(model, 6, seed=3)
-    recurrent = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    engine = SOFOEngine(compile_steps=compile_steps)
+    recurrent = engine.sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
 
     params = {n: p.detach() for n, p in model.named_parameters()}
     named = dict(zip(params, tangents.values()))
@@ -139,7 +140,7 @@ def test_frozen_parameters_are_constants():
 
     optimizer = SOFO([p for p in model.parameters() if p.requires_grad], tangents=4)
     tangents = sample_tangents(optimizer.named_params(), 4, step_generator(0, 0, torch.device("cpu")))
-    sketch = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    sketch = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     loss = model.loss_fn(model(inputs), targets, mask)
     loss.backward()
     gradient = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
@@ -160,13 +161,14 @@ def test_copied_module_sketches_its_own_parameters():
 
     model, inputs, targets, mask = recurrent_case("mse")
     optimizer, tangents = module_tangents(model, 3)
-    model.sketch_function((inputs, targets, mask), optimizer)(tangents)  # builds the functional cache
+    SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)  # builds the functional cache
     clone = copy.deepcopy(model)
     with torch.no_grad():
         clone.W.mul_(2.0)
     clone_optimizer, _ = module_tangents(clone, 3)
-    ours = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
-    theirs = clone.sketch_function((inputs, targets, mask), clone_optimizer)(dict(zip(clone_optimizer.named_params(), tangents.values())))
+    ours = SOFOEngine().sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
+    clone_tangents = dict(zip(clone_optimizer.named_params(), tangents.values()))
+    theirs = SOFOEngine().sketch_function(clone, (inputs, targets, mask), clone_optimizer)(clone_tangents)
     assert not torch.allclose(ours.loss, theirs.loss)
     torch.testing.assert_close(theirs.loss, clone.loss_fn(clone(inputs), targets, mask))
 
@@ -175,9 +177,8 @@ def test_compiled_engine_equals_eager_engine():
     """compile_steps=3 on T=7: two compiled chunks of 3 steps and one eager step."""
     model, inputs, targets, mask = recurrent_case("mse")
     optimizer, tangents = module_tangents(model, 4)
-    eager = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
-    model.compile_steps = 3
-    compiled = model.sketch_function((inputs, targets, mask), optimizer)(tangents)
+    eager = SOFOEngine(compile_steps=0).sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
+    compiled = SOFOEngine(compile_steps=3).sketch_function(model, (inputs, targets, mask), optimizer)(tangents)
     for a, b in [(eager.loss, compiled.loss), (eager.grad, compiled.grad), (eager.ggn, compiled.ggn)]:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -191,7 +192,6 @@ def test_loss_alone_equals_the_unrolled_loss(loss, compile_steps, monkeypatch):
 
     monkeypatch.setattr(functional, "_compiled", lambda name, function, mode="default": function)
     model, inputs, targets, mask = recurrent_case(loss)
-    model.compile_steps = compile_steps
     optimizer, _ = module_tangents(model, 4)
-    alone = model.sketch_function((inputs, targets, mask), optimizer)(None)
+    alone = SOFOEngine(compile_steps=compile_steps).sketch_function(model, (inputs, targets, mask), optimizer)(None)
     torch.testing.assert_close(alone, model.loss_fn(model(inputs), targets, mask).detach(), rtol=1e-12, atol=1e-15)

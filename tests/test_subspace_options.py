@@ -11,6 +11,7 @@ from conftest import LinearModel, MLP, TinyRNN, flat, flat_tangents
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, SOFOModule
 
 
@@ -49,7 +50,7 @@ def test_memory_step_is_the_exact_minimiser_over_memory_and_random_tangent():
     model, batch = _problem()
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=1, memory=1, damping=0.0)
     theta0 = flat({n: p.detach().clone() for n, p in model.named_parameters()})
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     theta1 = flat({n: p.detach().clone() for n, p in model.named_parameters()})
     first_step = theta1 - theta0
     basis = flat_tangents(optimizer.draw_tangents())  # the step-2 subspace: (P, 2)
@@ -58,7 +59,7 @@ def test_memory_step_is_the_exact_minimiser_over_memory_and_random_tangent():
     # the last update direction is in the subspace exactly
     assert torch.allclose(basis @ (basis.T @ first_step), first_step, atol=1e-12)
     expected = _least_squares_over_span(model, batch, basis)  # from theta1, over theta1 + span(basis)
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     theta2 = flat({n: p.detach().clone() for n, p in model.named_parameters()})
     assert torch.allclose(theta2, expected, atol=1e-9)
     assert (theta2 - theta1 - basis[:, :1] @ (basis[:, :1].T @ (theta2 - theta1))).norm() > 1e-3  # the random one moved
@@ -83,9 +84,9 @@ def test_without_memory_the_step_does_not_keep_the_previous_direction_optimal():
     model, batch = _problem()
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=2, damping=0.0)
     theta0 = flat({n: p.detach().clone() for n, p in model.named_parameters()})
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     first_step = flat({n: p.detach().clone() for n, p in model.named_parameters()}) - theta0
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     grad = _grad(model, batch)
     assert abs(grad @ first_step) > 1e-4 * grad.norm() * first_step.norm()
 
@@ -94,7 +95,7 @@ def test_memory_is_checkpointed_and_a_resumed_run_takes_the_same_steps():
     model, batch = _problem()
     reference = SOFO(model.parameters(), lr=0.5, tangents=3, memory=2, damping=1e-3, seed=4)
     for _ in range(3):
-        reference.step(model.sketch_function(batch, reference))
+        reference.step(SOFOEngine().sketch_function(model, batch, reference))
     state = reference.state_dict()
     assert all(s["memory"].shape[0] == 2 for s in state["state"].values())
     resumed_model = _with(model, flat({n: p.detach() for n, p in model.named_parameters()}))
@@ -102,8 +103,8 @@ def test_memory_is_checkpointed_and_a_resumed_run_takes_the_same_steps():
     resumed.load_state_dict(state)
     assert torch.equal(flat_tangents(resumed.draw_tangents()), flat_tangents(reference.draw_tangents()))
     for _ in range(2):
-        reference.step(model.sketch_function(batch, reference))
-        resumed.step(resumed_model.sketch_function(batch, resumed))
+        reference.step(SOFOEngine().sketch_function(model, batch, reference))
+        resumed.step(SOFOEngine().sketch_function(resumed_model, batch, resumed))
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
 
@@ -150,7 +151,7 @@ def test_orthogonal_cycles_hold_inside_the_optimizer_steps():
         optimizer = SOFO(model.parameters(), tangents=3, orthogonal_cycles=cycles, damping=1e-3, lr=0.1, seed=5)
         seen = []
         for _ in range(3):
-            closure = model.sketch_function(batch, optimizer)
+            closure = SOFOEngine().sketch_function(model, batch, optimizer)
             expected_default = sample_tangents(optimizer.named_params(), 3,
                                                step_generator(5, optimizer.step_count, torch.device("cpu")))
 
@@ -170,7 +171,7 @@ def test_orthogonal_cycles_hold_inside_the_optimizer_steps():
 def test_memory_is_not_pushed_by_rejected_or_skipped_steps():
     model, batch = _problem()
     optimizer = SOFO(model.parameters(), lr=1.0, tangents=2, memory=1, damping="adaptive")
-    closure = model.sketch_function(batch, optimizer)
+    closure = SOFOEngine().sketch_function(model, batch, optimizer)
     rejecting = lambda tangents: closure(tangents) if tangents is not None else closure(None) + 1e6
     optimizer.step(rejecting)  # the loss after the step is worse: taken back
     assert optimizer.rejected_steps == 1
@@ -179,14 +180,14 @@ def test_memory_is_not_pushed_by_rejected_or_skipped_steps():
         optimizer.step(_nan_closure(model, batch, optimizer))  # a non-finite sketch: skipped
     assert optimizer.skipped_steps == 1
     assert all("memory" not in optimizer.state[p] for p in model.parameters())
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     assert all(optimizer.state[p]["memory"].shape[0] == 1 for p in model.parameters())
 
 
 def _nan_closure(model, batch, optimizer):
     from lightning_sofo.functional import Sketch
 
-    closure = model.sketch_function(batch, optimizer)
+    closure = SOFOEngine().sketch_function(model, batch, optimizer)
 
     def spoiled(tangents):
         sketch = closure(tangents)
@@ -198,13 +199,13 @@ def test_a_checkpoint_with_another_memory_size_loads():
     model, batch = _problem()
     saved = SOFO(model.parameters(), lr=0.5, tangents=3, memory=2, damping=1e-3)
     for _ in range(3):
-        saved.step(model.sketch_function(batch, saved))
+        saved.step(SOFOEngine().sketch_function(model, batch, saved))
     for memory in (0, 1, 3):
         other = SOFO(model.parameters(), lr=0.5, tangents=3, memory=memory, damping=1e-3)
         other.load_state_dict(saved.state_dict())
         V = flat_tangents(other.draw_tangents())
         assert V.shape[1] == 3 + memory and torch.allclose(V.T @ V, torch.eye(3 + memory, dtype=V.dtype), atol=1e-10)
-        other.step(model.sketch_function(batch, other))
+        other.step(SOFOEngine().sketch_function(model, batch, other))
 
 
 def test_block_tangents_move_only_their_block_and_are_named_by_the_module():
@@ -212,7 +213,7 @@ def test_block_tangents_move_only_their_block_and_are_named_by_the_module():
     model = TinyRNN(sofo=dict(lr=0.5, tangents=5, tangents_per_block={"C": 2}, damping=1e-3))
     batch = {"inputs": torch.randn(8, 6, 2), "targets": torch.randn(8, 6, 2)}
     optimizer = model.configure_optimizers()
-    model.sketch_function(batch, optimizer)  # the module names the optimizer's parameters
+    SOFOEngine().sketch_function(model, batch, optimizer)  # the module names the optimizer's parameters
     tangents = optimizer.draw_tangents()
     names = [n for n, _ in model.named_parameters()]
     for key, name in zip(optimizer.named_params(), names):
@@ -222,7 +223,7 @@ def test_block_tangents_move_only_their_block_and_are_named_by_the_module():
     assert V.shape[1] == 5 and torch.allclose(V.T @ V, torch.eye(5), atol=1e-5)
     # with memory too, the block tangents stay inside their block, and the memory is in the span
     optimizer = SOFO(model.parameters(), lr=0.5, tangents=5, memory=1, tangents_per_block={"C": 2}, damping=1e-3)
-    optimizer.step(model.sketch_function(batch, optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     tangents = optimizer.draw_tangents()
     for key, name in zip(optimizer.named_params(), names):
         if name != "C":

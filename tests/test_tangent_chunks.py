@@ -10,20 +10,17 @@ import pytest
 import torch
 from conftest import assert_noisy_sketch_matches_reverse_mode, module_tangents
 
+from lightning_sofo import SOFOEngine, SOFOStrategy
 from lightning_sofo.functional import AUTO_CHUNK_BYTES, AUTO_CHUNK_MIN, resolve_tangent_chunk
 from lightning_sofo.models import VanillaRNN
 
 
 def sketches(model, batch, k, chunks, **settings):
-    """{chunk: Sketch} of one SOFO iteration on `batch`, for each tangent chunk size."""
-    for name, value in settings.items():
-        setattr(model, name, value)
+    """{chunk: Sketch} of one SOFO iteration on `batch`, for each tangent chunk size, by an engine
+    with the other `settings`."""
     optimizer, tangents = module_tangents(model, k)
-    result = {}
-    for chunk in chunks:
-        model.tangent_chunk = chunk
-        result[chunk] = model.sketch_function(batch, optimizer)(tangents)
-    return result
+    return {chunk: SOFOEngine(tangent_chunk=chunk, **settings).sketch_function(model, batch, optimizer)(tangents)
+            for chunk in chunks}
 
 
 def assert_same(a, b, rtol=1e-5, atol=1e-6):
@@ -84,9 +81,8 @@ def test_chunks_draw_the_same_noise_for_every_tangent(compile_steps):
     assert_same(result[4], result[0])
     if compile_steps:
         return  # the compiled engine draws its own random stream; the eager one is reverse mode's
-    model.tangent_chunk = 4
     optimizer, tangents = module_tangents(model, 10)
-    assert_noisy_sketch_matches_reverse_mode(model, data, optimizer, tangents)
+    assert_noisy_sketch_matches_reverse_mode(model, data, optimizer, tangents, SOFOEngine(tangent_chunk=4))
 
 
 def test_auto_chunks_on_a_cpu_fit_the_cache_and_leave_small_states_whole():
@@ -105,8 +101,8 @@ def test_auto_chunks_on_a_cpu_fit_the_cache_and_leave_small_states_whole():
 
 
 def test_tangent_chunk_is_checked_and_defaults_to_auto():
-    assert VanillaRNN(2, 4, 2).tangent_chunk == "auto"
+    assert SOFOEngine().tangent_chunk == "auto" and SOFOStrategy().engine.tangent_chunk == "auto"
     with pytest.raises(ValueError, match="tangent_chunk must be an integer >= 0"):
-        VanillaRNN(2, 4, 2, tangent_chunk=-1)
+        SOFOEngine(tangent_chunk=-1)
     with pytest.raises(ValueError, match="tangent_chunk must be an integer >= 0"):
-        VanillaRNN(2, 4, 2, tangent_chunk="half")
+        SOFOStrategy(tangent_chunk="half")

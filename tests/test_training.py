@@ -8,6 +8,7 @@ import torch
 from conftest import MLP, TinyRNN, explicit_gauss_newton, flat
 from torch.utils.data import DataLoader
 
+from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, SOFOStrategy
 
 
@@ -102,7 +103,7 @@ def test_sofo_iteration_records_no_autograd_graph():
     batch = sine_task(batch_size=4, horizon=5)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        loss = optimizer.step(model.sketch_function(batch, optimizer))
+        loss = optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
     assert saved == []  # no tensor was saved for a backward pass: no graph was built
     assert loss.grad_fn is None and not loss.requires_grad
     assert all(p.grad is None for p in model.parameters())
@@ -199,7 +200,7 @@ def test_resume_from_modelcheckpoint_last_over_epochs(tmp_path):
 def test_optimizer_state_dict_round_trip():
     model = TinyRNN()
     optimizer = SOFO(model.parameters(), lr=0.3, tangents=5, damping=1e-4, seed=9)
-    optimizer.step(model.sketch_function(sine_task(2, 3), optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, sine_task(2, 3), optimizer))
     state = optimizer.state_dict()
     other = SOFO(model.parameters(), lr=1.0, tangents=5, seed=0)
     other.load_state_dict(state)
@@ -256,7 +257,7 @@ def test_update_norm_is_the_size_of_the_parameter_change():
     model.W.requires_grad_(False)  # a frozen parameter stays put and counts for nothing
     optimizer = SOFO([{"params": [model.W, model.U], "lr": 0.3}, {"params": [model.b, model.C, model.d, model.h0]}])
     before = [p.detach().clone() for p in model.parameters()]
-    optimizer.step(model.sketch_function(sine_task(2, 3), optimizer))
+    optimizer.step(SOFOEngine().sketch_function(model, sine_task(2, 3), optimizer))
     change = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(model.parameters(), before)])
     assert torch.equal(model.W, before[0])
     assert optimizer.last_step.update_norm == pytest.approx(change.norm().item(), rel=1e-5)
