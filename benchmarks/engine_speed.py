@@ -35,7 +35,7 @@ from results import write_section  # noqa: E402
 
 from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO  # noqa: E402
-from lightning_sofo.functional import sample_tangents, step_generator  # noqa: E402
+from lightning_sofo.tangents import sample_tangents, step_generator  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
 
 COMPILE_STEPS = 10  # time steps per torch.compile'd call

@@ -72,7 +72,7 @@ def sketch_problem(device: str, n: int, b: int, k: int, t: int):
     import torch
 
     from lightning_sofo import SOFO
-    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.tangents import sample_tangents, step_generator
     from lightning_sofo.models import VanillaRNN
 
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def tf32_comparison(device: str, n: int, b: int, k: int, t: int, repeats: int = 
     from engine_speed import timed
 
     from lightning_sofo import SOFOEngine
-    from lightning_sofo.functional import solve_subspace
+    from lightning_sofo.solve import solve_subspace
 
     model, batch, optimizer, tangents = sketch_problem(device, n, b, k, t)
     sketches, seconds = {}, {False: [], True: []}
@@ -210,8 +210,6 @@ def main(argv: list[str] | None = None) -> str:
                         help="on a machine without a GPU: write the RESULTS.md section that lists what is still missing")
     args = parser.parse_args(argv)
     if args.record_missing:
-        from results import write_section
-
         write_section(MISSING_TITLE, MISSING)
         return MISSING
     device = "cuda" if torch.cuda.is_available() else "cpu"

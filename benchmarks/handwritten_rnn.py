@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_sofo.functional import Sketch
+from lightning_sofo.sketch import Sketch
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sofo.functional import step_through
+from lightning_sofo.timeloop import step_through
 
 
 class _Method(nn.Module):
@@ -69,7 +69,7 @@ def functional_method(module: nn.Module, method: str) -> Callable[..., Any]:
     """f(params, *args) = module.<method>(*args) with the parameters replaced by `params`.
 
     f.window(params, state, inputs (B, W, I)) -> (state, outputs (B, W, O)) runs a step method
-    over W steps with the parameters swapped in once (functional.step_loop uses it)."""
+    over W steps with the parameters swapped in once (timeloop.step_loop uses it)."""
     def swapped(params: dict[str, Tensor]) -> dict[str, Tensor]:
         return {f"module.{name}": p for name, p in params.items()}
 

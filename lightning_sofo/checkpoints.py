@@ -228,38 +228,3 @@ def check_optimizers(optimizers: list[torch.optim.Optimizer], checkpoint: dict[s
 
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _differs(a: Any, b: Any) -> bool:
-    try:
-        return bool(a != b)
-    except (RuntimeError, TypeError):  # tensors
-        return not torch.equal(torch.as_tensor(a), torch.as_tensor(b))
-
-
-def apply_configured_group(group: dict, index: int, wanted: dict, previous: dict | None, schedulers) -> list[str]:
-    """Set the keys of a restored param group that the config changed: relative to the config the
-    checkpoint was trained with (`previous`), or, for a checkpoint without it, to the restored values."""
-    changes = []
-    for key, value in wanted.items():
-        if key in ("params", "initial_lr", "param_names") or key not in group:
-            continue
-        if key == "lr":
-            new_base = wanted.get("initial_lr", value)
-            old_base = (previous.get("initial_lr", previous["lr"]) if previous is not None and "lr" in previous
-                        else group.get("initial_lr", group["lr"]))
-            if not _differs(old_base, new_base):
-                continue
-            group["lr"] = new_base * (group["lr"] / old_base) if old_base else new_base  # keeps the schedule's progress
-            if "initial_lr" in group:
-                group["initial_lr"] = new_base
-            for scheduler in schedulers:
-                if hasattr(scheduler, "base_lrs"):
-                    scheduler.base_lrs[index] = new_base
-            changes.append(f"lr {old_base!r} -> {new_base!r}")
-        else:
-            old = previous.get(key, group[key]) if previous is not None else group[key]
-            if _differs(old, value):
-                changes.append(f"{key} {old!r} -> {value!r}")
-                group[key] = value
-    return changes

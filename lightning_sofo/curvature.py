@@ -31,7 +31,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from lightning_sofo.arguments import PositiveInt, require
 from lightning_sofo.calls import functional
-from lightning_sofo.functional import Params
+from lightning_sofo.sketch import Params
 Operator = Callable[[Tensor], Tensor]  # a symmetric P x P matrix, as v (P,) -> M v (P,)
 
 
@@ -73,7 +73,7 @@ def batch_loss(module: nn.Module, batch: Any, parameters: Sequence[str] | None =
     Random draws inside the model (noise) follow the module's mode: call it in eval
     mode (as `measure` does) for a deterministic loss.
     """
-    from lightning_sofo.functional import recurrent_loss
+    from lightning_sofo.timeloop import recurrent_loss
 
     inputs, targets, mask = module.validated_batch(batch)
     given_start = module.checked_initial_state(batch) if hasattr(module, "checked_initial_state") else None

@@ -23,14 +23,9 @@ from torch import Tensor
 from lightning_sofo.arguments import NonNegativeInt, require
 from lightning_sofo.batches import check_sequence
 from lightning_sofo.calls import PureFunctionCheck, functional
-from lightning_sofo.functional import (
-    Sketch,
-    feedforward_sketch,
-    recurrent_loss,
-    recurrent_sketch,
-    resolve_compile_steps,
-)
 from lightning_sofo.regularisers import PenalisedLoss
+from lightning_sofo.sketch import Sketch, feedforward_sketch
+from lightning_sofo.timeloop import recurrent_loss, recurrent_sketch, resolve_compile_steps
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 ENGINE_SETTINGS = ("compile_steps", "compile_mode", "tangent_chunk", "allow_tf32", "accumulate_float64")
@@ -61,7 +56,7 @@ class SOFOEngine:
     Args:
         compile_steps: run a recurrent model's time loop in torch.compile'd windows of this many
             steps; 0 runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in
-            windows of 25 and runs shorter ones eagerly (functional.resolve_compile_steps). A
+            windows of 25 and runs shorter ones eagerly (timeloop.resolve_compile_steps). A
             compilation that fails falls back to the eager engine, with one warning.
         compile_mode: torch.compile's mode for the compiled windows: "default", "reduce-overhead"
             (each window replayed as a CUDA graph on a GPU; no effect on a CPU) or "max-autotune".
@@ -69,7 +64,7 @@ class SOFOEngine:
             time (the sketches are taken on all K together, so they are the same); 0 runs all K at
             once; "auto" (the default) runs all K at once on a GPU, and on a CPU chunks of 16 or
             more tangents whose state tangents fit in the CPU's cache
-            (functional.resolve_tangent_chunk).
+            (timeloop.resolve_tangent_chunk).
         allow_tf32: on a CUDA GPU, run the model's passes of each SOFO step (the forward-mode
             tangents with their sketches, and the loss checks) with TF32 matmuls, a 10-bit
             mantissa, for tensor-core speed; the optimizer's K x K solve and everything outside

@@ -34,7 +34,7 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, require
 from lightning_sofo.curvature import BatchLoss, flatten, gauss_newton_operator, unflatten
-from lightning_sofo.functional import LevenbergMarquardt
+from lightning_sofo.solve import LevenbergMarquardt
 
 Operator = Callable[[Tensor], Tensor]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from lightning_sofo.functional import Sketch
+from lightning_sofo.sketch import Sketch
 
 
 def _flat(tangents: Tensor) -> Tensor:
@@ -57,6 +57,10 @@ class _ScoredLoss:
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
         return _safe_count(self.scored(targets, mask))
 
+    def scores_nothing(self, targets: Tensor, mask: Tensor | None) -> bool:
+        """Whether the batch scores no element (a device sync, unless nothing can be masked)."""
+        return not float(self.scored(targets, self.broadcast_mask(targets, mask))) > 0
+
     def __call__(self, outputs: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = self.broadcast_mask(targets, mask)
         return self.window_loss(outputs, targets, mask, self.normaliser(targets, mask))
@@ -81,8 +85,13 @@ class MaskedMSE(_ScoredLoss):
             return torch.tensor(float(targets.numel()), dtype=targets.dtype, device=targets.device)
         return mask.sum()
 
+    def scores_nothing(self, targets: Tensor, mask: Tensor | None) -> bool:
+        if mask is None:  # every element is scored: known without looking at the device
+            return targets.numel() == 0
+        return super().scores_nothing(targets, mask)
+
     def check_targets(self, targets: Tensor, output_size: int | None) -> None:
-        """Values the loss can score (a device sync; once per batch)."""
+        """Values the loss can score (the dtype only: no device sync)."""
         if not targets.is_floating_point():
             raise ValueError(
                 f"loss='mse' takes real-valued targets, got {targets.dtype}; convert them with targets.float() "
@@ -224,6 +233,9 @@ class CallableLoss:
 
     def normaliser(self, targets: Tensor, mask: Tensor | None) -> Tensor:
         return torch.ones((), dtype=targets.dtype if targets.is_floating_point() else None, device=targets.device)
+
+    def scores_nothing(self, targets: Tensor, mask: Tensor | None) -> bool:
+        return mask is not None and not bool(mask.any())
 
     def check_targets(self, targets: Tensor, output_size: int | None) -> None:
         return None

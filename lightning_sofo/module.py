@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -11,7 +10,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils._pytree import tree_leaves
 
 from lightning_sofo import checkpoints
@@ -30,6 +28,8 @@ from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import LossSpec, resolve_loss
 from lightning_sofo.optim import SketchOptimizer
+from lightning_sofo.seeds import mixed_seed
+from lightning_sofo.resume import ConfigWinsOnResume
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2
 
 
@@ -75,6 +75,8 @@ class SOFOModule(L.LightningModule):
         # (state, t) -> state, applied before step t of `unroll` (evaluation and plots; SOFO's
         # engine does not use it): set by callbacks.Perturbation for the validations it perturbs
         self.state_perturbation: Callable[[Any, int], Any] | None = None
+        self.resume_policy = ConfigWinsOnResume()  # on a resumed fit the config's settings win
+        self._noise_seed: int | None = None  # drawn on first use (noise_seed)
 
     def _penalties(self, weight_l2: float, weight_l1: float, rate_l2: float,
                    penalties: list[Penalty] | None) -> list[Penalty]:
@@ -121,6 +123,11 @@ class SOFOModule(L.LightningModule):
         when rates are penalised (rate_l2, RatePenalty)."""
         state, outputs = self.step(state, inputs_t)
         return state, (outputs, self.hidden_rates(state))
+
+    @property
+    def in_a_trainer(self) -> bool:
+        """Whether a Trainer runs this module (a SOFOModule also runs in a plain torch loop)."""
+        return attached_trainer(self) is not None
 
     @property
     def is_recurrent(self) -> bool:
@@ -178,8 +185,7 @@ class SOFOModule(L.LightningModule):
         check_finite(inputs=inputs, targets=targets, mask=mask)
         check_mask(mask)
         self.loss_fn.check_targets(targets, getattr(self, "output_size", None))
-        if require_scored and targets.numel() and not float(
-                self.loss_fn.scored(targets, self.loss_fn.broadcast_mask(targets, mask))) > 0:
+        if require_scored and targets.numel() and self.loss_fn.scores_nothing(targets, mask):
             raise nothing_scored_error()  # (an empty batch, or T = 0, gets its own error from the model)
         return inputs, targets, mask
 
@@ -210,7 +216,7 @@ class SOFOModule(L.LightningModule):
         return outputs, self.loss_fn(outputs, targets, mask)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        attached = attached_trainer(self) is not None
+        attached = self.in_a_trainer
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches if attached else 0  # accumulated batches differ
         step, stream = self.trainer.global_step if attached else 0, f"train/{micro_batch}"
         for optimizer in self.trainer.optimizers if attached else []:
@@ -277,13 +283,13 @@ class SOFOModule(L.LightningModule):
         return self._evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        step = self.trainer.global_step if attached_trainer(self) is not None else 0
+        step = self.trainer.global_step if self.in_a_trainer else 0
         with self.noise_draws(step, stream=f"predict/{batch_idx}"):
             return self.outputs_of(batch)
 
     def _evaluate(self, batch: Any, stage: str, batch_idx: int = 0) -> Tensor:
         """Loss, and the task's metrics (from the DataModule, see setup), of one batch."""
-        step = self.trainer.global_step if attached_trainer(self) is not None else 0
+        step = self.trainer.global_step if self.in_a_trainer else 0
         with self.noise_draws(step, stream=f"{stage}/{batch_idx}"):
             outputs, loss = self._outputs_and_loss(batch)
         # sync_dist: under sofo_ddp each rank scores its share of the validation set
@@ -297,7 +303,7 @@ class SOFOModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the model against the task (input and output sizes, loss) and take the
         task's metrics, when the Trainer runs with a DataModule that declares them."""
-        task = getattr(self.trainer, "datamodule", None) if attached_trainer(self) is not None else None
+        task = getattr(self.trainer, "datamodule", None) if self.in_a_trainer else None
         if task is None:
             return
         for size in ("input_size", "output_size"):
@@ -344,56 +350,25 @@ class SOFOModule(L.LightningModule):
                 f"({type(self.trainer.strategy).__name__}) trains by backpropagation. "
                 "Use Trainer(strategy='sofo'), or return a torch optimizer such as Adam to train by BPTT."
             )
-        loaded = self.__dict__.pop("_loaded_checkpoint", None)
-        if loaded is not None:  # resuming: the optimizer state must be one these optimizers can take
-            checkpoints.check_optimizers(self.trainer.optimizers, loaded, self.trainer.ckpt_path)
-        # the settings the config asked for, before the checkpoint's optimizer state is restored
-        self.__dict__["_configured_groups"] = [
-            [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-            for optimizer in self.trainer.optimizers
-        ]
+        self.resume_policy.fit_started(self.trainer)
         self.noise_seed = self.trainer.strategy.broadcast(self.noise_seed, src=0)  # one noise seed for all ranks
 
     def on_train_start(self) -> None:
-        """On a resumed run, the config's settings win over those stored in the checkpoint (whose
-        state, e.g. Adam's moments, SOFO's step count and adaptive damping, a scheduler's progress,
-        is kept): a param-group hyperparameter (lr, betas, weight decay, ...) that the config now
-        sets differently from the config the checkpoint was trained with takes the new value (an
-        lr keeps the scheduler's progress: it is scaled by new base / old base). SOFO's own
-        settings (tangents, damping, momentum, seed, memory) come from its constructor
-        (SketchOptimizer.load_state_dict). Each change is reported."""
-        configured = self.__dict__.get("_configured_groups")
-        before = self.__dict__.pop("_checkpoint_configured_groups", None)
-        if configured is None or not self.trainer.ckpt_path:
-            return
-        changes = []
-        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
-        for number, (optimizer, groups) in enumerate(zip(self.trainer.optimizers, configured)):
-            changes += [f"{name} {old!r} -> {new!r}" for name, (old, new) in
-                        getattr(optimizer, "settings_changed_on_load", {}).items()]
-            scheduled = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
-            previous = before[number] if before is not None and number < len(before) else None
-            if previous is None and scheduled:
-                continue  # a checkpoint without its config, under a scheduler: the schedule's values stand
-            for index, (group, wanted) in enumerate(zip(optimizer.param_groups, groups)):
-                old = previous[index] if previous is not None and index < len(previous) else None
-                changes += checkpoints.apply_configured_group(group, index, wanted, old, scheduled)
-        if changes:
-            rank_zero_info(f"Resumed from {self.trainer.ckpt_path}: the config's settings replace the checkpoint's: "
-                           + "; ".join(dict.fromkeys(changes)) + ".")
+        """On a resumed run, the config's settings win over the checkpoint's (lightning_sofo.resume)."""
+        self.resume_policy.train_started(self.trainer)
 
     # ---- checkpoints and noise ---------------------------------------------------------
     @property
     def noise_seed(self) -> int:
         """Seed of the model's random draws (its noise): drawn once from torch's global generator
         (so seed_everything fixes it), then saved in every checkpoint."""
-        if self.__dict__.get("_noise_seed") is None:
-            self.__dict__["_noise_seed"] = int(torch.randint(0, 2**62, (1,)))
-        return self.__dict__["_noise_seed"]
+        if self._noise_seed is None:
+            self._noise_seed = int(torch.randint(0, 2**62, (1,)))
+        return self._noise_seed
 
     @noise_seed.setter
     def noise_seed(self, value: int) -> None:
-        self.__dict__["_noise_seed"] = int(value)
+        self._noise_seed = int(value)
 
     @contextlib.contextmanager
     def noise_draws(self, step: int, stream: str = "train") -> Iterator[None]:
@@ -401,9 +376,8 @@ class SOFOModule(L.LightningModule):
         step, process rank, stream): a resumed run draws exactly the noise an uninterrupted one
         would, and under sofo_ddp each rank draws its own. torch's global generator is
         restored on exit, so the rest of the program's random stream is not touched."""
-        rank = self.global_rank if attached_trainer(self) is not None else 0
-        key = f"{self.noise_seed}/{step}/{rank}/{stream}".encode()
-        seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+        rank = self.global_rank if self.in_a_trainer else 0
+        seed = mixed_seed(self.noise_seed, step, rank, stream)
         device = self.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -417,24 +391,19 @@ class SOFOModule(L.LightningModule):
         return super().load_from_checkpoint(checkpoints.without_engine_settings(checkpoint_path), *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        optimizers = self.trainer.optimizers if attached_trainer(self) is not None else []
+        optimizers = self.trainer.optimizers if self.in_a_trainer else []
         checkpoint[checkpoints.METADATA_KEY] = {
             **checkpoints.metadata(self, optimizers), "noise_seed": self.noise_seed,
-            "configured_groups": self.__dict__.get("_configured_groups"),  # the config this run was given
+            "configured_groups": self.resume_policy.configured_groups,  # the config this run was given
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         metadata = checkpoint.get(checkpoints.METADATA_KEY, {})
         if metadata.get("noise_seed") is not None:
             self.noise_seed = metadata["noise_seed"]
-        if attached_trainer(self) is None:  # load_from_checkpoint: Lightning's own (strict or not) load decides
+        if not self.in_a_trainer:  # load_from_checkpoint: Lightning's own (strict or not) load decides
             return
         if self.strict_loading:
             checkpoints.check_matches(self, checkpoint, self.trainer.ckpt_path)
         if self.trainer.state.fn == "fit":  # resuming: what on_fit_start / on_train_start compare against
-            self.__dict__["_loaded_checkpoint"] = {  # no tensors kept
-                checkpoints.METADATA_KEY: metadata,
-                "optimizer_states": [{"sofo": True} if isinstance(s, dict) and "sofo" in s else {}
-                                     for s in checkpoint.get("optimizer_states", [])],
-            }
-            self.__dict__["_checkpoint_configured_groups"] = metadata.get("configured_groups")
+            self.resume_policy.checkpoint_loaded(checkpoint)

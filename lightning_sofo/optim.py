@@ -20,27 +20,19 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
-from lightning_sofo.functional import (
-    TANGENT_BASES,
+from lightning_sofo.sketch import Sketch
+from lightning_sofo.solve import (
     LevenbergMarquardt,
-    Sketch,
-    block_columns,
-    cycle_columns,
-    flatten_directions,
     forward_gradient_coefficients,
-    gaussian_columns,
-    in_block,
     predicted_change,
     reduction_ratio,
     solve_subspace,
-    split_tangents,
-    step_generator,
-    usable_tangent_count,
 )
+from lightning_sofo.subspace import BlockTangents, GradientEstimate, RandomTangents, RememberedSteps
+from lightning_sofo.tangents import TANGENT_BASES, split_tangents, step_generator, usable_tangent_count
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
 MAX_DAMPING_RAISES = 5
-MAX_CYCLE_ENTRIES = 2**27  # P x (cycle length x K) numbers of one tangent cycle's basis (512 MiB in float32)
 SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 
@@ -156,7 +148,11 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.parameter_names: dict[str, str] = {  # optimizer key -> parameter name, from named param groups
             f"{g}.{i}": n for g, group in enumerate(self.param_groups) for i, n in enumerate(group.get("param_names", []))
         }
-        self._cycle_cache: dict = {}
+        # the sources of each step's tangent columns, in the order they are stacked (lightning_sofo.subspace)
+        self.block_tangents = BlockTangents(name, blocks)
+        self.remembered_steps = RememberedSteps(memory)
+        self.gradient_estimate = GradientEstimate(gradient_tangents, gradient_decay)
+        self.random_tangents = RandomTangents(name, orthogonal_cycles)
         self.tangents = tangents
         self.momentum = momentum
         self.seed = seed
@@ -223,7 +219,7 @@ class SketchOptimizer(torch.optim.Optimizer):
         backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
         moved = self._guarded_move(sketch, tangents, sum(p.numel() for p in params.values()))
         if self.gradient_tangents and sketch.is_finite():
-            self._track_gradient(params, tangents, sketch.grad)
+            self.gradient_estimate.track(params, self.state, tangents, sketch.grad)
         if moved is None:  # nothing finite to step along: the parameters are not touched
             self.skipped_steps += 1
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
@@ -245,7 +241,7 @@ class SketchOptimizer(torch.optim.Optimizer):
                     stacklevel=2,
                 )
         elif self.memory > 0:
-            self._remember(params, update)
+            self.remembered_steps.remember(params, self.state, update)
         self.last_step = StepInfo(
             float(sketch.loss), direction.top_eigenvalue, direction.damping, update_norm, k,
             relative_damping=direction.relative_damping, reduction_ratio=ratio, rejected=rejected,
@@ -349,93 +345,20 @@ class SketchOptimizer(torch.optim.Optimizer):
         K' = K + memory + gradient_tangents. tangent_basis="unit_norm" scales the columns to unit
         length instead of the QR (the SOFO authors' distribution; the leading columns' span is kept)."""
         params = self.named_params() if params is None else params
-        name = type(self).__name__
         generator = step_generator(self.seed, self.step_count, next(iter(params.values())).device)
         k = usable_tangent_count(params, self.tangents, self.memory + self.gradient_tangents)
         columns = []
-        if self.tangents_per_block:
-            named = self._named(params)
-            if sum(self.tangents_per_block.values()) > k:
-                raise ValueError(f"{name}: tangents_per_block asks for {sum(self.tangents_per_block.values())} "
-                                 f"tangents, more than the K={k} there are; lower the counts.")
-            columns.append(block_columns(named, self.tangents_per_block, generator))
+        if self.block_tangents.count:
+            named = {self.parameter_names.get(key, key): p for key, p in params.items()}
+            columns.append(self.block_tangents.columns(named, k, generator))
         if self.memory > 0:
-            columns.append(self._memory_columns(params, generator))
+            columns.append(self.remembered_steps.columns(params, self.state, generator))
         if self.gradient_tangents:
-            columns.append(self._gradient_columns(params, generator))
-        rest = k - sum(self.tangents_per_block.values())
+            columns.append(self.gradient_estimate.columns(params, self.state, generator))
+        rest = k - self.block_tangents.count
         if rest > 0:
-            columns.append(self._random_columns(params, rest, generator))
+            columns.append(self.random_tangents.columns(params, rest, self.step_count, self.seed, generator))
         return split_tangents(params, TANGENT_BASES[self.tangent_basis](torch.cat(columns, dim=1)))
-
-    def _random_columns(self, params: dict[str, Tensor], k: int, generator: torch.Generator) -> Tensor:
-        """(P, k) Gaussian columns, or this step's block of its orthogonal cycle."""
-        num_params = sum(p.numel() for p in params.values())
-        longest = max(1, num_params // k)  # a cycle cannot hold more than P directions
-        length = longest if self.orthogonal_cycles is True else min(int(self.orthogonal_cycles), longest)
-        if not self.orthogonal_cycles or length == 1:
-            return gaussian_columns(params, k, generator)
-        if num_params * length * k > MAX_CYCLE_ENTRIES:
-            fits = MAX_CYCLE_ENTRIES // (num_params * k)
-            raise ValueError(
-                f"{type(self).__name__}: an orthogonal cycle of {length} steps x {k} tangents needs a {num_params} x "
-                f"{length * k} basis, too large to keep in memory; "
-                + (f"set orthogonal_cycles to a cycle length <= {fits}." if fits >= 2 else
-                   "this model is too large for orthogonal cycles: set orthogonal_cycles=False."))
-        return cycle_columns(num_params, k, length, self.step_count, self.seed, next(iter(params.values())),
-                             self._cycle_cache)
-
-    def _named(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        """params keyed by parameter name (for tangents_per_block); a block that matches no
-        parameter is an error that lists the names there are."""
-        named = {self.parameter_names.get(key, key): p for key, p in params.items()}
-        for prefix, count in self.tangents_per_block.items():
-            size = sum(p.numel() for name, p in named.items() if in_block(name, prefix))
-            if 0 < size < count:
-                raise ValueError(f"{type(self).__name__}: tangents_per_block gives {prefix!r} {count} tangents, but "
-                                 f"it has only {size} numbers; give it at most {size}.")
-            if size == 0:
-                raise ValueError(
-                    f"{type(self).__name__}: tangents_per_block names {prefix!r}, which matches no parameter; "
-                    f"parameters: {sorted(named)}. Build the optimizer from model.named_parameters(), or train a "
-                    "SOFOModule (which names them).")
-        return named
-
-    def _memory_columns(self, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-        """(P, memory) stored unit update directions, newest first; random where none is stored."""
-        stored = [self.state[p].get("memory") for p in params.values()]
-        have = 0 if any(m is None for m in stored) else min(m.shape[0] for m in stored)
-        have = min(have, self.memory)
-        fill = gaussian_columns(params, self.memory - have, generator)
-        if have == 0:
-            return fill
-        kept = flatten_directions(params, {key: m[:have] for key, m in zip(params, stored)})
-        return torch.cat([kept.to(fill.dtype), fill], dim=1)
-
-    def _remember(self, params: dict[str, Tensor], update: dict[str, Tensor]) -> None:
-        """Push the unit direction of this step's update into each parameter's memory (newest first)."""
-        norm = torch.sqrt(sum(u.double().pow(2).sum() for u in update.values()))
-        if not bool(norm > 0):
-            return
-        for key, p in params.items():
-            direction = (update[key] / norm.to(update[key].dtype))[None]
-            old = self.state[p].get("memory")
-            self.state[p]["memory"] = direction if old is None else torch.cat([direction, old], 0)[: self.memory]
-
-    def _gradient_columns(self, params: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-        """(P, 1): the running gradient estimate m, or a Gaussian column before there is one."""
-        stored = [self.state[p].get("gradient_estimate") for p in params.values()]
-        if any(m is None for m in stored):
-            return gaussian_columns(params, 1, generator)
-        return flatten_directions(params, {key: m[None] for key, m in zip(params, stored)})
-
-    def _track_gradient(self, params: dict[str, Tensor], tangents: dict[str, Tensor], grad: Tensor) -> None:
-        """m <- beta m + V g~: the sketched gradient V V^T grad L (the part of grad L in this step's
-        subspace, from sketches already computed) accumulated with decay beta = gradient_decay."""
-        for key, p in params.items():
-            projected = torch.tensordot(grad.to(p.dtype), tangents[key], dims=1)
-            old = self.state[p].get("gradient_estimate")
-            self.state[p]["gradient_estimate"] = projected if old is None else self.gradient_decay * old + projected
 
     def _extra_state(self) -> dict:
         return {}
@@ -484,13 +407,8 @@ class SketchOptimizer(torch.optim.Optimizer):
         if not self.momentum:  # a velocity saved by a run with momentum has no use here
             for state in self.state.values():
                 state.pop("momentum_buffer", None)
-        for state in self.state.values():  # memory beyond this run's m is dropped (state keeps the newest first)
-            if "memory" in state:
-                state["memory"] = state["memory"][: self.memory]
-                if not self.memory:
-                    del state["memory"]
-            if not self.gradient_tangents:  # an estimate saved by a run with gradient tangents has no use here
-                state.pop("gradient_estimate", None)
+        self.remembered_steps.trim(self.state)  # memory beyond this run's m is dropped (newest kept)
+        self.gradient_estimate.drop_unused(self.state)
         self._load_extra_state(sofo)
 
     def settings(self) -> dict:

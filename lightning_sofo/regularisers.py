@@ -12,7 +12,7 @@ on outputs and its Gauss-Newton term is exact):
     grad f = 2 r / (B N) and Hess f = 2 I / (B N);
 
 parameter penalty, P = s f(theta) over the trained parameters {name: tensor}:
-    g~ += s V^T grad f,      G~ += s V^T (Hess f) V    (functional.parameter_penalty_sketch);
+    g~ += s V^T grad f,      G~ += s V^T (Hess f) V    (parameter_penalty_sketch);
     weight L2 has Hess f = 2 I; smooth L1 takes the curvature of its majorising quadratic,
     s / sqrt(theta^2 + eps^2) on the diagonal (WeightL1).
 
@@ -29,16 +29,8 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, require
-from lightning_sofo.functional import (
-    Params,
-    Sketch,
-    parameter_penalty_sketch,
-    smooth_l1,
-    smooth_l1_sketch,
-    weight_penalty,
-    weight_penalty_sketch,
-)
 from lightning_sofo.losses import require_scalar
+from lightning_sofo.sketch import Params, Sketch
 
 
 class RatePenalty:
@@ -95,6 +87,71 @@ class RatePenalty:
         return Sketch(self.window_value(rates, horizon), scale * (tangents @ gradients.reshape(-1)), 0.5 * (ggn + ggn.T))
 
 
+# The parameter penalties' math: P(theta) and its sketch (P, g~ = V^T grad P, G~ = V^T (curvature of P) V),
+# with V the tangents {name: (K, *shape)} of the parameters (see sketch.py).
+def weight_penalty(params: Params, strength: float) -> Tensor:
+    """P(theta) = strength * sum ||theta||^2 over `params` (an L2 penalty on the weights)."""
+    return strength * sum((p * p).sum() for p in params.values())
+
+
+def weight_penalty_sketch(params: Params, tangents: Params, strength: float) -> Sketch:
+    """The sketch of P(theta) = strength ||theta||^2, exact (P is quadratic, so its Gauss-Newton
+    matrix is its Hessian 2 strength I):
+        loss P,   g~ = 2 strength V^T theta,   G~ = 2 strength V^T V,
+    with V the tangents (K, *shape) of the parameters in `tangents`; parameters without tangents
+    still count in P."""
+    flat = [(tangents[name].reshape(tangents[name].shape[0], -1), params[name].reshape(-1)) for name in tangents]
+    grad = 2 * strength * sum(v @ theta for v, theta in flat)
+    ggn = 2 * strength * sum(v @ v.T for v, _ in flat)
+    return Sketch(weight_penalty(params, strength), grad, ggn)
+
+
+def smooth_l1(params: Params, strength: float, smoothing: float) -> Tensor:
+    """P(theta) = strength * sum (sqrt(theta^2 + eps^2) - eps), eps = smoothing: |theta| away from 0."""
+    eps = smoothing
+    return strength * sum((torch.sqrt(p * p + eps * eps) - eps).sum() for p in params.values())
+
+
+def smooth_l1_sketch(params: Params, tangents: Params, strength: float, smoothing: float) -> Sketch:
+    """The sketch of the smooth L1 penalty with its majorising curvature: with
+    s_i = sqrt(theta_i^2 + eps^2),
+        g~ = strength V^T (theta / s),     G~ = strength V^T diag(1 / s) V.
+    diag(strength / s) is the curvature of the quadratic that touches P at theta and lies above it
+    everywhere (|x| <= x^2 / (2|theta|) + |theta| / 2, the local quadratic approximation of
+    Fan & Li 2001), not P's Hessian strength eps^2 / s^3, which vanishes away from 0: a Newton
+    step on that Hessian would jump far past 0, while a step on the majoriser at most reaches 0."""
+    eps2 = smoothing * smoothing
+    grad, ggn = 0, 0
+    for name, v in tangents.items():
+        theta = params[name].reshape(-1)
+        flat = v.reshape(v.shape[0], -1)
+        inverse_s = torch.rsqrt(theta * theta + eps2)
+        grad = grad + strength * (flat @ (theta * inverse_s))
+        ggn = ggn + strength * ((flat * inverse_s) @ flat.T)
+    return Sketch(smooth_l1(params, strength, smoothing), grad, ggn)
+
+
+def parameter_penalty_sketch(penalty: Callable[[Params], Tensor], params: Params, tangents: Params) -> Sketch:
+    """The sketch of any penalty P(theta) of the parameters, exact (a penalty of the parameters
+    has no outputs to linearise, so its Gauss-Newton term is its Hessian):
+        loss P,   g~_k = grad P . v_k,   G~_kl = v_k^T (Hess P) v_l,
+    by reverse mode for grad P and forward-over-reverse for Hess P v_k (K at once), with v_k the
+    tangents (K, *shape) of the parameters in `tangents`; the others count in P as constants."""
+    fixed = {name: p for name, p in params.items() if name not in tangents}
+
+    def of_tangent_params(varied: dict[str, Tensor]) -> Tensor:
+        return penalty({**fixed, **varied})
+
+    varied = {name: params[name] for name in tangents}
+    gradient_fn = torch.func.grad(of_tangent_params)
+    gradient = gradient_fn(varied)
+    curved = vmap(lambda v: jvp(gradient_fn, (varied,), (v,))[1])(dict(tangents))
+    flat = {name: v.reshape(v.shape[0], -1) for name, v in tangents.items()}
+    grad = sum(flat[name] @ gradient[name].reshape(-1) for name in flat)
+    ggn = sum(flat[name] @ curved[name].reshape(curved[name].shape[0], -1).T for name in flat)
+    return Sketch(penalty(params), grad, 0.5 * (ggn + ggn.T))
+
+
 class ParameterPenalty:
     """P = strength * fn(params), params {name: tensor} the trained parameters, named as in
     module.named_parameters() (e.g. params["cell.recurrent"]).
@@ -149,7 +206,7 @@ class WeightL1(ParameterPenalty):
     parameters: |theta| for |theta| >> eps, quadratic (theta^2 / (2 eps)) near 0.
 
     Under SOFO its curvature is that of the quadratic that touches P at theta and lies above it,
-    strength / sqrt(theta^2 + eps^2) on the diagonal (functional.smooth_l1_sketch), so a step
+    strength / sqrt(theta^2 + eps^2) on the diagonal (smooth_l1_sketch), so a step
     shrinks a weight at most to 0; P's own Hessian vanishes away from 0 and would send the step
     far past it.
 

@@ -25,7 +25,7 @@ from lightning_sofo.compat import explicit_device
 from lightning_sofo.engine import CompileMode, SOFOEngine
 from lightning_sofo.arguments import NonNegativeInt
 from lightning_sofo.stopping import GracefulStop
-from lightning_sofo.functional import Sketch
+from lightning_sofo.sketch import Sketch
 from lightning_sofo.batches import nothing_scored_error, unpack_batch
 from lightning_sofo.module import SOFOModule
 from lightning_sofo.optim import SketchOptimizer

@@ -24,6 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.wrappers.abstract import WrapperMetric
 
 from lightning_sofo.arguments import PositiveInt, require
+from lightning_sofo.seeds import mixed_seed
 
 Batch = dict[str, Tensor]
 
@@ -33,9 +34,7 @@ _STREAMS = {"train": 0, "val": 1, "test": 2}
 def stream_seed(seed: int, stream: str, index: int, shard: int = 0) -> int:
     """A 63-bit seed for batch `index` of a stream ("train", "val", "test") of a task seeded `seed`;
     `shard` is the process rank under data parallelism (0 on one process)."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + _STREAMS[stream] * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
-             + shard * 0xD6E8FEB86659FD93)
-    return mixed % (2**63 - 1)
+    return mixed_seed(seed, _STREAMS[stream], index, shard)
 
 
 class TaskDataModule(L.LightningDataModule):

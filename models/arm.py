@@ -19,7 +19,7 @@ from lightning_sofo import SOFOModule
 from lightning_sofo.regularisers import Penalty
 from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, require
 from lightning_sofo.units import require_step
-from .vanilla_rnn import LeakyRNNCell
+from .vanilla_rnn import CellPerturbationHook, LeakyRNNCell
 
 
 class Body(nn.Module):
@@ -131,7 +131,7 @@ class TwoLinkArm(Body):
         return 0.5 * (m11 * dth1**2 + 2 * m12 * dth1 * dth2 + self.a3 * dth2**2)
 
 
-class ArmController(SOFOModule):
+class ArmController(CellPerturbationHook, SOFOModule):
     """A leaky rate RNN that drives a body: the arm-control model.
 
     At each step the network receives the task inputs and the body's feedback,
@@ -215,6 +215,12 @@ class ArmController(SOFOModule):
     def hidden_rates(self, state: tuple[Tensor, Any]) -> Tensor:
         """The rates phi(h) (B, N) of a state, for plots and analysis."""
         return self.cell.rates(state[0])
+
+    def add_to_state(self, state: tuple[Tensor, Any], units: Tensor, amount: float) -> tuple[Tensor, Any]:
+        """(h (B, N) with `amount` added to the units (k,), the body's state unchanged); not in place
+        (the perturbation hook)."""
+        hidden, body_state = state
+        return self.cell.add_to_units(hidden, units, amount), body_state
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -177,6 +177,15 @@ class LeakyRNNCell(nn.Module):
             rates = rates.index_fill(-1, units.to(rates.device), value)
         return rates
 
+    def clamp_rates(self, units: Tensor | None, rate: float = 0.0) -> None:
+        """From now on the units (k,) fire at `rate` (in `rates`), until clamp_rates(None)."""
+        self.clamped_rates = None if units is None else (units, float(rate))
+
+    def add_to_units(self, state: Tensor, units: Tensor, amount: float) -> Tensor:
+        """h (B, N) with `amount` added to the units (k,); not in place."""
+        pulse = torch.full((*state.shape[:-1], len(units)), amount, dtype=state.dtype, device=state.device)
+        return state.index_add(-1, units.to(state.device), pulse)
+
     def forward(self, state: Tensor, inputs_t: Tensor) -> Tensor:
         """(h_t (B, N), u_t (B, I)) -> h_{t+1} (B, N)."""
         if self.noisy and self.input_noise > 0:
@@ -191,7 +200,25 @@ class LeakyRNNCell(nn.Module):
         return state
 
 
-class VanillaRNN(SOFOModule):
+class CellPerturbationHook:
+    """The part of the perturbation hook (lightning_sofo.callbacks.Perturbable) that a model whose
+    network is a LeakyRNNCell `cell` takes from it: hidden_size and clamp_rates. The model adds
+    add_to_state, which knows where h is in its state, and dt."""
+
+    cell: LeakyRNNCell
+
+    @property
+    def hidden_size(self) -> int:
+        """N, the units."""
+        return self.cell.hidden_size
+
+    def clamp_rates(self, units: Tensor | None, rate: float = 0.0) -> None:
+        """From now on the units (k,) fire at `rate` in the recurrence and every readout (and in
+        hidden_rates), until clamp_rates(None)."""
+        self.cell.clamp_rates(units, rate)
+
+
+class VanillaRNN(CellPerturbationHook, SOFOModule):
     """Leaky rate RNN with N units, I inputs and O outputs read out from the rates.
 
     Args:
@@ -301,6 +328,10 @@ class VanillaRNN(SOFOModule):
     def hidden_rates(self, state: Tensor) -> Tensor:
         """The rates phi(h) (B, N) of a state, for plots and analysis."""
         return self.cell.rates(state)
+
+    def add_to_state(self, state: Tensor, units: Tensor, amount: float) -> Tensor:
+        """h (B, N) with `amount` added to the units (k,); not in place (the perturbation hook)."""
+        return self.cell.add_to_units(state, units, amount)
 
 
 def _fixed_mask(mask: Tensor | str | None, shape: tuple[int, int], name: str) -> Tensor | None:

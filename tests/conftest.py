@@ -100,7 +100,7 @@ def explicit_gauss_newton(module: SOFOModule, inputs, targets, mask=None):
 
 
 def module_tangents(module: SOFOModule, k: int, seed: int = 0) -> tuple[SOFO, dict]:
-    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.tangents import sample_tangents, step_generator
 
     optimizer = SOFO(module.parameters(), tangents=k, seed=seed)
     params = optimizer.named_params()

@@ -285,7 +285,7 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
                 f"{owner.__name__}.{name} is gone from Lightning: check what it did and update lightning_sofo.compat.")
             assert getattr(SOFOCLI, name) is not getattr(owner, name)
     package = Path(compat.__file__).parent
-    for source in [*package.glob("*.py"), *(package.parent / "models").glob("*.py"),
+    for source in [*package.rglob("*.py"), *(package.parent / "models").glob("*.py"),
                    *(package.parent / "datamodules").glob("*.py")]:
         if source.name != "compat.py":
             text = source.read_text()

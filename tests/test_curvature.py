@@ -12,9 +12,9 @@ from torch.func import hessian, jacrev
 
 from conftest import MLP, TinyRNN
 from lightning_sofo import SOFOEngine
-from lightning_sofo import SOFO, curvature, sample_tangents
-from lightning_sofo.functional import step_generator
+from lightning_sofo import curvature, sample_tangents
 from lightning_sofo.models import VanillaRNN
+from lightning_sofo.tangents import step_generator
 
 
 def rnn_problem(loss="mse", parameters=None, steps=6):

@@ -11,8 +11,8 @@ import torch
 from conftest import module_tangents
 
 from lightning_sofo import SOFODDPStrategy, SOFOEngine, SOFOStrategy
-from lightning_sofo import functional
-from lightning_sofo.functional import AUTO_COMPILE_MIN_STEPS, AUTO_COMPILE_WINDOW, resolve_compile_steps
+from lightning_sofo import timeloop
+from lightning_sofo.timeloop import AUTO_COMPILE_MIN_STEPS, AUTO_COMPILE_WINDOW, resolve_compile_steps
 from lightning_sofo.models import VanillaRNN
 
 
@@ -26,10 +26,10 @@ def compile_calls(monkeypatch):
         calls.append(function.__name__)
         return real(function, **kwargs)
 
-    functional.clear_compiled()
+    timeloop.clear_compiled()
     monkeypatch.setattr(torch, "compile", counted)
     yield calls
-    functional.clear_compiled()
+    timeloop.clear_compiled()
 
 
 def test_auto_compiles_long_trials_and_runs_short_ones_eagerly():
@@ -66,7 +66,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
             raise RuntimeError("no C compiler found (simulated)")
         return fails
 
-    functional.clear_compiled()
+    timeloop.clear_compiled()
     monkeypatch.setattr(torch, "compile", broken_compile)
     try:
         torch.manual_seed(0)
@@ -79,7 +79,7 @@ def test_a_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
             warnings.simplefilter("error")  # once only
             sketch(model, 110, "auto")
     finally:
-        functional.clear_compiled()
+        timeloop.clear_compiled()
 
 
 class Broken(VanillaRNN):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import flat_tangents
 
-from lightning_sofo.functional import sample_tangents, solve_subspace, step_generator
+from lightning_sofo.solve import solve_subspace
+from lightning_sofo.tangents import sample_tangents, step_generator
 
 
 def params():
@@ -90,3 +91,14 @@ def test_solve_clamps_negative_eigenvalues_from_rounding():
 def test_solve_of_zero_curvature_and_gradient_is_zero():
     step = solve_subspace(torch.zeros(3), torch.zeros(3, 3), 1e-3)
     assert torch.equal(step.coefficients, torch.zeros(3))
+
+
+def test_functional_is_an_index_of_the_modules_that_hold_the_math():
+    """lightning_sofo.functional re-exports the public names of the modules that hold the math, as
+    the very same objects, so imports from it keep working."""
+    import lightning_sofo.functional as functional
+    from lightning_sofo import regularisers, sketch, solve, tangents, timeloop
+
+    homes = [sketch, tangents, timeloop, solve, regularisers]
+    for name in functional.__all__:
+        assert any(getattr(home, name, None) is getattr(functional, name) for home in homes), name

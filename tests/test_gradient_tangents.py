@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
-from torch import nn
 
 from lightning_sofo import SOFOEngine
-from lightning_sofo import SOFO, SOFOModule
-from lightning_sofo.functional import gaussian_columns, step_generator
+from lightning_sofo import SOFO
+from lightning_sofo.tangents import gaussian_columns, step_generator
 
 
 def _params(model):

@@ -12,7 +12,7 @@ from torch.func import functional_call, grad
 from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO
 from lightning_sofo.analysis import trajectories
-from lightning_sofo.functional import sample_tangents, step_generator
+from lightning_sofo.tangents import sample_tangents, step_generator
 
 
 def _batch(model, seed=0, with_start=True):

@@ -12,13 +12,8 @@ from torch.utils.data import DataLoader
 
 from lightning_sofo import SOFOEngine
 from lightning_sofo import FGD, SOFO, Sketch
-from lightning_sofo.functional import (
-    LevenbergMarquardt,
-    predicted_change,
-    reduction_ratio,
-    sample_tangents,
-    step_generator,
-)
+from lightning_sofo.solve import LevenbergMarquardt, predicted_change, reduction_ratio
+from lightning_sofo.tangents import sample_tangents, step_generator
 
 
 def tangents_of(optimizer, step):

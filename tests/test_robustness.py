@@ -13,8 +13,9 @@ from conftest import MLP, TinyRNN
 from torch.utils.data import DataLoader
 
 from lightning_sofo import SOFOEngine
-from lightning_sofo import FGD, SOFO, Sketch, functional, solve_subspace
+from lightning_sofo import FGD, SOFO, Sketch, solve_subspace
 from lightning_sofo.models import VanillaRNN
+from lightning_sofo.tangents import sample_tangents, step_generator
 
 
 def fixed_sketch(grad, ggn, loss=1.0):
@@ -69,8 +70,7 @@ def test_increase_damping_solves_again_when_the_solve_overflows():
     grad, ggn = torch.tensor([1.0, 1.0]), torch.diag(torch.tensor([1.0, 1e-40]))
     assert not torch.isfinite(solve_subspace(grad, ggn, 0.0).coefficients).all()
     before = weight.detach().clone()
-    tangents = functional.sample_tangents({"0.0": weight.detach()}, 2,
-                                          functional.step_generator(optimizer.seed, 0, torch.device("cpu")))
+    tangents = sample_tangents({"0.0": weight.detach()}, 2, step_generator(optimizer.seed, 0, torch.device("cpu")))
     with pytest.warns(UserWarning, match="subspace solve is not finite.*Solved again with relative damping 0.001"):
         optimizer.step(fixed_sketch(grad, ggn))
     expected = solve_subspace(grad, ggn, 1e-3).coefficients
@@ -172,7 +172,7 @@ def test_float64_accumulation_over_a_long_float32_trial():
     model = VanillaRNN(2, 16, 2, dt=0.01, tau=0.1)
     batch = {"inputs": torch.randn(4, 3000, 2), "targets": torch.randn(4, 3000, 2)}
     optimizer = SOFO(model.parameters(), tangents=8)
-    tangents = functional.sample_tangents(optimizer.named_params(), 8, torch.Generator().manual_seed(0))
+    tangents = sample_tangents(optimizer.named_params(), 8, torch.Generator().manual_seed(0))
     sketches = {}
     for accumulate in (False, True):
         engine = SOFOEngine(accumulate_float64=accumulate)

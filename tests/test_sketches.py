@@ -8,7 +8,7 @@ from conftest import MLP, TinyRNN, explicit_gauss_newton, flat_tangents, module_
 from torch.func import functional_call
 
 from lightning_sofo import SOFOEngine
-from lightning_sofo.functional import feedforward_sketch
+from lightning_sofo.sketch import feedforward_sketch
 from lightning_sofo.losses import MaskedMSE
 
 
@@ -78,9 +78,9 @@ def test_sketches_match_reverse_mode_and_explicit_ggn(case):
 @pytest.mark.parametrize("case", BLOCKED, ids=[case_id(c) for c in BLOCKED])
 def test_recurrent_sketch_in_blocks_of_steps(case, block, monkeypatch):
     """T = 7 sketched in blocks of 1 (every step) or 3 (3 + 3 + 1): the same oracle holds."""
-    import lightning_sofo.functional as functional
+    import lightning_sofo.timeloop as timeloop
 
-    monkeypatch.setattr(functional, "SKETCH_BLOCK", block)
+    monkeypatch.setattr(timeloop, "SKETCH_BLOCK", block)
     check_sketches_against_oracles(*case)
 
 
@@ -114,9 +114,9 @@ def test_recurrent_path_equals_unrolled_sequence(loss, compile_steps, monkeypatc
     """The step-by-step engine gives the sketches of the same computation unrolled as one function:
     per-step losses (sketched in blocks of 2 steps here) and whole-trial losses (a user callable) by
     the one time loop, eager or in compiled windows of 3 steps (T = 7: two windows and one step)."""
-    import lightning_sofo.functional as functional
+    import lightning_sofo.timeloop as timeloop
 
-    monkeypatch.setattr(functional, "SKETCH_BLOCK", 2)
+    monkeypatch.setattr(timeloop, "SKETCH_BLOCK", 2)
     model, inputs, targets, mask = recurrent_case(loss)
     optimizer, tangents = module_tangents(model, 6, seed=3)
     engine = SOFOEngine(compile_steps=compile_steps)
@@ -136,7 +136,7 @@ def test_frozen_parameters_are_constants():
     model, inputs, targets, mask = feedforward_case("mse")
     model.net[0].weight.requires_grad_(False)
     from lightning_sofo import SOFO
-    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.tangents import sample_tangents, step_generator
 
     optimizer = SOFO([p for p in model.parameters() if p.requires_grad], tangents=4)
     tangents = sample_tangents(optimizer.named_params(), 4, step_generator(0, 0, torch.device("cpu")))
@@ -188,9 +188,9 @@ def test_compiled_engine_equals_eager_engine():
 def test_loss_alone_equals_the_unrolled_loss(loss, compile_steps, monkeypatch):
     """closure(None), the loss after a step for adaptive damping, runs the time loop in windows
     (here 3 + 3 + 1 steps, compilation replaced by the plain function) and sums L_w n_w / n."""
-    import lightning_sofo.functional as functional
+    import lightning_sofo.timeloop as timeloop
 
-    monkeypatch.setattr(functional, "_compiled", lambda name, function, mode="default": function)
+    monkeypatch.setattr(timeloop, "_compiled", lambda name, function, mode="default": function)
     model, inputs, targets, mask = recurrent_case(loss)
     optimizer, _ = module_tangents(model, 4)
     alone = SOFOEngine(compile_steps=compile_steps).sketch_function(model, (inputs, targets, mask), optimizer)(None)

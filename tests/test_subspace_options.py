@@ -8,11 +8,10 @@ import lightning as L
 import pytest
 import torch
 from conftest import LinearModel, MLP, TinyRNN, flat, flat_tangents
-from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_sofo import SOFOEngine
-from lightning_sofo import SOFO, SOFOModule
+from lightning_sofo import SOFO
 
 
 def _problem():
@@ -142,7 +141,7 @@ def test_orthogonal_cycles_make_a_cycle_of_steps_span_orthonormal_directions():
 def test_orthogonal_cycles_hold_inside_the_optimizer_steps():
     """The tangents the optimizer actually steps along (recorded from the closure) are mutually
     orthogonal across the steps of a cycle, and the default path draws plain Gaussian tangents."""
-    from lightning_sofo.functional import sample_tangents, step_generator
+    from lightning_sofo.tangents import sample_tangents, step_generator
 
     torch.manual_seed(0)
     model = MLP(sizes=(3, 2, 1))  # P = 11, K = 3: cycles of 3 steps
@@ -185,7 +184,7 @@ def test_memory_is_not_pushed_by_rejected_or_skipped_steps():
 
 
 def _nan_closure(model, batch, optimizer):
-    from lightning_sofo.functional import Sketch
+    from lightning_sofo.sketch import Sketch
 
     closure = SOFOEngine().sketch_function(model, batch, optimizer)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_noisy_sketch_matches_reverse_mode, module_tangents
 
 from lightning_sofo import SOFOEngine, SOFOStrategy
-from lightning_sofo.functional import AUTO_CHUNK_BYTES, AUTO_CHUNK_MIN, resolve_tangent_chunk
+from lightning_sofo.timeloop import AUTO_CHUNK_BYTES, AUTO_CHUNK_MIN, resolve_tangent_chunk
 from lightning_sofo.models import VanillaRNN
 
 
