@@ -40,7 +40,7 @@ def decision_curves(module: L.LightningModule, task: Any, stream: str = "val") -
         return {}
     batches = [on_model(module, batch) for batch in task.fixed_set(stream)]
     with torch.no_grad():
-        outputs = [module(batch["inputs"]) for batch in batches]
+        outputs = [module.outputs_of(batch) for batch in batches]  # from the trials' own h_0 when given
     curves = {}
     for name in kinds:
         try:
