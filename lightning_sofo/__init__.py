@@ -7,7 +7,8 @@ from lightning_sofo.engine import SOFOEngine
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import CallableLoss, MaskedCrossEntropy, MaskedMSE, resolve_loss
 from lightning_sofo.module import SOFOModule
-from lightning_sofo.optim import FGD, SOFO, SketchOptimizer, StepInfo
+from lightning_sofo.optim import FGD, SOFO
+from lightning_sofo.sketch_optimizer import SketchOptimizer, StepInfo
 from lightning_sofo.regularisers import ParameterPenalty, RatePenalty, WeightL1, WeightL2
 from lightning_sofo.runs import TrainedRun, load
 from lightning_sofo.sketch import Sketch

@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_sofo.engine import ENGINE_SETTINGS
-from lightning_sofo.optim import SketchOptimizer
+from lightning_sofo.sketch_optimizer import SketchOptimizer
 
 METADATA_KEY = "lightning_sofo"  # what SOFOModule adds to each checkpoint: model and optimizer classes
 

@@ -27,7 +27,7 @@ from lightning_sofo.compat import attached_trainer
 from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import LossSpec, resolve_loss
-from lightning_sofo.optim import SketchOptimizer
+from lightning_sofo.sketch_optimizer import SketchOptimizer
 from lightning_sofo.seeds import mixed_seed
 from lightning_sofo.resume import ConfigWinsOnResume
 from lightning_sofo.regularisers import ParameterPenalty, PenalisedLoss, Penalty, RatePenalty, WeightL1, WeightL2

@@ -28,7 +28,7 @@ from lightning_sofo.stopping import GracefulStop
 from lightning_sofo.sketch import Sketch
 from lightning_sofo.batches import nothing_scored_error, unpack_batch
 from lightning_sofo.module import SOFOModule
-from lightning_sofo.optim import SketchOptimizer
+from lightning_sofo.sketch_optimizer import SketchOptimizer
 
 
 class _SOFOSteps:
