@@ -1,4 +1,4 @@
-"""The one place lightning_sofo touches private Lightning names.
+"""The one place lightning_sofo touches private Lightning and torch names.
 
 Checked against the Lightning range pinned in pyproject.toml (2.6.x); tests/test_cli.py fails,
 naming the method, if a Lightning release removes or renames it.
@@ -15,7 +15,13 @@ naming the method, if a Lightning release removes or renames it.
 - `SingleDeviceStrategy._root_device`: the device given to `SOFOStrategy(device=...)` explicitly,
   which its `root_device` property must return instead of the Trainer's choice (`explicit_device`).
 
-tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning name.
+- `torch.utils._pytree.tree_leaves` and `tree_map`: the leaves of a recurrent state (a tensor or
+  tuples / lists / dicts of them), and a function applied to each. torch has no public pytree API
+  in the pinned release (torch.func handles pytrees internally with these); they are imported here
+  and used from here (`tree_leaves`, `tree_map`).
+
+tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning
+or torch name.
 
 One behaviour without a private name is relied on as well: Lightning's accelerator connector fills
 the `parallel_devices` attribute of any strategy that has one (as it does for its own parallel
@@ -29,6 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401  (the state's leaves; see above)
 
 PRIVATE_NAMES = {LightningCLI: ("_parse_ckpt_path",)}  # what this module overrides, for the test
 PRIVATE_ATTRIBUTES = {L.LightningModule: "_trainer", SingleDeviceStrategy: "_root_device"}  # read, for the test

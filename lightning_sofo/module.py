@@ -10,7 +10,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from torch.utils._pytree import tree_leaves
 
 from lightning_sofo import checkpoints
 from lightning_sofo.arguments import NonNegativeFloat, require
@@ -23,7 +22,7 @@ from lightning_sofo.batches import (
     nothing_scored_error,
     unpack_batch,
 )
-from lightning_sofo.compat import attached_trainer
+from lightning_sofo.compat import attached_trainer, tree_leaves
 from lightning_sofo.curvature import BatchLoss, batch_loss
 from lightning_sofo.hessian_free import HessianFree
 from lightning_sofo.losses import LossSpec, resolve_loss

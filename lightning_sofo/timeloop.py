@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves, tree_map
 
+from lightning_sofo.compat import tree_leaves, tree_map
 from lightning_sofo.sketch import Params, Sketch, SketchedLoss, batched_jvp
 from lightning_sofo.tangents import count_tangents
 

@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch.utils._pytree import tree_map
 
 from lightning_sofo.batches import given_initial_state
+from lightning_sofo.compat import tree_map
 from lightning_sofo.psychometrics import plot_chronometric, plot_psychometric
 
 DECISION_CURVES = ("psychometric", "chronometric")

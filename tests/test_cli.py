@@ -291,7 +291,11 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
             text = source.read_text()
             assert not re.search(r"def _parse_ckpt_path|lightning\S*\._[a-z]", text), f"private Lightning name in {source}"
             assert not re.search(r"\._trainer\b|\._root_device\b", text), f"private Lightning attribute in {source}"
+            assert not re.search(r"torch\S*\._[a-z]", text), f"private torch name in {source}"
     module = L.LightningModule()
     for owner, attribute in compat.PRIVATE_ATTRIBUTES.items():
         instance = module if owner is L.LightningModule else owner(device="cpu")
         assert hasattr(instance, attribute), f"{owner.__name__}.{attribute} is gone from Lightning: update compat."
+    state = (torch.zeros(2), {"h": torch.ones(3)})  # torch's private pytree functions, as compat uses them
+    assert [leaf.shape for leaf in compat.tree_leaves(state)] == [(2,), (3,)]
+    assert torch.equal(compat.tree_map(lambda x: x + 1, state)[1]["h"], torch.full((3,), 2.0))

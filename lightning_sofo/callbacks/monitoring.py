@@ -10,10 +10,10 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils._pytree import tree_map
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.batches import given_initial_state
+from lightning_sofo.compat import tree_map
 from lightning_sofo.trials import (
     analyse_batch,
     decision_curves,
