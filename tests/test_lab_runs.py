@@ -22,7 +22,8 @@ from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO
 from lightning_sofo.callbacks import TrialFigures
 from lightning_sofo.checkpoints import remove_abandoned_temporaries
-from lightning_sofo.cli import SOFOCLI, claim_version, main
+from lightning_sofo.cli import SOFOCLI, main
+from lightning_sofo.run_folders import claim_version
 from test_cli import run_dir, shrunk
 
 
