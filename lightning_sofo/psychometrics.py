@@ -178,39 +178,40 @@ def fit_chronometric(evidence, times, correct) -> ChronometricCurve:
 
 def plot_chronometric(curve: ChronometricCurve, title: str = "", xlabel: str = "evidence"):
     """Mean decision time of correct trials per condition (dots, +-1 SE) and the diffusion fit (line)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.8, 3.6))
-    axis = figure.subplots()
+    figure, axis = _curve_figure()
     axis.errorbar(curve.levels, curve.mean_time, yerr=curve.sem, fmt="o", color="k", ms=4, capsize=2,
                   label="network (correct trials)")
     grid = np.linspace(0.0, curve.levels.max(), 200)
     axis.plot(grid, curve(grid), color="C1",
               label=f"diffusion fit: A {curve.bound:.2g}, k {curve.drift:.2g}, t_R {curve.residual:.2g} s")
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel("decision time (s)")
-    axis.set_title(title)
-    axis.legend(fontsize=7, loc="upper right")
-    figure.tight_layout()
-    return figure
+    return _labelled(figure, axis, xlabel, "decision time (s)", title, "upper right")
 
 
 def plot_psychometric(curve: PsychometricCurve, title: str = "", xlabel: str = "signed evidence"):
     """The fraction of "right" choices per condition (dots, +-1 binomial SE) and the fit (line)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.8, 3.6))
-    axis = figure.subplots()
+    figure, axis = _curve_figure()
     se = np.sqrt(curve.p_right * (1 - curve.p_right) / curve.trials)
     axis.errorbar(curve.levels, curve.p_right, yerr=se, fmt="o", color="k", ms=4, capsize=2, label="network")
     grid = np.linspace(curve.levels.min(), curve.levels.max(), 200)
     axis.plot(grid, curve(grid), color="C0",
               label=f"fit: bias {curve.mu:.2g}, scale {curve.sigma:.2g}, lapses {curve.gamma:.2f}/{curve.lapse:.2f}")
     axis.set_ylim(-0.02, 1.02)
+    return _labelled(figure, axis, xlabel, "P(right choice)", title, "upper left")
+
+
+def _curve_figure():
+    """A 4.8 x 3.6 in figure with one axis, for a behavioural curve."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.8, 3.6))
+    return figure, figure.subplots()
+
+
+def _labelled(figure, axis, xlabel: str, ylabel: str, title: str, legend_at: str):
     axis.set_xlabel(xlabel)
-    axis.set_ylabel("P(right choice)")
+    axis.set_ylabel(ylabel)
     axis.set_title(title)
-    axis.legend(fontsize=7, loc="upper left")
+    axis.legend(fontsize=7, loc=legend_at)
     figure.tight_layout()
     return figure
 

@@ -33,6 +33,17 @@ from lightning_sofo.losses import require_scalar
 from lightning_sofo.sketch import Params, Sketch
 
 
+def checked_penalty(owner: str, strength: float, fn: Callable | None, argument: str,
+                    optional: bool = False) -> tuple[float, Callable | None]:
+    """(strength, fn) of a penalty, checked: strength >= 0, fn a callable(argument) -> scalar
+    (or None where `optional`)."""
+    require(owner, NonNegativeFloat, strength=strength)
+    if not callable(fn) and not (optional and fn is None):
+        raise TypeError(f"{owner} fn must be a callable({argument}) -> scalar{' or None' if optional else ''}, "
+                        f"got {fn!r}.")
+    return float(strength), fn
+
+
 class RatePenalty:
     """R = strength / T * sum_t fn(r_t) over the T steps of a trial, r_t (B, N) the firing
     rates after step t (the model's `hidden_rates(state)`).
@@ -45,11 +56,7 @@ class RatePenalty:
     """
 
     def __init__(self, strength: NonNegativeFloat, fn: Callable | None = None):  # fn(rates_t) -> scalar
-        require(type(self).__name__, NonNegativeFloat, strength=strength)
-        if fn is not None and not callable(fn):
-            raise TypeError(f"RatePenalty fn must be a callable(rates_t) -> scalar or None, got {fn!r}.")
-        self.strength = float(strength)
-        self.fn = fn
+        self.strength, self.fn = checked_penalty(type(self).__name__, strength, fn, "rates_t", optional=True)
 
     def __repr__(self) -> str:
         return f"RatePenalty(strength={self.strength:g}{'' if self.fn is None else ', fn=' + repr(self.fn)})"
@@ -162,11 +169,7 @@ class ParameterPenalty:
     """
 
     def __init__(self, strength: NonNegativeFloat, fn: Callable):  # fn(params) -> scalar
-        require(type(self).__name__, NonNegativeFloat, strength=strength)
-        if not callable(fn):
-            raise TypeError(f"{type(self).__name__} fn must be a callable(params) -> scalar, got {fn!r}.")
-        self.strength = float(strength)
-        self.fn = fn
+        self.strength, self.fn = checked_penalty(type(self).__name__, strength, fn, "params")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(strength={self.strength:g}, fn={self.fn!r})"

@@ -32,9 +32,13 @@ from lightning_sofo.sketch import Params, Sketch, SketchedLoss, batched_jvp
 from lightning_sofo.tangents import count_tangents
 
 
+InitialStateFn = Callable[[Params], Any]  # params -> h_0
+StepFn = Callable[[Params, Any, Tensor], tuple[Any, Tensor]]  # (params, h_t, u_t (B, I)) -> (h_t+1, y_t (B, O))
+
+
 def recurrent_sketch(
-    initial_state: Callable[[Params], Any],
-    step: Callable[[Params, Any, Tensor], tuple[Any, Tensor]],
+    initial_state: InitialStateFn,
+    step: StepFn,
     params: Params,
     tangents: Params,
     inputs: Tensor,
@@ -202,18 +206,9 @@ def _sketch_steps(steps, loss, params, tangents, state, state_tangents, inputs, 
     return state, state_tangents, (total.loss, total.grad, total.ggn)
 
 
-def recurrent_loss(
-    initial_state: Callable[[Params], Any],
-    step: Callable[[Params, Any, Tensor], tuple[Any, Tensor]],
-    params: Params,
-    inputs: Tensor,
-    targets: Tensor,
-    loss: SketchedLoss,
-    mask: Tensor | None = None,
-    compile_steps: int = 0,
-    window_steps: int = 0,
-    compile_mode: str = "default",
-) -> Tensor:
+def recurrent_loss(initial_state: InitialStateFn, step: StepFn, params: Params, inputs: Tensor, targets: Tensor,
+                   loss: SketchedLoss, mask: Tensor | None = None, compile_steps: int = 0, window_steps: int = 0,
+                   compile_mode: str = "default") -> Tensor:
     """The loss alone (no tangents) by the same time loop as recurrent_sketch, in the same
     compiled chunks; a per-step loss is summed window by window, L = sum_w (sum of the window's
     terms) / n with n the whole trial's normaliser, so only one window's outputs are kept.
