@@ -31,7 +31,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from lightning_sofo.arguments import PositiveInt, require
 from lightning_sofo.calls import functional
-from lightning_sofo.sketch import Params
+from lightning_sofo.sketch import Params, flatten, unflatten
 Operator = Callable[[Tensor], Tensor]  # a symmetric P x P matrix, as v (P,) -> M v (P,)
 
 
@@ -129,17 +129,6 @@ def _select(module: nn.Module, everything: dict[str, Tensor], parameters: Sequen
 # --------------------------------------------------------------------------- #
 # Matrix-vector products on flat vectors
 # --------------------------------------------------------------------------- #
-def flatten(tree: Params) -> Tensor:
-    """{name: tensor} -> one vector (P,), in the dict's order."""
-    return torch.cat([t.reshape(-1) for t in tree.values()])
-
-
-def unflatten(vector: Tensor, like: Params) -> dict[str, Tensor]:
-    """(P,) -> {name: tensor shaped like like[name]}."""
-    sizes = [t.numel() for t in like.values()]
-    return {name: chunk.reshape(t.shape) for (name, t), chunk in zip(like.items(), vector.split(sizes))}
-
-
 def hessian_vector_product(loss: Callable[[Params], Tensor], params: Params, vector: Params) -> dict[str, Tensor]:
     """H v = d/de grad L(theta + e v) at e = 0: forward mode over reverse mode, one pass."""
     return jvp(grad(loss), (dict(params),), (dict(vector),))[1]

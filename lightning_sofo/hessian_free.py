@@ -33,7 +33,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeFloat, PositiveFloat, PositiveInt, require
-from lightning_sofo.curvature import BatchLoss, flatten, gauss_newton_operator, unflatten
+from lightning_sofo.curvature import BatchLoss, gauss_newton_operator
+from lightning_sofo.sketch import flatten, unflatten
 from lightning_sofo.solve import LevenbergMarquardt
 
 Operator = Callable[[Tensor], Tensor]

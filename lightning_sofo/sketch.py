@@ -27,6 +27,17 @@ from torch.func import jvp, vmap
 Params = Mapping[str, Tensor]
 
 
+def flatten(tree: Params) -> Tensor:
+    """{name: tensor} -> one vector (P,), in the dict's order (tangents.flatten_directions does K at once)."""
+    return torch.cat([t.reshape(-1) for t in tree.values()])
+
+
+def unflatten(vector: Tensor, like: Params) -> dict[str, Tensor]:
+    """(P,) -> {name: tensor shaped like like[name]}, the inverse of flatten."""
+    sizes = [t.numel() for t in like.values()]
+    return {name: chunk.reshape(t.shape) for (name, t), chunk in zip(like.items(), vector.split(sizes))}
+
+
 @dataclass(frozen=True)
 class Sketch:
     """What one forward pass with K tangents tells about the loss.
