@@ -56,7 +56,7 @@ class BlockTangents:
 
 
 class RememberedSteps:
-    """The unit directions of the last `size` updates, newest first (state[p]["memory"])."""
+    """The unit directions of the last `size` updates, newest first (`state[p]["memory"]`)."""
 
     def __init__(self, size: int):
         self.size = size
@@ -92,7 +92,7 @@ class RememberedSteps:
 
 
 class GradientEstimate:
-    """m <- decay m + V g~ (state[p]["gradient_estimate"]): the sketched gradient V V^T grad L of
+    """m <- decay m + V g~ (`state[p]["gradient_estimate"]`): the sketched gradient V V^T grad L of
     each step, from sketches already computed, accumulated with decay; one tangent along m."""
 
     def __init__(self, count: int, decay: float):

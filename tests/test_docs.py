@@ -19,6 +19,12 @@ def test_docs_build_strictly(tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "index.html").is_file() and (tmp_path / "resuming" / "index.html").is_file()
+    # the equations are MathML in the page itself: they render offline, with no script from a CDN
+    math_page = (tmp_path / "math" / "index.html").read_text()
+    assert math_page.count('display="block"') >= 10 and "<msub>" in math_page
+    assert "\\(" not in math_page and "$$" not in math_page, "TeX left unrendered"
+    for page in tmp_path.rglob("*.html"):
+        assert "cdn.jsdelivr.net" not in page.read_text() and "mathjax" not in page.read_text().lower(), page
 
 
 def test_the_cli_page_lists_every_bundled_config():
