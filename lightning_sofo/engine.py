@@ -14,7 +14,7 @@ strategies hold one `SOFOEngine` and drive it, as Lightning's strategies own how
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Literal, get_args
 
 import torch
@@ -28,7 +28,6 @@ from lightning_sofo.sketch import Sketch, feedforward_sketch
 from lightning_sofo.timeloop import recurrent_loss, recurrent_sketch, resolve_compile_steps
 
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
-ENGINE_SETTINGS = ("compile_steps", "compile_mode", "tangent_chunk", "allow_tf32", "accumulate_float64")
 
 
 @contextlib.contextmanager
@@ -89,10 +88,6 @@ class SOFOEngine:
         for name in ("allow_tf32", "accumulate_float64"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-
-    def settings(self) -> dict[str, Any]:
-        """The five settings by name, as the strategies take them."""
-        return asdict(self)
 
     def sketch_function(self, module: Any, batch: Any, optimizer: Any,
                         require_scored: bool = True) -> Callable[[dict[str, Tensor] | None], Any]:
@@ -161,3 +156,6 @@ class SOFOEngine:
             return result
 
         return closure
+
+
+ENGINE_SETTINGS = tuple(field.name for field in fields(SOFOEngine))  # what a config must not set on the model
