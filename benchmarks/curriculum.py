@@ -177,7 +177,6 @@ def one_run(task_name: str, method: str, schedule: str, seed: int, steps: int) -
 
 
 def report() -> None:
-    import torch
     from matplotlib.figure import Figure
 
     from results import write_section

@@ -478,9 +478,10 @@ def sweep_table(runs, iterations) -> str:
 
 
 LINEAR_FILTER_LAGS = 100  # the no-adaptation baseline of the Kalman tasks (linear_filter_mse)
+LINEAR_FILTER_ROWS = 400_000  # time steps of training trials the baseline is fitted on
 
 
-def linear_filter_mse(task_name: str, rows: int = 400_000) -> tuple[float, float]:
+def linear_filter_mse(task_name: str, rows: int | None = None) -> tuple[float, float]:
     """(MSE, MSE / oracle's) on seed 0's validation set of the best linear time-invariant filter of
     the last LINEAR_FILTER_LAGS observations, x^_t = sum_l w_l y_{t-l} + c, fitted by least squares
     (torch.linalg.lstsq) on about `rows` time steps of training trials: the floor of any filter
@@ -495,9 +496,11 @@ def linear_filter_mse(task_name: str, rows: int = 400_000) -> tuple[float, float
         scored = batch["mask"][..., 0] > 0
         return torch.stack(lagged + [torch.ones_like(y)], -1)[scored], batch["targets"][..., 0].double()[scored]
 
-    fitted, index = [], 0
-    while sum(len(x) for x, _ in fitted) < rows:
+    rows = LINEAR_FILTER_ROWS if rows is None else rows
+    fitted, index, fitted_rows = [], 0, 0
+    while fitted_rows < rows:
         fitted.append(design(task.draw("train", index)))
+        fitted_rows += len(fitted[-1][0])
         index += 1
     weights = torch.linalg.lstsq(torch.cat([x for x, _ in fitted]), torch.cat([t for _, t in fitted]).unsqueeze(-1)).solution
     error = oracle = count = 0.0

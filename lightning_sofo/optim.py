@@ -15,7 +15,7 @@ from typing import Literal, get_args
 from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.sketch import Sketch
-from lightning_sofo.sketch_optimizer import (  # noqa: F401  (StepInfo and SETTINGS: re-exported for users)
+from lightning_sofo.sketch_optimizer import (
     MAX_DAMPING,
     SETTINGS,
     Direction,
@@ -31,6 +31,8 @@ from lightning_sofo.solve import (
     reduction_ratio,
     solve_subspace,
 )
+
+__all__ = ["FGD", "SETTINGS", "SOFO", "StepInfo"]  # StepInfo and SETTINGS: re-exported for users
 
 
 class SOFO(SketchOptimizer):

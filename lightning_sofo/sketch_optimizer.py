@@ -2,18 +2,18 @@
 
 `SketchOptimizer.step(closure)` draws the step's tangents V (their sources: lightning_sofo.subspace),
 asks `closure(tangents)` for the sketches (loss, g~ = V^T grad L, G~ = V^T GGN V), lets the subclass
-turn them into coefficients a (its `_direction`), and moves theta <- theta - lr V a, with optional
-heavy-ball momentum on V a. Around that: the guard (a non-finite loss, sketch, solve or update never
-reaches the parameters; `on_nonfinite` says what happens instead), the rollback of a step that did
-not lower the loss (damping="adaptive"), the counters, and the state_dict that makes a resumed run
-continue bit for bit.
+turn them into coefficients a (its `_direction`), and moves theta <- theta - lr s, s = V a or, with
+heavy-ball momentum, s = beta s_prev + V a. The pieces around the move (lightning_sofo.step_pieces):
+`HeavyBall`, the `NonfiniteGuard` (a non-finite loss, sketch, solve or update never reaches the
+parameters; `on_nonfinite` says what happens instead), and the `Rollback` of a step that did not
+lower the loss (damping="adaptive"). The optimizer keeps the counters' names and the state_dict that
+makes a resumed run continue bit for bit.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -23,11 +23,11 @@ from torch.optim.optimizer import ParamsT
 
 from lightning_sofo.arguments import NonNegativeInt, PositiveFloat, PositiveInt, require
 from lightning_sofo.sketch import Sketch
+from lightning_sofo.step_pieces import MAX_DAMPING_RAISES, Delegated, HeavyBall, NonfiniteGuard, Rollback
 from lightning_sofo.subspace import BlockTangents, GradientEstimate, RandomTangents, RememberedSteps
 from lightning_sofo.tangents import TANGENT_BASES, split_tangents, step_generator, usable_tangent_count
 
 MAX_DAMPING = 1e2  # relative damping beyond which a step is essentially gradient descent with lr / lambda
-MAX_DAMPING_RAISES = 5
 SketchFunction = Callable[["dict[str, Tensor] | None"], "Sketch | Tensor"]
 
 
@@ -92,16 +92,18 @@ class SketchOptimizer(torch.optim.Optimizer):
     """
 
     _nonfinite_policies: tuple[str, ...] = ("skip", "raise")
+    momentum = Delegated("heavy_ball", "beta")
+    on_nonfinite = Delegated("guard", "policy")
+    nonfinite_steps = Delegated("guard", "events")  # steps that met a non-finite loss, sketch, solve or update
+    last_nonfinite_step = Delegated("guard", "last_event")
+    skipped_steps = Delegated("guard", "skipped")
+    rejected_steps = Delegated("rollback", "rejected")
 
     def __init__(self, params: ParamsT, lr: float, tangents: int, momentum: float, seed: int, on_nonfinite: OnNonfinite = "skip",
                  memory: int = 0, orthogonal_cycles: bool | int = False, tangents_per_block: dict | None = None,
                  gradient_tangents: int = 0, gradient_decay: float = 0.9, tangent_basis: str = "orthonormal"):
         name = type(self).__name__
-        if on_nonfinite not in self._nonfinite_policies:
-            raise ValueError(
-                f"{name}: on_nonfinite must be one of {self._nonfinite_policies} (what to do when the loss, its "
-                f"sketches or the step are not finite), got {on_nonfinite!r}."
-            )
+        guard = NonfiniteGuard(name, on_nonfinite, self._nonfinite_policies)
         require(name, PositiveFloat, lr=lr)
         require(name, PositiveInt, tangents=tangents)
         require(name, int, seed=seed)
@@ -148,16 +150,11 @@ class SketchOptimizer(torch.optim.Optimizer):
         self.remembered_steps = RememberedSteps(memory)
         self.gradient_estimate = GradientEstimate(gradient_tangents, gradient_decay)
         self.random_tangents = RandomTangents(name, orthogonal_cycles)
+        self.guard, self.heavy_ball, self.rollback = guard, HeavyBall(momentum), Rollback(name)
         self.tangents = tangents
-        self.momentum = momentum
         self.seed = seed
-        self.on_nonfinite = on_nonfinite
         self.settings_changed_on_load: dict[str, tuple] = {}
         self.step_count = 0
-        self.skipped_steps = 0
-        self.nonfinite_steps = 0  # steps that met a non-finite loss, sketch or solve (skipped or recovered)
-        self.last_nonfinite_step = -1
-        self.rejected_steps = 0
         self.last_step: StepInfo | None = None
         self.last_sketch: Sketch | None = None  # (loss, g~, G~) of the last step: G~'s spectrum is free curvature
 
@@ -171,7 +168,7 @@ class SketchOptimizer(torch.optim.Optimizer):
             if p.requires_grad
         }
 
-    _measures_reduction = False  # True: _after_update evaluates the loss after the step
+    _measures_reduction = False  # True: _after_update evaluates the loss after the step, and a step can be taken back
 
     def _direction(self, sketch: Sketch, num_params: int) -> Direction:
         raise NotImplementedError
@@ -203,38 +200,22 @@ class SketchOptimizer(torch.optim.Optimizer):
         self._check_closure(closure)
         params = self.named_params()
         tangents = self.draw_tangents(params)
-        sketch = closure(tangents)
-        if not isinstance(sketch, Sketch):
-            raise TypeError(
-                f"{type(self).__name__}.step: closure(tangents) must return a Sketch, got {type(sketch).__name__}."
-            )
+        sketch = self._sketch(closure, tangents)
         k = next(iter(tangents.values())).shape[0]
         self.step_count += 1
         self.last_sketch = sketch
-        backup = {name: p.clone() for name, p in params.items()} if self._measures_reduction else None
-        moved = self._guarded_move(sketch, tangents, sum(p.numel() for p in params.values()))
+        snapshot = self.rollback.snapshot(params) if self._measures_reduction else None
+        moved = self._guarded_move(sketch, tangents, params)
         if self.gradient_tangents and sketch.is_finite():
             self.gradient_estimate.track(params, self.state, tangents, sketch.grad)
-        if moved is None:  # nothing finite to step along: the parameters are not touched
-            self.skipped_steps += 1
+        if moved is None:
             self.last_step = StepInfo(float(sketch.loss), math.nan, math.nan, 0.0, k, skipped=True)
             return sketch.loss
         direction, update_norm, update = moved
         ratio = self._after_update(sketch, direction, closure)
-        # Levenberg-Marquardt: a step that did not lower the loss (rho <= 0), or whose rho is undefined
-        # (the model predicted no decrease, as at too large an lr), is undone; the damping rule raised lambda
-        rejected = backup is not None and not ratio > 0
+        rejected = self.rollback.review(params, snapshot, ratio, self.step_count - 1)
         if rejected:
-            for name, p in params.items():
-                p.copy_(backup[name])
             update_norm = 0.0
-            self.rejected_steps += 1
-            if ratio == -math.inf:
-                warnings.warn(
-                    f"{type(self).__name__} step {self.step_count - 1}: the loss after the update was not finite; "
-                    "parameters restored, damping raised.",
-                    stacklevel=2,
-                )
         elif self.memory > 0:
             self.remembered_steps.remember(params, self.state, update)
         self.last_step = StepInfo(
@@ -243,17 +224,28 @@ class SketchOptimizer(torch.optim.Optimizer):
         )
         return sketch.loss
 
-    def _guarded_move(self, sketch: Sketch, tangents: dict[str, Tensor], num_params: int):
+    def _sketch(self, closure: SketchFunction, tangents: dict[str, Tensor]) -> Sketch:
+        sketch = closure(tangents)
+        if not isinstance(sketch, Sketch):
+            raise TypeError(
+                f"{type(self).__name__}.step: closure(tangents) must return a Sketch, got {type(sketch).__name__}."
+            )
+        return sketch
+
+    def _guarded_move(self, sketch: Sketch, tangents: dict[str, Tensor], params: dict[str, Tensor]):
         """Move the parameters if the loss, its sketches, the solve and the new parameters are all
-        finite, and return (direction, update norm, {key: update}); otherwise do what `on_nonfinite` says: None
-        (skip), FloatingPointError (raise), or, for SOFO, solve again with 10x the relative
-        damping ("increase_damping"). The parameters are written only once all is finite."""
-        if not sketch.is_finite():  # no damping makes a non-finite sketch finite: skip, more cautious from now on
-            message = self._nonfinite_event(sketch, "the loss or its sketches (g~, G~) are")
-            if self.on_nonfinite == "increase_damping" and self._raise_damping():
+        finite, and return (direction, update norm, {key: update}); otherwise None, as the guard
+        says (see NonfiniteGuard): a non-finite sketch is skipped (under "increase_damping" with
+        the damping raised for the next steps), a non-finite solve or update is solved again while
+        the guard retries. The parameters are written only once all is finite."""
+        guard, step = self.guard, self.step_count - 1
+        if not sketch.is_finite():  # no damping makes a non-finite sketch finite
+            message = guard.report(step, float(sketch.loss), "the loss or its sketches (g~, G~) are")
+            if guard.retries(self._raise_damping):
                 message += f" Relative damping raised to {self.damping:g} for the next steps."
-            warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
+            guard.skip(message)
             return None
+        num_params = sum(p.numel() for p in params.values())
         message = None
         for _ in range(MAX_DAMPING_RAISES + 1):
             direction = self._direction(sketch, num_params)
@@ -263,50 +255,31 @@ class SketchOptimizer(torch.optim.Optimizer):
                 moved = self._move(tangents, direction.coefficients)
                 if moved is not None:
                     if message is not None:
-                        warnings.warn(f"{message} Solved again with relative damping {self.damping:g}.", stacklevel=4)
+                        guard.recovered(message, self.damping)
                     return (direction, *moved)
                 problem = "the updated parameters are (the step overflows their dtype: lower the lr)"
             if message is None:
-                message = self._nonfinite_event(sketch, problem)
-            if self.on_nonfinite != "increase_damping" or not self._raise_damping():
+                message = guard.report(step, float(sketch.loss), problem)
+            if not guard.retries(self._raise_damping):
                 break
-        warnings.warn(message + " Parameters left unchanged, step skipped.", stacklevel=4)
+        guard.skip(message)
         return None
-
-    def _nonfinite_event(self, sketch: Sketch, problem: str) -> str:
-        """Count the event; raise under on_nonfinite="raise"; else return the warning's text."""
-        step = self.step_count - 1
-        self.nonfinite_steps += 1
-        self.last_nonfinite_step = step
-        message = (
-            f"{type(self).__name__} step {step}: {problem} not finite (loss={float(sketch.loss):g}). Usual causes: "
-            "the network's state diverges over the trial (exploding dynamics: lower the initial gain, the lr, "
-            "or the trial length; raise the damping), or extreme values in the data."
-        )
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(
-                message + " The parameters were left as they were (on_nonfinite='raise'; 'skip' carries on)."
-            )
-        return message
 
     def _raise_damping(self) -> bool:
         """Make the next solves more cautious; False if this optimizer cannot."""
         return False
 
     def _move(self, tangents: dict[str, Tensor], coefficients: Tensor) -> tuple[float, dict[str, Tensor]] | None:
-        """theta <- theta - lr s with s = V a (or, with momentum beta, s = beta s_prev + V a);
-        returns (||lr s||, {name: lr s}), or None, with nothing written, if a new parameter
-        would not be finite."""
+        """theta <- theta - lr s with s the heavy ball's step from V a; returns (||lr s||, {key: lr s}),
+        or None, with nothing written, if a new parameter would not be finite."""
         squared_norm = torch.zeros((), dtype=torch.float64, device=coefficients.device)
-        updates = []  # (key, parameter, new value, new velocity): written only once all are finite
+        updates = []  # (key, parameter, new value, s): written only once all are finite
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if f"{g}.{i}" not in tangents:  # frozen (requires_grad=False)
                     continue
-                step = torch.tensordot(coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)  # this parameter's V a
-                if self.momentum > 0:
-                    buffer = self.state[p].get("momentum_buffer")
-                    step = step if buffer is None else buffer * self.momentum + step
+                direction = torch.tensordot(coefficients.to(p.dtype), tangents[f"{g}.{i}"], dims=1)  # its V a
+                step = self.heavy_ball.velocity(self.state, p, direction)
                 updates.append((f"{g}.{i}", p, p - group["lr"] * step, step))
                 squared_norm += (group["lr"] * step.double()).pow(2).sum()  # a tensor: overflows to inf, never raises
         finite = torch.stack([torch.isfinite(new).all() for _, _, new, _ in updates]).all() & torch.isfinite(squared_norm)
@@ -317,8 +290,7 @@ class SketchOptimizer(torch.optim.Optimizer):
             if self.memory > 0:
                 moved[key] = p - new
             p.copy_(new)
-            if self.momentum > 0:
-                self.state[p]["momentum_buffer"] = step
+            self.heavy_ball.keep(self.state, p, step)
         return math.sqrt(squared_norm), moved
 
     def name_parameters(self, names: dict[str, str]) -> None:
@@ -399,9 +371,7 @@ class SketchOptimizer(torch.optim.Optimizer):
                  for name, default in SETTINGS.items()} | self._saved_settings(sofo)
         now = self.settings()
         self.settings_changed_on_load = {name: (value, now[name]) for name, value in saved.items() if value != now[name]}
-        if not self.momentum:  # a velocity saved by a run with momentum has no use here
-            for state in self.state.values():
-                state.pop("momentum_buffer", None)
+        self.heavy_ball.drop_unused(self.state)
         self.remembered_steps.trim(self.state)  # memory beyond this run's m is dropped (newest kept)
         self.gradient_estimate.drop_unused(self.state)
         self._load_extra_state(sofo)

@@ -26,6 +26,7 @@ def test_training_quality_runs_are_saved_selected_and_reported(monkeypatch, tmp_
     import training_quality as tq
 
     monkeypatch.setattr(tq, "EVALUATIONS", 2)
+    monkeypatch.setattr(tq, "LINEAR_FILTER_ROWS", 20_000)  # the tiny task's baseline: a smaller fit
     monkeypatch.setattr(tq, "OUT", tmp_path)
     monkeypatch.setattr(tq, "ENGINE", dict(compile_steps=0))  # eager: nothing to compile
     monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
@@ -158,6 +159,7 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     import training_quality as tq
 
     monkeypatch.setattr(tq, "EVALUATIONS", 1)
+    monkeypatch.setattr(tq, "LINEAR_FILTER_ROWS", 20_000)
     monkeypatch.setattr(tq, "OUT", tmp_path)
     monkeypatch.setattr(tq, "ENGINE", dict(compile_steps=0))
     monkeypatch.setattr(tq, "SPLIT_TANGENTS", (2, 4, 8))

@@ -66,6 +66,8 @@ def shrunk(config: str, root: Path) -> list[str]:
         args += ["--trainer.strategy.compile_steps", "0"]
     if method in ("sofo", "fgd", "curriculum", "authors", "constrained", "reaction_time", "lesion"):
         args += ["--optimizer.init_args.tangents", "8"]
+    if method == "hf":  # a few Gauss-Newton-vector products per step: enough to take two steps
+        args += ["--optimizer.init_args.max_cg_iterations", "3"]
     if method == "curriculum":  # its first level is T = 20 with both markers by step 15
         args += ["--data.init_args.n_steps", "20", "--data.init_args.second_marker_last", "15"]
     return args

@@ -11,10 +11,9 @@ import lightning as L
 import pytest
 import torch
 from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat
-from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_sofo import SOFO, HessianFree, SOFOModule
+from lightning_sofo import HessianFree
 from lightning_sofo.hessian_free import KEEP_FACTOR, backtrack, conjugate_gradient
 
 
