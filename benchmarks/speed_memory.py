@@ -1,6 +1,16 @@
 """Speed and memory of one training iteration: SOFO vs Adam+BPTT on the vanilla RNN, against T and K.
 
-One process runs every point; at each point the two methods alternate `--repeats`
+The backpropagation baselines are those a user who needs long trials would reach for:
+  - BPTT: the whole trial's graph kept for the backward pass (memory O(T));
+  - BPTT + checkpoints: torch.utils.checkpoint over chunks of about sqrt(T) steps, so only the
+    chunks' first states are kept and each chunk is run again in the backward pass (memory
+    O(sqrt(T)), about one more forward pass);
+  - TBPTT: truncated BPTT, the trial in windows of TBPTT_WINDOW steps, each window's graph freed
+    after its backward pass (memory O(window)); its gradient ignores every dependence across
+    windows, so it is a cheaper but different gradient, not the same one.
+Each baseline takes one Adam step per trial.
+
+One process runs every point; at each point the methods alternate `--repeats`
 times and each time is the median. Memory is measured on a separate iteration:
   - CUDA: torch.cuda.max_memory_allocated above the memory in use before it;
   - CPU: the largest rise of the bytes malloc has handed out (glibc mallinfo2, one
@@ -36,6 +46,8 @@ from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
 
 INPUTS, OUTPUTS = 3, 2
+TBPTT_WINDOW = 100  # steps per truncated-BPTT window
+METHODS = ("SOFO", "BPTT", "BPTT + checkpoints", "TBPTT")
 DEFAULTS = {  # device: (N, B, K, lengths, ks, T of the K sweep)
     "cpu": (64, 32, 64, [100, 300, 1000, 3000, 10000], [16, 32, 64, 128, 256, 512], 200),
     "cuda": (128, 256, 128, [100, 1000, 10000, 30000, 100000, 300000], [16, 32, 64, 128, 256, 512], 1000),
@@ -77,12 +89,46 @@ class Bench:
         return {"inputs": torch.randn(self.b, horizon, INPUTS, device=self.device, generator=g),
                 "targets": torch.randn(self.b, horizon, OUTPUTS, device=self.device, generator=g)}
 
+    def run_steps(self, state, inputs):
+        """The model's steps over inputs (B, W, I) from state: (outputs (B, W, O), the last state)."""
+        outputs = []
+        for t in range(inputs.shape[1]):
+            state, output = self.model.step(state, inputs[:, t])
+            outputs.append(output)
+        return torch.stack(outputs, 1), state
+
+    def backpropagate(self, method, data):
+        """Accumulate the gradient of the trial's loss (mean over its B x T x O outputs) by `method`."""
+        from torch.utils.checkpoint import checkpoint
+
+        inputs, targets = data["inputs"], data["targets"]
+        horizon = inputs.shape[1]
+        if method == "BPTT":
+            self.model.compute_loss(data).backward()
+            return
+        state = self.model.initial_state(inputs.shape[0])
+        if method == "BPTT + checkpoints":
+            # the reentrant form runs each chunk's first pass without a graph, so nothing per step outlives
+            # it (the non-reentrant form keeps every step's graph nodes, O(T) host memory); it needs an
+            # input that requires grad to backpropagate into the chunk, hence the state's flag
+            chunk, outputs = max(1, round(horizon ** 0.5)), []
+            state = state if state.requires_grad else state.detach().requires_grad_()
+            for start in range(0, horizon, chunk):
+                output, state = checkpoint(self.run_steps, state, inputs[:, start:start + chunk], use_reentrant=True)
+                outputs.append(output)
+            self.model.loss_fn(torch.cat(outputs, 1), targets, None).backward()
+            return
+        for start in range(0, horizon, TBPTT_WINDOW):  # TBPTT: each window from the last one's state, detached
+            output, state = self.run_steps(state.detach(), inputs[:, start:start + TBPTT_WINDOW])
+            share = output.shape[1] / horizon  # the window's part of the trial's mean
+            (share * self.model.loss_fn(output, targets[:, start:start + TBPTT_WINDOW], None)).backward()
+
     def iteration(self, method, data):
         if method == "SOFO":
             self.sofo.step(self.engine.sketch_function(self.model, data, self.sofo))
         else:
             self.adam.zero_grad(set_to_none=True)
-            self.model.compute_loss(data).backward()
+            self.backpropagate(method, data)
             self.adam.step()
         with torch.no_grad():
             for p, p0 in zip(self.model.parameters(), self.initial):
@@ -126,9 +172,12 @@ def sync():
         torch.cuda.synchronize()
 
 
-def measure_point(bench: Bench, horizon: int, repeats: int, skip_bptt: bool) -> dict:
+def measure_point(bench: Bench, horizon: int, repeats: int, skip_bptt: bool,
+                  methods: tuple[str, ...] = METHODS) -> dict:
+    """{(method, "s" | "MiB"): figure} of one iteration at trial length `horizon`; skip_bptt leaves out
+    plain BPTT (after it ran out of memory at a shorter T)."""
     data = bench.batch(horizon)
-    methods = ["SOFO"] + ([] if skip_bptt else ["BPTT"])
+    methods = [m for m in methods if not (skip_bptt and m == "BPTT")]
     result = {}
     for method in methods:
         try:
@@ -151,19 +200,14 @@ def fmt(value, spec):
 
 
 def row(label, result):
-    def ratio(key, spec):
-        a, b = result.get(("SOFO", key)), result.get(("BPTT", key))
-        return f"{a / b:{spec}}" if isinstance(a, float) and isinstance(b, float) and b > 0 else "-"
-
     cells = [label]
     for key, spec in (("s", ".3f"), ("MiB", ".1f")):
-        cells += [fmt(result.get(("SOFO", key), "-"), spec), fmt(result.get(("BPTT", key), "skipped"), spec),
-                  ratio(key, ".2f")]
+        cells += [fmt(result.get((method, key), "skipped"), spec) for method in METHODS]
     return "| " + " | ".join(cells) + " |"
 
 
-HEADER = ("| {} | SOFO (s) | BPTT (s) | time ratio | SOFO (MiB) | BPTT (MiB) | memory ratio |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| {} | " + " | ".join(f"{m} (s)" for m in METHODS) + " | " + " | ".join(f"{m} (MiB)" for m in METHODS)
+          + " |\n|" + "---|" * (1 + 2 * len(METHODS)))
 
 
 def plot(device, n, b, k, k_horizon, by_length, by_k):
@@ -176,7 +220,7 @@ def plot(device, n, b, k, k_horizon, by_length, by_k):
     for column, (points, xlabel) in enumerate(((by_length, "trial length T (steps)"), (by_k, "tangents K"))):
         for line, (key, ylabel) in enumerate((("MiB", "memory of one iteration (MiB)"), ("s", "time per iteration (s)"))):
             axis = axes[line, column]
-            for method, label in (("SOFO", "SOFO"), ("BPTT", "Adam + BPTT")):
+            for method, label in zip(METHODS, ("SOFO", "Adam + BPTT", "Adam + BPTT, checkpointed", "Adam + TBPTT")):
                 xs = [x for x, r in points if isinstance(r.get((method, key)), float)]
                 ys = [max(r[method, key], 1e-3) for x, r in points if isinstance(r.get((method, key)), float)]
                 if xs:
@@ -228,9 +272,10 @@ def main():
               "largest rise of malloc's live bytes during the iteration (mallinfo2), SOFO on the eager engine")
     text = (
         f"Vanilla RNN (tanh), N = {n}, B = {b}, {INPUTS} inputs, {OUTPUTS} outputs, masked MSE. "
-        f"{where}, torch {torch.__version__}. Time: median of {args.repeats} iterations, the two methods alternating "
+        f"{where}, torch {torch.__version__}. Time: median of {args.repeats} iterations, the methods alternating "
         f"in one process; SOFO with compile_steps = {args.compile_steps}. Memory: {memory}. "
-        "Ratios are SOFO / BPTT.\n\n"
+        f"BPTT + checkpoints: torch.utils.checkpoint over chunks of round(sqrt(T)) steps; TBPTT: windows of "
+        f"{TBPTT_WINDOW} steps (a truncated gradient, not the same one). Each baseline takes one Adam step per trial.\n\n"
         f"Against trial length (K = {k}):\n\n" + HEADER.format("T") + "\n"
         + "\n".join(row(str(x), r) for x, r in by_length)
         + f"\n\nAgainst the number of tangents (T = {k_horizon}):\n\n" + HEADER.format("K") + "\n"

@@ -14,13 +14,14 @@ strategies hold one `SOFOEngine` and drive it, as Lightning's strategies own how
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Literal, get_args
 
 import torch
 from torch import Tensor
 
-from lightning_sofo.arguments import NonNegativeInt, require
+from lightning_sofo.arguments import NonNegativeInt, PositiveInt, require
 from lightning_sofo.batches import check_sequence
 from lightning_sofo.calls import PureFunctionCheck, functional
 from lightning_sofo.regularisers import PenalisedLoss
@@ -71,6 +72,14 @@ class SOFOEngine:
             accumulate_float64 on long trials.
         accumulate_float64: sum a recurrent model's sketches (loss, g~, G~) over time in float64,
             for float32 models on long trials.
+        threads: on a CPU, the torch threads the run uses (torch.set_num_threads, set by the
+            strategy for the run and restored after). "auto" (the default): one thread, unless
+            OMP_NUM_THREADS is set in the environment, whose count is then kept. On a 2-core
+            machine two threads were 1.3-1.8x faster alone but 2.5x slower beside one busy process
+            (OpenMP threads spin-wait on a core another process holds; benchmarks/threads.py), so
+            the default is the setting that is never slower than one thread. On a node of your
+            own, raise it (with OMP_WAIT_POLICY=PASSIVE if other jobs may arrive). No effect on
+            a GPU.
     """
 
     compile_steps: NonNegativeInt | Literal["auto"] = "auto"
@@ -78,16 +87,25 @@ class SOFOEngine:
     tangent_chunk: NonNegativeInt | Literal["auto"] = "auto"
     allow_tf32: bool = False
     accumulate_float64: bool = False
+    threads: PositiveInt | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("compile_steps", "tangent_chunk"):
             if getattr(self, name) != "auto":
                 require("SOFOEngine", NonNegativeInt, **{name: getattr(self, name)})
+        if self.threads != "auto":
+            require("SOFOEngine", PositiveInt, threads=self.threads)
         if self.compile_mode not in get_args(CompileMode):
             raise ValueError(f"compile_mode is one of {get_args(CompileMode)}, got {self.compile_mode!r}.")
         for name in ("allow_tf32", "accumulate_float64"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+
+    def cpu_threads(self) -> int:
+        """The torch thread count of a run on a CPU (see `threads`)."""
+        if self.threads != "auto":
+            return self.threads
+        return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") else 1
 
     def sketch_function(self, module: Any, batch: Any, optimizer: Any,
                         require_scored: bool = True) -> Callable[[dict[str, Tensor] | None], Any]:

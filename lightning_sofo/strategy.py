@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 from lightning_sofo.checkpoints import AtomicCheckpointIO
 from lightning_sofo.compat import explicit_device
 from lightning_sofo.engine import CompileMode, SOFOEngine
-from lightning_sofo.arguments import NonNegativeInt
+from lightning_sofo.arguments import NonNegativeInt, PositiveInt
 from lightning_sofo.stopping import GracefulStop
 from lightning_sofo.sketch import Sketch
 from lightning_sofo.batches import nothing_scored_error, unpack_batch
@@ -46,6 +46,16 @@ class _SOFOSteps:
         super().setup(trainer)
         if trainer.state.fn == "fit":
             self._sofo_optimizer()
+        self.threads_before = torch.get_num_threads()
+        if self.root_device.type == "cpu":  # the run's thread count (SOFOEngine.threads), before anything compiles
+            torch.set_num_threads(self.engine.cpu_threads())
+
+    def teardown(self) -> None:
+        threads_before = getattr(self, "threads_before", None)
+        if threads_before is not None:
+            torch.set_num_threads(threads_before)
+            self.threads_before = None
+        super().teardown()
 
     def _check_sofo_setup(self, trainer: L.Trainer) -> None:
         name = self.strategy_name
@@ -130,17 +140,19 @@ class SOFOStrategy(_SOFOSteps, SingleDeviceStrategy):
 
     The engine settings (lightning_sofo.SOFOEngine, which says what each does) choose how each
     step runs the model's passes: compile_steps (compiled windows of the time loop, "auto"),
-    compile_mode, tangent_chunk ("auto"), allow_tf32 and accumulate_float64.
+    compile_mode, tangent_chunk ("auto"), allow_tf32, accumulate_float64 and threads (on a CPU: one
+    thread unless OMP_NUM_THREADS is set).
     """
 
     strategy_name = "sofo"
 
     def __init__(self, device: torch.device | str | None = None,
                  compile_steps: NonNegativeInt | Literal["auto"] = "auto", compile_mode: CompileMode = "default",
-                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto", allow_tf32: bool = False, accumulate_float64: bool = False, **kwargs: Any):
+                 tangent_chunk: NonNegativeInt | Literal["auto"] = "auto", allow_tf32: bool = False,
+                 accumulate_float64: bool = False, threads: PositiveInt | Literal["auto"] = "auto", **kwargs: Any):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(device=device or "cpu", **kwargs)
-        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64)
+        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64, threads)
         self._explicit_device = device is not None
         self.parallel_devices: list[torch.device] = []
 
@@ -172,7 +184,8 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
 
     The engine settings (lightning_sofo.SOFOEngine, which says what each does) choose how each
     step runs the model's passes: compile_steps (compiled windows of the time loop, "auto"),
-    compile_mode, tangent_chunk ("auto"), allow_tf32 and accumulate_float64.
+    compile_mode, tangent_chunk ("auto"), allow_tf32, accumulate_float64 and threads (on a CPU: one
+    thread unless OMP_NUM_THREADS is set).
     """
 
     strategy_name = "sofo_ddp"
@@ -180,10 +193,11 @@ class SOFODDPStrategy(_SOFOSteps, DDPStrategy):
 
     def __init__(self, compile_steps: NonNegativeInt | Literal["auto"] = "auto",
                  compile_mode: CompileMode = "default", tangent_chunk: NonNegativeInt | Literal["auto"] = "auto",
-                 allow_tf32: bool = False, accumulate_float64: bool = False, **kwargs: Any):
+                 allow_tf32: bool = False, accumulate_float64: bool = False,
+                 threads: PositiveInt | Literal["auto"] = "auto", **kwargs: Any):
         kwargs.setdefault("checkpoint_io", AtomicCheckpointIO())
         super().__init__(**kwargs)
-        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64)
+        self.engine = SOFOEngine(compile_steps, compile_mode, tangent_chunk, allow_tf32, accumulate_float64, threads)
         self.numbers_communicated = 0  # numbers all-reduced by SOFO iterations, for the record
         self.graceful_stop = GracefulStop()
 

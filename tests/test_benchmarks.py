@@ -77,14 +77,39 @@ def test_speed_memory_point_measures_both_methods_and_bptt_memory_grows_with_t()
     start = [p.detach().clone() for p in bench.model.parameters()]
     short, long = (sm.measure_point(bench, t, repeats=1, skip_bptt=False) for t in (20, 400))
     for result in (short, long):
-        assert {key for key in result} == {(m, q) for m in ("SOFO", "BPTT") for q in ("s", "MiB")}
+        assert {key for key in result} == {(m, q) for m in sm.METHODS for q in ("s", "MiB")}
         assert all(isinstance(v, float) and v >= 0 for v in result.values())
-    # BPTT keeps every step's activations: 20x the steps, far more memory; SOFO keeps none
+    # BPTT keeps every step's activations: 20x the steps, far more memory; SOFO keeps none, and
+    # checkpoints and truncation keep a fraction
     assert long["BPTT", "MiB"] > 5 * max(short["BPTT", "MiB"], 0.01)
     assert long["SOFO", "MiB"] < 0.5 * long["BPTT", "MiB"]
+    assert long["BPTT + checkpoints", "MiB"] < 0.5 * long["BPTT", "MiB"]
+    assert long["TBPTT", "MiB"] < 0.5 * long["BPTT", "MiB"]
     # iterations put the parameters back, so every point measures the same model
     assert all(torch.equal(p, p0) for p, p0 in zip(bench.model.parameters(), start))
     assert "| T=20 |" in sm.row("T=20", short)
+
+
+def test_checkpointed_bptt_takes_the_gradient_of_bptt_and_tbptt_only_within_its_windows(monkeypatch):
+    """The speed/memory baselines: checkpointing recomputes, it does not change the gradient; truncated
+    BPTT equals BPTT when one window holds the trial, and differs when the trial spans several."""
+    import speed_memory as sm
+
+    bench = sm.Bench(n=8, b=3, k=4, device="cpu", compile_steps=0)
+    data = bench.batch(30)
+
+    def gradient(method):
+        bench.model.zero_grad(set_to_none=True)
+        bench.backpropagate(method, data)
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in bench.model.parameters()])
+
+    full = gradient("BPTT")
+    torch.testing.assert_close(gradient("BPTT + checkpoints"), full)
+    monkeypatch.setattr(sm, "TBPTT_WINDOW", 30)
+    torch.testing.assert_close(gradient("TBPTT"), full)
+    monkeypatch.setattr(sm, "TBPTT_WINDOW", 10)
+    assert not torch.allclose(gradient("TBPTT"), full, rtol=1e-3, atol=1e-6)
 
 
 def test_curvature_digits_run_and_report(monkeypatch, tmp_path):

@@ -121,3 +121,41 @@ def test_runs_and_checkpoints_from_before_the_move_still_load(tmp_path, caplog):
     args[args.index("--trainer.max_steps") + 1] = "4"
     main(args + ["--ckpt_path", str(last)])
     assert "Done after 4 steps" in closing_line(caplog.text)
+
+
+class ThreadsSeen(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.append(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("setting,environment,expected", [("auto", None, 1), ("auto", "2", 2), (2, None, 2),
+                                                          (1, "2", 1)])
+def test_a_cpu_run_uses_the_engine_s_thread_count_and_gives_the_previous_one_back(setting, environment, expected,
+                                                                                 monkeypatch):
+    from conftest import TinyRNN
+
+    if environment is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", environment)
+    torch.set_num_threads(2)
+    batch = {"inputs": torch.randn(4, 5, 2), "targets": torch.randn(4, 5, 2)}
+    seen = ThreadsSeen()
+    trainer = L.Trainer(strategy=SOFOStrategy(threads=setting), max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[seen])
+    trainer.fit(TinyRNN(sofo=dict(tangents=4)), torch.utils.data.DataLoader([batch], batch_size=None))
+    assert seen.seen == [expected, expected]
+    assert torch.get_num_threads() == 2  # the program's own count, back after the run
+
+
+def test_threads_is_checked_and_set_from_the_command_line(tmp_path, caplog):
+    with pytest.raises(ValueError, match="threads"):
+        SOFOStrategy(threads=0)
+    config = str(Path(lightning_sofo.__file__).resolve().parents[1] / "configs" / "flipflop_sofo.yaml")
+    cli = SOFOCLI(run=False, args=["--config", config, "--trainer.strategy.threads", "2",
+                                   "--trainer.logger", "false"])
+    assert cli.trainer.strategy.engine.threads == 2
