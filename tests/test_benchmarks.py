@@ -224,3 +224,16 @@ def test_context_integration_target_is_the_scaled_running_sum_of_the_cued_channe
     assert torch.equal(choice["targets"][:, -1, 0], torch.where(total >= 0, 1.0, -1.0))
     with pytest.raises(ValueError, match="readout must be one of"):
         ContextIntegration(readout="sum")
+
+
+def test_startup_clock_times_the_first_and_the_steady_steps(tmp_path):
+    """benchmarks/startup.py launches `sofo fit` with its step clock and reads the first step's time
+    from launch and the steady step time back."""
+    import startup
+
+    result = startup.run("flipflop_sofo", 8, str(tmp_path / "cache"),
+                         ["--trainer.strategy.compile_steps", "0", "--data.init_args.batch_size", "4",
+                          "--data.init_args.val_trials", "4", "--data.init_args.n_steps", "20",
+                          "--model.init_args.hidden_size", "8", "--optimizer.init_args.tangents", "4"])
+    assert result["steps"] == 8
+    assert 0 < result["steady"] < result["start"]

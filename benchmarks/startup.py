@@ -1,0 +1,91 @@
+"""From `sofo fit` to the first SOFO step, and the steady time per step after it.
+
+Each row runs `sofo fit --config <config>` in a fresh process, with a step clock (a Lightning
+callback added from the command line) that records the wall-clock time at the end of every
+training step. Start: from launching the process to the end of the first step (imports, data,
+model, compilation and the step itself). Steady: the median time of the steps after the first
+five, validation steps excluded. Rows: the config's engine with an empty compile cache (a new
+machine, or a new torch), the same again with the cache the first run filled, and the eager engine
+(compile_steps 0), so a faster start is never bought with a slower step unseen. Writes a section of
+benchmarks/RESULTS.md.
+
+    python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+
+HERE = Path(__file__).resolve().parent
+
+
+class StepClock(L.Callback):
+    """Appends the wall-clock time (time.time(), seconds) at the end of each training step to `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "a") as file:
+            file.write(f"{time.time()}\n")
+
+
+def run(config: str, steps: int, cache: str, extra: list[str]) -> dict:
+    """Launch one fit; {"start": s to the end of step 1, "steady": median s per step after step 5}."""
+    with tempfile.TemporaryDirectory() as folder:
+        clock = Path(folder) / "steps.txt"
+        sofo = str(Path(sys.executable).with_name("sofo"))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(HERE)}
+        command = [sofo, "fit", "--config", config, "--trainer.max_steps", str(steps),
+                   "--trainer.val_check_interval", str(steps), "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+                   "--trainer.callbacks+", "startup.StepClock", "--trainer.callbacks.path", str(clock), *extra]
+        launched = time.time()
+        subprocess.run(command, cwd=folder, env=env, check=True, capture_output=True)
+        ends = [float(line) for line in clock.read_text().split()]
+    gaps = [b - a for a, b in zip(ends[5:], ends[6:])]
+    return {"start": ends[0] - launched, "steady": statistics.median(gaps), "steps": len(ends)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="flipflop_sofo")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    args = parser.parse_args()
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        cases = [("the config's engine, empty compile cache", []),
+                 ("the config's engine, compile cache on disk", []),
+                 ("eager engine (compile_steps 0)", ["--trainer.strategy.compile_steps", "0"])]
+        for label, extra in cases:
+            result = run(args.config, args.steps, cache, extra)
+            rows.append(f"| {label} | {result['start']:.1f} | {1e3 * result['steady']:.0f} |")
+            print(rows[-1], flush=True)
+    table = ("| run | launch to the end of step 1 (s) | steady step (ms) |\n|---|---|---|\n" + "\n".join(rows))
+    note = (f"`sofo fit --config {args.config}`, {args.steps} steps, {platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, the strategy's default threads; no logger or checkpoints. Each row is a "
+            "fresh process; the first two share a new TORCHINDUCTOR_CACHE_DIR.")
+    print(table + "\n\n" + note)
+    if not args.no_write:
+        sys.path.insert(0, str(HERE))
+        from results import write_section
+
+        write_section(f"Start-up: {args.config} (cpu)", table + "\n\n" + note)
+
+
+if __name__ == "__main__":
+    main()
