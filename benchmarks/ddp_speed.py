@@ -111,12 +111,10 @@ def main():
             f"compile_steps = 10; median of steps {WARM_UP + 1} to {args.steps} on rank 0, Lightning Trainer. "
             f"{where}, torch {torch.__version__}."
             + (" One GPU only: no multi-GPU row." if args.accelerator == "gpu" and len(rows) == 1 else ""))
-    print(table + "\n\n" + note)
-    if not args.no_write:
-        sys.path.insert(0, str(HERE))
-        from results import write_section
+    sys.path.insert(0, str(HERE))
+    from results import publish
 
-        write_section(f"Data parallel: time per iteration ({args.accelerator})", table + "\n\n" + note)
+    publish(f"Data parallel: time per iteration ({args.accelerator})", table + "\n\n" + note, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,13 @@ def write_section(title: str, body: str) -> None:
     RESULTS.write_text(text.rstrip() + "\n")
 
 
+def publish(title: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's table and note, and (write) make them the named section of RESULTS.md."""
+    print(body)
+    if write:
+        write_section(title, body)
+
+
 def remove_section(title: str) -> None:
     """Drop a named section of benchmarks/RESULTS.md (a study that a newer one replaced)."""
     if not RESULTS.exists():

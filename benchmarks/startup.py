@@ -15,7 +15,6 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -79,12 +78,10 @@ def main() -> None:
     note = (f"`sofo fit --config {args.config}`, {args.steps} steps, {platform.machine()} CPU, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, the strategy's default threads; no logger or checkpoints. Each row is a "
             "fresh process; the first two share a new TORCHINDUCTOR_CACHE_DIR.")
-    print(table + "\n\n" + note)
-    if not args.no_write:
-        sys.path.insert(0, str(HERE))
-        from results import write_section
+    sys.path.insert(0, str(HERE))
+    from results import publish
 
-        write_section(f"Start-up: {args.config} (cpu)", table + "\n\n" + note)
+    publish(f"Start-up: {args.config} (cpu)", table + "\n\n" + note, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -107,12 +107,10 @@ def main() -> None:
             f"T = {SHAPE['t']}; the median of {args.repeats} sketches in a fresh process per row. The neighbour is a "
             "one-thread torch process multiplying 512 x 512 matrices (`benchmarks/threads.py --neighbour`). "
             "Measured one configuration after another, in one run of this script.")
-    print(table + "\n\n" + note)
-    if not args.no_write:
-        sys.path.insert(0, str(HERE))
-        from results import write_section
+    sys.path.insert(0, str(HERE))
+    from results import publish
 
-        write_section("Threads on shared cores (cpu)", table + "\n\n" + note)
+    publish("Threads on shared cores (cpu)", table + "\n\n" + note, write=not args.no_write)
 
 
 if __name__ == "__main__":
