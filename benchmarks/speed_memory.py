@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO  # noqa: E402
 from lightning_sofo.models import VanillaRNN  # noqa: E402
+from lightning_sofo.timeloop import step_through  # noqa: E402
 
 INPUTS, OUTPUTS = 3, 2
 TBPTT_WINDOW = 100  # steps per truncated-BPTT window
@@ -90,12 +91,9 @@ class Bench:
                 "targets": torch.randn(self.b, horizon, OUTPUTS, device=self.device, generator=g)}
 
     def run_steps(self, state, inputs):
-        """The model's steps over inputs (B, W, I) from state: (outputs (B, W, O), the last state)."""
-        outputs = []
-        for t in range(inputs.shape[1]):
-            state, output = self.model.step(state, inputs[:, t])
-            outputs.append(output)
-        return torch.stack(outputs, 1), state
+        """The model's steps over inputs (B, W, I) from state: (the last state, outputs (B, W, O)).
+        `self.model.step` is looked up per call, so the memory sampler's stand-in runs too."""
+        return step_through(self.model.step, state, inputs)
 
     def backpropagate(self, method, data):
         """Accumulate the gradient of the trial's loss (mean over its B x T x O outputs) by `method`."""
@@ -114,12 +112,12 @@ class Bench:
             chunk, outputs = max(1, round(horizon ** 0.5)), []
             state = state if state.requires_grad else state.detach().requires_grad_()
             for start in range(0, horizon, chunk):
-                output, state = checkpoint(self.run_steps, state, inputs[:, start:start + chunk], use_reentrant=True)
+                state, output = checkpoint(self.run_steps, state, inputs[:, start:start + chunk], use_reentrant=True)
                 outputs.append(output)
             self.model.loss_fn(torch.cat(outputs, 1), targets, None).backward()
             return
         for start in range(0, horizon, TBPTT_WINDOW):  # TBPTT: each window from the last one's state, detached
-            output, state = self.run_steps(state.detach(), inputs[:, start:start + TBPTT_WINDOW])
+            state, output = self.run_steps(state.detach(), inputs[:, start:start + TBPTT_WINDOW])
             share = output.shape[1] / horizon  # the window's part of the trial's mean
             (share * self.model.loss_fn(output, targets[:, start:start + TBPTT_WINDOW], None)).backward()
 
