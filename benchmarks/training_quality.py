@@ -720,8 +720,9 @@ def main():
             elif args.stage == "seeds":
                 settings, seeds, iterations = settings_for_seeds(task_name, sweep_budget(task_name, args.sweep_iterations), args.options), args.seeds, args.iterations
             else:
+                variants = {**OPTIONS, **DIAGNOSTICS, **splits(task_name)}
                 combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
-                            for s in SWEEP if s.method == "SOFO" for name, extra in {**OPTIONS, **DIAGNOSTICS}.items()]
+                            for s in SWEEP if s.method == "SOFO" for name, extra in variants.items()]
                 authors = [authors_adam(label) for label in {label for _, label in FAMILIES.values()} if label]
                 known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + HF_SWEEP + combined}
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations

@@ -26,6 +26,9 @@ $TQ --tasks context_decision --stage seeds --iterations 2000 --options "gradient
 $TQ --tasks context_decision --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
 # 4. where SOFO's compute goes: K x B splits at the task's own K x B, 3 seeds (the configs' defaults follow them)
 $TQ --tasks double_reach --stage splits --seeds 0 1 2 --iterations 2000
+# the 10-bit flip-flop's more-tangents splits first (seed 0: K 256 x B 8 ended 5x below the config's K 64 x B 32)
+$TQ --tasks flipflop10 --stage labels --seeds 1 2 --iterations 2000 \
+    --labels "SOFO:$FF10 + K 256 x B 8" "SOFO:$FF10 + K 128 x B 16"
 $TQ --tasks flipflop10 kalman --stage splits --seeds 0 1 2 --iterations 2000
 # 5. the full-space ceiling where SOFO loses (HF steps cost 10-30 SOFO steps: fewer iterations, stated in the tables)
 $TQ --tasks flipflop10 --stage labels --seeds 0 --iterations 300 --labels "HF:damping 0.1"
