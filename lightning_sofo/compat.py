@@ -20,6 +20,15 @@ naming the method, if a Lightning release removes or renames it.
   in the pinned release (torch.func handles pytrees internally with these); they are imported here
   and used from here (`tree_leaves`, `tree_map`).
 
+- `torch._inductor.list_mode_options`: the inductor options a torch.compile mode stands for.
+  torch.compile takes a mode or an options dict, not both, and the engine needs one option beside
+  the mode (`compile_options`): `fallback_random`, so that a compiled window draws its random
+  numbers (a noisy network's noise) with the same torch generator calls as the eager time loop.
+  Otherwise inductor draws them by its own generator: the compiled and eager engines then see
+  different noise, and a step whose windows run partly eagerly (torch falls back to eager code
+  silently when a compiled function reaches its recompilation limit) would mix two noise draws
+  among its tangent chunks.
+
 tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning
 or torch name.
 
@@ -39,6 +48,14 @@ from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401  (the state'
 
 PRIVATE_NAMES = {LightningCLI: ("_parse_ckpt_path",)}  # what this module overrides, for the test
 PRIVATE_ATTRIBUTES = {L.LightningModule: "_trainer", SingleDeviceStrategy: "_root_device"}  # read, for the test
+
+
+def compile_options(mode: str) -> dict:
+    """torch.compile's options for `mode` ("default", "reduce-overhead", "max-autotune"), with random
+    numbers drawn by torch's generator as in eager code (see the module docstring)."""
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode), "fallback_random": True}
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:

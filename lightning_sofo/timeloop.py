@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from lightning_sofo.compat import tree_leaves, tree_map
+from lightning_sofo.compat import compile_options, tree_leaves, tree_map
 from lightning_sofo.sketch import Params, Sketch, SketchedLoss, batched_jvp
 from lightning_sofo.tangents import count_tangents
 
@@ -110,15 +110,15 @@ def recurrent_sketch(
         output tangents (whole-trial loss)."""
         state, state_tangents = carried
         if sketch_inside:
-            state, state_tangents, sums = run(steps, loss, params, tangents, state, state_tangents, inputs[:, window],
-                                              targets[:, window], _window_mask(mask, window), normaliser,
-                                              accumulate_dtype)
+            state, state_tangents, sums = run(steps, loss, params, tangents, state, state_tangents,
+                                              _window_of(inputs, window), _window_of(targets, window),
+                                              _window_mask(mask, window), normaliser, accumulate_dtype)
             return (state, state_tangents), Sketch(*sums)
         state, state_tangents, outputs, output_tangents = _in_tangent_chunks(
-            run, tangent_chunk, steps, params, tangents, state, state_tangents, inputs[:, window])
+            run, tangent_chunk, steps, params, tangents, state, state_tangents, _window_of(inputs, window))
         if not loss.per_step:
             return (state, state_tangents), (outputs, output_tangents)
-        term = loss.sketch(outputs, output_tangents, targets[:, window], _window_mask(mask, window), normaliser)
+        term = loss.sketch(outputs, output_tangents, _window_of(targets, window), _window_mask(mask, window), normaliser)
         return (state, state_tangents), _accumulated(term, accumulate_dtype)
 
     windows = _windows(horizon, chunk, compile_steps, name, function, compile_mode)
@@ -225,8 +225,8 @@ def recurrent_loss(initial_state: InitialStateFn, step: StepFn, params: Params, 
 
     def run_window(run, window, state):
         """h after the window's steps, and the window's share of L."""
-        state, outputs = run(steps, params, state, inputs[:, window])
-        return state, loss.window_loss(outputs, targets[:, window], _window_mask(mask, window), normaliser)
+        state, outputs = run(steps, params, state, _window_of(inputs, window))
+        return state, loss.window_loss(outputs, _window_of(targets, window), _window_mask(mask, window), normaliser)
 
     windows = _windows(horizon, chunk, compile_steps, "run_steps", _run_steps, compile_mode)
     return sum(_walk_windows(windows, run_window, state), zero)  # zero + L_1 + L_2 + ..., in order
@@ -280,9 +280,15 @@ def _walk_windows(windows: Iterator[tuple[slice, Callable]], run_window: Callabl
         yield result
 
 
+def _window_of(tensor: Tensor, window: slice) -> Tensor:
+    """tensor[:, window] as a tensor of its own: a view's strides carry the trial length T, and a
+    compiled window guards on strides, so a view would recompile the window for every new T."""
+    return tensor[:, window].contiguous()
+
+
 def _window_mask(mask: Tensor | None, window: slice) -> Tensor | None:
     """The mask of the window's steps, mask[:, window] (no mask: None)."""
-    return None if mask is None else mask[:, window]
+    return None if mask is None else _window_of(mask, window)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -334,14 +340,16 @@ def clear_compiled() -> None:
 
 def _compiled(name: str, function: Callable, mode: str = "default") -> Callable:
     """torch.compile(function), built once per process (compilations are cached per shape, and by
-    torch's own caches on disk across processes). A window whose compiled call fails is run again
+    torch's own caches on disk across processes). Its random numbers come from torch's generator as
+    in the eager loop (compat.compile_options), so a noisy network sees the same noise compiled or
+    not. A window whose compiled call fails is run again
     eagerly: if that succeeds, the failure was the compiler's, which is reported once, and this
     process runs eagerly from then on; if it fails too, that error is the one raised."""
     if _COMPILE_FAILED:
         return function
     key = f"{name}/{mode}"
     if key not in _COMPILED:
-        compiled = torch.compile(function, dynamic=False, mode=mode)
+        compiled = torch.compile(function, dynamic=False, options=compile_options(mode))
 
         def with_fallback(*args):
             if _COMPILE_FAILED:

@@ -163,3 +163,36 @@ def test_allow_tf32_is_checked():
         SOFOStrategy(allow_tf32="yes")
     with pytest.raises(ValueError, match="accumulate_float64 must be True or False"):
         SOFOEngine(accumulate_float64=1)
+
+
+@pytest.mark.parametrize("damping", [1e-3, "adaptive"])  # adaptive also runs the loss alone, in the same windows
+def test_a_new_trial_length_reuses_the_compiled_window(damping):
+    """Windows are compiled for their own shape: a trial of another length (a different stride of the
+    whole trial's tensors, and a shorter last window, which runs eagerly) compiles nothing new, so
+    varying T inside one process costs no compilation. torch's public fail_on_recompile stance turns a
+    recompilation into an error, which the engine would report as a compilation failure."""
+    from conftest import TinyRNN
+
+    from lightning_sofo import SOFO
+
+    timeloop.clear_compiled()
+    torch.compiler.reset()
+    model = TinyRNN()
+    optimizer = SOFO(model.parameters(), tangents=4, damping=damping)
+    engine = SOFOEngine(compile_steps=10)
+
+    def step(horizon):
+        batch = {"inputs": torch.randn(3, horizon, 2), "targets": torch.randn(3, horizon, 2),
+                 "mask": (torch.rand(3, horizon, 1) > 0.3).float()}
+        optimizer.step(engine.sketch_function(model, batch, optimizer))
+
+    step(20)
+    try:
+        torch.compiler.set_stance("fail_on_recompile")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the engine's "could not compile" warning would fail the test
+            for horizon in (30, 45, 100):
+                step(horizon)
+    finally:
+        torch.compiler.set_stance("default")
+        timeloop.clear_compiled()
