@@ -6,10 +6,11 @@ training step. Start: from launching the process to the end of the first step (i
 model, compilation and the step itself). Steady: the median time of the steps after the first
 five, validation steps excluded. Rows: the config's engine with an empty compile cache (a new
 machine, or a new torch), the same again with the cache the first run filled, and the eager engine
-(compile_steps 0), so a faster start is never bought with a slower step unseen. Writes a section of
+(compile_steps 0), so a faster start is never bought with a slower step unseen; --windows adds
+shorter compiled windows, each with its own empty cache and then that cache. Writes a section of
 benchmarks/RESULTS.md.
 
-    python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--no-write]
+    python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--windows 5 10] [--no-write]
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="flipflop_sofo")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--windows", nargs="*", type=int, default=[],
+                        help="also these compiled window lengths (compile_steps), each with its own empty cache")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     args = parser.parse_args()
     import torch
@@ -74,10 +77,18 @@ def main() -> None:
             result = run(args.config, args.steps, cache, extra)
             rows.append(f"| {label} | {result['start']:.1f} | {1e3 * result['steady']:.0f} |")
             print(rows[-1], flush=True)
+    for window in args.windows:
+        with tempfile.TemporaryDirectory() as cache:
+            extra = ["--trainer.strategy.compile_steps", str(window)]
+            for label in (f"windows of {window} steps, empty compile cache", f"windows of {window} steps, cache on disk"):
+                result = run(args.config, args.steps, cache, extra)
+                rows.append(f"| {label} | {result['start']:.1f} | {1e3 * result['steady']:.0f} |")
+                print(rows[-1], flush=True)
     table = ("| run | launch to the end of step 1 (s) | steady step (ms) |\n|---|---|---|\n" + "\n".join(rows))
     note = (f"`sofo fit --config {args.config}`, {args.steps} steps, {platform.machine()} CPU, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, the strategy's default threads; no logger or checkpoints. Each row is a "
-            "fresh process; the first two share a new TORCHINDUCTOR_CACHE_DIR.")
+            "fresh process; the first two share a new TORCHINDUCTOR_CACHE_DIR, and each window length's two rows "
+            "another (`--windows`: `--trainer.strategy.compile_steps W`).")
     sys.path.insert(0, str(HERE))
     from results import publish
 
