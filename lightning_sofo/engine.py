@@ -56,8 +56,10 @@ class SOFOEngine:
     Args:
         compile_steps: run a recurrent model's time loop in torch.compile'd windows of this many
             steps; 0 runs it eagerly; "auto" (the default) compiles trials of 100 steps or more in
-            windows of 25 and runs shorter ones eagerly (timeloop.resolve_compile_steps). A
-            compilation that fails falls back to the eager engine, with one warning.
+            windows of 25 and runs shorter ones eagerly (timeloop.resolve_compile_steps). On a CPU
+            only the sketch pass compiles; the loss alone (adaptive damping's check of a step) runs
+            eagerly in windows of the same length. A compilation that fails falls back to the eager
+            engine, with one warning.
         compile_mode: torch.compile's mode for the compiled windows: "default", "reduce-overhead"
             (each window replayed as a CUDA graph on a GPU; no effect on a CPU) or "max-autotune".
         tangent_chunk: a recurrent model's forward-mode pass runs this many of the K tangents at a
@@ -151,8 +153,12 @@ class SOFOEngine:
             with torch.no_grad():
                 if not recurrent:
                     return module.loss_fn(forward(primals, inputs), targets, mask)
+                # on a CPU the loss alone runs eagerly, in the compiled windows' lengths: compiling its own
+                # kernels took about 20 s of a run's start (benchmarks/startup.py) for 2 % of a step
+                compiled = compile_steps if inputs.device.type != "cpu" else 0
                 return recurrent_loss(start, step_fn, primals, inputs, targets, loss_fn, mask,
-                                      compile_steps=compile_steps, compile_mode=self.compile_mode)
+                                      compile_steps=compiled, window_steps=compile_steps,
+                                      compile_mode=self.compile_mode)
 
         def sketch(named_tangents: dict[str, Tensor]) -> Sketch:
             if not recurrent:

@@ -196,3 +196,17 @@ def test_a_new_trial_length_reuses_the_compiled_window(damping):
     finally:
         torch.compiler.set_stance("default")
         timeloop.clear_compiled()
+
+
+def test_on_a_cpu_only_the_sketch_compiles_and_the_eager_loss_sees_its_noise(compile_calls):
+    """The loss alone (adaptive damping's check of a step) runs eagerly on a CPU, so a run compiles
+    one graph, not two; it must score the same noisy loss as the compiled sketch of the same step."""
+    torch.manual_seed(0)
+    model = VanillaRNN(2, 8, 2, recurrent_noise=0.3, input_noise=0.2, output_noise=0.1)
+    model.train()
+    inputs, targets = torch.randn(3, 110, 2), torch.randn(3, 110, 2)
+    optimizer, tangents = module_tangents(model, 6)
+    closure = SOFOEngine().sketch_function(model, (inputs, targets, None), optimizer)
+    sketch, loss = closure(tangents), closure(None)
+    assert compile_calls == ["_sketch_steps"], "the loss alone runs eagerly on a CPU"
+    torch.testing.assert_close(loss, sketch.loss)
