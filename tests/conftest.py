@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -11,10 +13,15 @@ from lightning_sofo import SOFOEngine
 from lightning_sofo import SOFO, SOFOModule
 
 
+# Torch threads per test process: two alone; one per pytest-xdist worker (`pytest -n auto` runs one worker
+# per core), so that workers never spin-wait for each other's cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 class LinearModel(SOFOModule):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lightning_sofo.cli import BUNDLED_CONFIGS, main, resolve_config_paths
+from conftest import THREADS
 
 CONFIGS = sorted(path.name for path in BUNDLED_CONFIGS.glob("*.yaml"))
 SHORT_REACH = ["--data.init_args.prep_range", "[0.01, 0.02]", "--data.init_args.movement_time", "0.02",
@@ -229,7 +230,7 @@ def test_console_script_runs_a_bundled_config_by_name_from_any_directory(tmp_pat
     args = [arg if not arg.endswith("flipflop_sofo.yaml") else "flipflop_sofo"
             for arg in shrunk("flipflop_sofo.yaml", tmp_path)]
     result = subprocess.run([str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Done after 2 steps" in result.stderr  # Lightning's rank-zero log
     assert "args parameter is intended" not in result.stderr, "no false warning about our own command line"

@@ -17,7 +17,7 @@ import torch
 from lightning_sofo.cli import main
 from test_cli import run_dir, shrunk
 
-STEPS = 100
+STEPS = 40
 
 
 def run_args(root: Path) -> list[str]:

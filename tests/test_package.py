@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from lightning_sofo.cli import BUNDLED_CONFIGS
+from conftest import THREADS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "lightning_sofo", "models", "datamodules", "configs")
@@ -34,7 +35,7 @@ SHORT_RUN = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "-
 def run(command: list, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run([str(c) for c in command], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**env, "OMP_NUM_THREADS": "2"})
+                          env={**env, "OMP_NUM_THREADS": str(THREADS)})
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import THREADS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_main_job_as_the_readme_gives_it_lowers_the_loss(tmp_path):
     short = ["--trainer.max_steps", "30", "--trainer.val_check_interval", "30", "--trainer.default_root_dir", str(tmp_path)]
     sofo = str(Path(sys.executable).with_name("sofo"))
     result = subprocess.run([sofo, *fit[1:3], config, *short], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     assert result.returncode == 0, result.stderr[-3000:]
     closing = closing_line(result.stderr)
     trained = float(re.search(r"val_loss ([0-9.e-]+)", closing).group(1).rstrip("."))

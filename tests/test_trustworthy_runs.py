@@ -141,17 +141,33 @@ def test_noisy_run_resumed_equals_the_uninterrupted_run(config, tmp_path):
 
 
 # ---- 4. atomic checkpoints ------------------------------------------------------------------------
-WRITER = textwrap.dedent("""
-    import sys, torch
+# One process imports torch once and forks a writer per kill: each writer keeps rewriting the checkpoint
+# and is SIGKILLed `delay` seconds after its first whole write (a fresh interpreter per kill spent 7 s importing).
+KILLER = textwrap.dedent("""
+    import os, signal, sys, time, torch
     from lightning_sofo.checkpoints import AtomicCheckpointIO
-    io = AtomicCheckpointIO()
     target = sys.argv[1]
-    version = 0
-    while True:
-        version += 1
-        payload = torch.full((4_000_000,), float(version))  # 16 MB: a write takes a while
-        io.save_checkpoint({"state_dict": {"w": payload}, "pytorch-lightning_version": "2", "version": version}, target)
-        print(version, flush=True)
+    for line in sys.stdin:
+        delay = float(line)
+        first_write, told = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(first_write)
+            io, version = AtomicCheckpointIO(), 0
+            while True:
+                version += 1
+                payload = torch.full((4_000_000,), float(version))  # 16 MB: a write takes a while
+                io.save_checkpoint({"state_dict": {"w": payload}, "pytorch-lightning_version": "2",
+                                    "version": version}, target)
+                if version == 1:
+                    os.write(told, b"1")
+        os.close(told)
+        started = os.read(first_write, 1) == b"1"
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(first_write)
+        print("killed" if started else "not started", flush=True)
 """)
 
 
@@ -162,18 +178,22 @@ def test_a_kill_at_any_moment_of_a_write_leaves_a_whole_checkpoint(tmp_path):
     shm = Path("/dev/shm")
     tmpdir = shm if shm.is_dir() and os.access(shm, os.W_OK) else tmp_path
     target = tmp_path / "checkpoints" / "last.ckpt"
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
     env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
     delays = [0.0, 0.003, 0.007, 0.011, 0.017, 0.023, 0.031, 0.043, 0.057, 0.071, 0.089, 0.13]
-    for delay in delays:
-        process = subprocess.Popen([sys.executable, str(script), str(target)], stdout=subprocess.PIPE, env=env, text=True)
-        assert process.stdout.readline().strip() == "1", "the writer did not start"
-        time.sleep(delay)
-        process.kill()
-        process.wait()
-        checkpoint = read_checkpoint(target)
-        assert torch.all(checkpoint["state_dict"]["w"] == checkpoint["version"]), "a checkpoint of mixed writes"
+    killer = subprocess.Popen([sys.executable, str(script), str(target)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        for delay in delays:
+            killer.stdin.write(f"{delay}\n")
+            killer.stdin.flush()
+            assert killer.stdout.readline().strip() == "killed", "the writer did not start"
+            checkpoint = read_checkpoint(target)
+            assert torch.all(checkpoint["state_dict"]["w"] == checkpoint["version"]), "a checkpoint of mixed writes"
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
     AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "pytorch-lightning_version": "2"}, target)
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"], "temporary files were left behind"
 
