@@ -190,7 +190,7 @@ TASKS = {
                                  "ReLU RNN N = 32, alpha 0.25, T = 1000, B = 32, K = 32, scored at the last step only "
                                  "(authors: N = 128, B = 256, K = 128)"),
     "flipflop": TaskSpec(_flipflop(3), _tanh_rnn(64), 64,
-                         "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (the flip-flop config: B = 64, K = 128)"),
+                         "3 bits, tanh RNN N = 64, T = 200, B = 32, K = 64 (the flip-flop config: K 128 x B 16, the best split)"),
     "flipflop10": TaskSpec(_flipflop(10), _tanh_rnn(64), 64,
                            "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
                            "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
