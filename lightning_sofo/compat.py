@@ -29,6 +29,13 @@ naming the method, if a Lightning release removes or renames it.
   silently when a compiled function reaches its recompilation limit) would mix two noise draws
   among its tangent chunks.
 
+- `torch._inductor.custom_graph_pass.CustomGraphPass` and inductor's `post_grad_custom_pre_pass`
+  option: the hook that runs a pass on each graph inductor compiles, keyed into inductor's cache by
+  the pass's `uuid`. The engine's compiled windows run `graph_passes.merge_common_subexpressions`
+  there (`common_subexpressions_pass`), which inductor does not do for inference graphs: forward mode
+  computes each repeated expression of a step over all K tangents, and merging them brought the
+  default engine from 1.6-1.7x to 1.2x the matmul floor (benchmarks/engine_speed.py).
+
 tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning
 or torch name.
 
@@ -40,22 +47,45 @@ strategies), which is how `strategy="sofo"` learns the device of `accelerator=` 
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401  (the state's leaves; see above)
 
+from lightning_sofo.graph_passes import merge_common_subexpressions
+
 PRIVATE_NAMES = {LightningCLI: ("_parse_ckpt_path",)}  # what this module overrides, for the test
 PRIVATE_ATTRIBUTES = {L.LightningModule: "_trainer", SingleDeviceStrategy: "_root_device"}  # read, for the test
 
 
+@functools.cache
+def common_subexpressions_pass() -> Any:
+    """inductor's hook for `graph_passes.merge_common_subexpressions` (see the module docstring);
+    one instance per process, built on first use (importing inductor takes seconds)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class CommonSubexpressions(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            merge_common_subexpressions(graph)
+
+        def uuid(self) -> str:
+            return "lightning_sofo.graph_passes.merge_common_subexpressions/1"
+
+    return CommonSubexpressions()
+
+
 def compile_options(mode: str) -> dict:
     """torch.compile's options for `mode` ("default", "reduce-overhead", "max-autotune"), with random
-    numbers drawn by torch's generator as in eager code (see the module docstring)."""
+    numbers drawn by torch's generator as in eager code, and repeated expressions merged (see the
+    module docstring)."""
     from torch._inductor import list_mode_options
 
-    return {**list_mode_options(mode), "fallback_random": True}
+    return {**list_mode_options(mode), "fallback_random": True,
+            "post_grad_custom_pre_pass": common_subexpressions_pass()}
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:

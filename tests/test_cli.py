@@ -299,7 +299,10 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
     for owner, attribute in compat.PRIVATE_ATTRIBUTES.items():
         instance = module if owner is L.LightningModule else owner(device="cpu")
         assert hasattr(instance, attribute), f"{owner.__name__}.{attribute} is gone from Lightning: update compat."
-    assert compat.compile_options("default") == {"fallback_random": True}, "torch.compile's options for a mode"
+    assert compat.compile_options("default") == {"fallback_random": True,
+                                                 "post_grad_custom_pre_pass": compat.common_subexpressions_pass()}
+    from torch._inductor import config as inductor_config  # the option names must be inductor's
+    assert {"fallback_random", "post_grad_custom_pre_pass"} <= set(inductor_config.get_config_copy())
     assert compat.compile_options("max-autotune")["max_autotune"] is True
     state = (torch.zeros(2), {"h": torch.ones(3)})  # torch's private pytree functions, as compat uses them
     assert [leaf.shape for leaf in compat.tree_leaves(state)] == [(2,), (3,)]
