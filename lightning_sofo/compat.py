@@ -35,7 +35,8 @@ naming the method, if a Lightning release removes or renames it.
   there (`common_subexpressions_pass`), which inductor does not do for inference graphs: forward mode
   computes each repeated expression of a step over all K tangents; merging them brought the
   default engine from 1.45-1.6x to 1.4x the matmul floor alone, and from 1.6-1.7x to 1.2x beside
-  busy jobs (benchmarks/RESULTS.md, "Engine speed").
+  busy jobs (benchmarks/RESULTS.md, "Engine speed"). The pass reads an operator's `_schema` (which
+  arguments it writes; `operator_schema`), for which torch has no public accessor.
 
 tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning
 or torch name.
@@ -57,8 +58,6 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: F401  (the state's leaves; see above)
 
-from lightning_sofo.graph_passes import merge_common_subexpressions
-
 PRIVATE_NAMES = {LightningCLI: ("_parse_ckpt_path",)}  # what this module overrides, for the test
 PRIVATE_ATTRIBUTES = {L.LightningModule: "_trainer", SingleDeviceStrategy: "_root_device"}  # read, for the test
 
@@ -69,6 +68,8 @@ def common_subexpressions_pass() -> Any:
     one instance per process, built on first use (importing inductor takes seconds)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
+    from lightning_sofo.graph_passes import merge_common_subexpressions  # it reads operator_schema from here
+
     class CommonSubexpressions(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             merge_common_subexpressions(graph)
@@ -77,6 +78,12 @@ def common_subexpressions_pass() -> Any:
             return "lightning_sofo.graph_passes.merge_common_subexpressions/1"
 
     return CommonSubexpressions()
+
+
+def operator_schema(target: Any) -> Any:
+    """The schema of a graph node's operator (an OpOverload's `_schema`: its arguments and which it
+    writes), or None for a target without one (a Python function)."""
+    return getattr(target, "_schema", None)
 
 
 def compile_options(mode: str) -> dict:

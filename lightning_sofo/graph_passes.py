@@ -18,6 +18,8 @@ from typing import Any, Hashable
 import torch
 from torch.fx import Graph, Node
 
+from lightning_sofo.compat import operator_schema
+
 # Operations whose repeats differ by design (random draws), by name when an operation carries no tag.
 RANDOM = re.compile(r"rand|seed|bernoulli|dropout|normal|uniform|multinomial|poisson|exponential|geometric|cauchy")
 
@@ -54,7 +56,7 @@ def is_random(node: Node) -> bool:
 def mutates_a_computed_value(node: Node) -> bool:
     """Whether the operation writes into an argument that the graph computed (not one of its inputs):
     merging two equal values would then let one's mutation reach the other's users."""
-    schema = getattr(node.target, "_schema", None)
+    schema = operator_schema(node.target)
     if node.op != "call_function" or schema is None or not schema.is_mutable:
         return False
     written = [argument.name for argument in schema.arguments

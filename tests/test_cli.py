@@ -305,6 +305,7 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
             text = source.read_text()
             assert not re.search(r"def _parse_ckpt_path|lightning\S*\._[a-z]", text), f"private Lightning name in {source}"
             assert not re.search(r"\._trainer\b|\._root_device\b", text), f"private Lightning attribute in {source}"
+            assert not re.search(r"\b_schema\b", text), f"torch's private operator schema in {source}: use compat.operator_schema"
             assert not re.search(r"torch\S*\._[a-z]", text), f"private torch name in {source}"
     module = L.LightningModule()
     for owner, attribute in compat.PRIVATE_ATTRIBUTES.items():
@@ -315,6 +316,7 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
     from torch._inductor import config as inductor_config  # the option names must be inductor's
     assert {"fallback_random", "post_grad_custom_pre_pass"} <= set(inductor_config.get_config_copy())
     assert compat.compile_options("max-autotune")["max_autotune"] is True
+    assert compat.operator_schema(torch.ops.aten.add_.Tensor).is_mutable, "an operator's schema, as compat reads it"
     state = (torch.zeros(2), {"h": torch.ones(3)})  # torch's private pytree functions, as compat uses them
     assert [leaf.shape for leaf in compat.tree_leaves(state)] == [(2,), (3,)]
     assert torch.equal(compat.tree_map(lambda x: x + 1, state)[1]["h"], torch.full((3,), 2.0))
