@@ -7,8 +7,10 @@ model, compilation and the step itself). Steady: the median time of the steps af
 five, validation steps excluded. Rows: the config's engine with an empty compile cache (a new
 machine, or a new torch), the same again with the cache the first run filled, and the eager engine
 (compile_steps 0), so a faster start is never bought with a slower step unseen; --windows adds
-shorter compiled windows, each with its own empty cache and then that cache. Writes a section of
-benchmarks/RESULTS.md.
+shorter compiled windows, each with its own empty cache and then that cache. Two more rows give
+torch's own floor on this machine: a fresh process that only imports torch and compiles a one-line
+function, with an empty and then a warm compile cache (no compiled engine can start sooner).
+Writes a section of benchmarks/RESULTS.md.
 
     python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--windows 5 10] [--no-write]
 """
@@ -58,6 +60,19 @@ def run(config: str, steps: int, cache: str, extra: list[str]) -> dict:
     return {"start": ends[0] - launched, "steady": statistics.median(gaps), "steps": len(ends)}
 
 
+ONE_LINE = ("import torch; f = torch.compile(lambda x: (x.sin() * 2 + 1).sum()); "
+            "f(torch.randn(100)).item()")
+
+
+def compile_floor(cache: str) -> float:
+    """Seconds from launching a fresh Python process to the result of a torch.compile'd one-line
+    function (importing torch included), with inductor's cache in `cache`."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    launched = time.time()
+    subprocess.run([sys.executable, "-c", ONE_LINE], env=env, check=True, capture_output=True)
+    return time.time() - launched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="flipflop_sofo")
@@ -76,6 +91,11 @@ def main() -> None:
         for label, extra in cases:
             result = run(args.config, args.steps, cache, extra)
             rows.append(f"| {label} | {result['start']:.1f} | {1e3 * result['steady']:.0f} |")
+            print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as cache:
+        for label in ("torch alone: a one-line function compiled, empty compile cache",
+                      "torch alone: a one-line function compiled, cache on disk"):
+            rows.append(f"| {label} | {compile_floor(cache):.1f} | - |")
             print(rows[-1], flush=True)
     for window in args.windows:
         with tempfile.TemporaryDirectory() as cache:
