@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import platform
 import re
 import statistics
@@ -195,6 +196,10 @@ TASKS = {
                            "10 bits, tanh RNN N = 64, T = 200, B = 32, K = 64; the sweep is a subset at 1000 "
                            "iterations (authors: ReLU N = 128 with output feedback, K = 128, 100,000 iterations)",
                            sweep_iterations=1000),
+    "flipflop10_authors": TaskSpec(_flipflop(10), _relu_rnn(128), 128,
+                                   "10 bits at the SOFO authors' size: ReLU RNN N = 128, alpha 0.25, T = 200, B = 32, "
+                                   "K = 128, 5,000 iterations (theirs: with output feedback, which VanillaRNN does not "
+                                   "have, and 100,000 iterations); runs by label, no sweep of their own"),
     "kalman_b256": TaskSpec(_kalman(1000, batch_size=256), _relu_rnn(32), 32,
                             "as kalman but B = 256 (the authors' batch), each method's best B = 16 setting"),
     "double_reach_b256": TaskSpec(_double_reach(256), _arm_controller, 32,
@@ -334,19 +339,61 @@ def run_path(task_name: str, setting: Setting, seed: int, iterations: int) -> Pa
     return OUT / task_name / f"{slug}__seed{seed}__it{iterations}.json"
 
 
+PARTIAL_EVERY_SECONDS = 600.0  # a run in progress is saved this often, so a stopped study loses minutes
+
+
+def partial_path(path: Path) -> Path:
+    """Where the run saved at `path` keeps its progress while it trains (removed when it ends)."""
+    return path.with_name(path.stem + ".partial.pt")
+
+
+def save_partial(path: Path, progress: dict, model, optimizer) -> None:
+    """Write a run's progress (iteration, training seconds, curve so far, model, optimizer and torch's
+    random state) atomically: a run stopped while writing keeps its previous save."""
+    import torch
+
+    target = partial_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    torch.save({**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state()}, temporary)
+    os.replace(temporary, target)
+
+
+def load_partial(path: Path, model, optimizer) -> dict | None:
+    """The saved progress of the run at `path`, with its model and optimizer restored, or None."""
+    import torch
+
+    source = partial_path(path)
+    if not source.exists():
+        return None
+    saved = torch.load(source, weights_only=False)
+    model.load_state_dict(saved.pop("model"))
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    torch.set_rng_state(saved.pop("rng"))
+    return saved
+
+
 def run(job) -> dict:
-    """Train one (task, setting, seed) for `iterations` steps; save and return the result."""
+    """Train one (task, setting, seed) for `iterations` steps; save and return the result. A run
+    saves its progress every PARTIAL_EVERY_SECONDS and, started again, continues from it (the
+    batches are a function of seed and iteration, so it sees the same stream)."""
     import torch
 
     task_name, setting, seed, iterations = job
     torch.set_num_threads(1)
+    path = run_path(task_name, setting, seed, iterations)
     compile_seconds = warm_up(task_name, setting) if setting.method == "SOFO" else 0.0
     task, model, optimizer, clip = build(task_name, setting, seed)
     val = task.fixed_set("val")
-    curve = [(0, 0.0, validation_loss(model, val))]
+    progress = load_partial(path, model, optimizer) or {
+        "iteration": 0, "elapsed": 0.0, "curve": [(0, 0.0, validation_loss(model, val))], "resumed_at": []}
+    if progress["iteration"]:
+        progress["resumed_at"].append(progress["iteration"])
+    curve, elapsed, diverged = progress["curve"], progress["elapsed"], False
     checkpoints = {round(iterations * (i + 1) / EVALUATIONS) for i in range(EVALUATIONS)}
-    elapsed, diverged = 0.0, False
-    for iteration in range(1, iterations + 1):
+    last_save = time.monotonic()
+    for iteration in range(progress["iteration"] + 1, iterations + 1):
         batch = training_batch(task, task_name, seed, iteration - 1)
         start = time.perf_counter()
         loss = train_step(model, optimizer, batch, clip)
@@ -357,6 +404,10 @@ def run(job) -> dict:
             break
         if iteration in checkpoints:
             curve.append((iteration, elapsed, validation_loss(model, val)))
+        if time.monotonic() - last_save >= PARTIAL_EVERY_SECONDS and iteration < iterations:
+            save_partial(path, {"iteration": iteration, "elapsed": elapsed, "curve": curve,
+                                "resumed_at": progress["resumed_at"]}, model, optimizer)
+            last_save = time.monotonic()
     final = curve[-1][2]
     diverged = diverged or not math.isfinite(final)
     result = dict(
@@ -366,10 +417,11 @@ def run(job) -> dict:
         diverged=diverged, metrics={} if diverged else final_metrics(model, task, val),
         skipped_steps=getattr(optimizer, "skipped_steps", 0), rejected_steps=getattr(optimizer, "rejected_steps", 0),
         compile_seconds=compile_seconds, machine=f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
+        resumed_at=progress["resumed_at"],
     )
-    path = run_path(task_name, setting, seed, iterations)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, default=str))
+    partial_path(path).unlink(missing_ok=True)
     return result
 
 

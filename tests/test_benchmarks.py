@@ -237,3 +237,43 @@ def test_startup_clock_times_the_first_and_the_steady_steps(tmp_path):
                           "--model.init_args.hidden_size", "8", "--optimizer.init_args.tangents", "4"])
     assert result["steps"] == 8
     assert 0 < result["steady"] < result["start"]
+
+
+@pytest.mark.parametrize("label", ["lr 0.5, adaptive", "lr 0.01, clip 1"])
+def test_training_quality_run_stopped_midway_continues_where_it_saved(monkeypatch, tmp_path, label):
+    """A long study run saves its progress as it trains; stopped (here by an error at iteration 5)
+    and started again, it continues from its last save and ends exactly where an uninterrupted run
+    ends: the same curve, the same final loss, and the progress file removed."""
+    import training_quality as tq
+
+    monkeypatch.setattr(tq, "EVALUATIONS", 3)
+    monkeypatch.setattr(tq, "LINEAR_FILTER_ROWS", 20_000)
+    monkeypatch.setattr(tq, "ENGINE", dict(compile_steps=0))
+    monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
+    setting = {s.label: s for s in tq.SWEEP}[label]
+    job = ("kalman", setting, 0, 6)
+    monkeypatch.setattr(tq, "OUT", tmp_path / "whole")
+    whole = tq.run(job)
+    assert whole["resumed_at"] == []
+
+    monkeypatch.setattr(tq, "OUT", tmp_path / "stopped")
+    monkeypatch.setattr(tq, "PARTIAL_EVERY_SECONDS", 0.0)  # save after every iteration
+    step, calls = tq.train_step, []
+
+    def stops_at_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tq, "train_step", stops_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        tq.run(job)
+    path = tq.run_path(*job)
+    assert not path.exists() and tq.partial_path(path).exists()
+    resumed = tq.run(job)
+    assert resumed["resumed_at"] == [4]
+    assert len(calls) == 5 + 2  # iterations 5 and 6 only: the first four were not run again
+    assert [(i, loss) for i, _, loss in resumed["curve"]] == [(i, loss) for i, _, loss in whole["curve"]]
+    assert resumed["final_loss"] == whole["final_loss"]
+    assert path.exists() and not tq.partial_path(path).exists()
