@@ -38,6 +38,16 @@ naming the method, if a Lightning release removes or renames it.
   busy jobs (benchmarks/RESULTS.md, "Engine speed"). The pass reads an operator's `_schema` (which
   arguments it writes; `operator_schema`), for which torch has no public accessor.
 
+- The names of four of torch.func's forward-mode bookkeeping functions
+  (`torch._functorch.predispatch._jvp_increment_nesting`, `_jvp_decrement_nesting`,
+  `_enter_dual_level`, `_exit_dual_level`; `FORWARD_MODE_BOOKKEEPING`), given to inductor's
+  `unsafe_marked_cacheable_functions` option. A graph of `jvp` traced by torch.compile calls them,
+  and AOTAutograd's on-disk cache refuses any graph that calls a function it does not know to be
+  safe to cache, so every new process traced the window's forward-mode graph again: 5-9 s of a warm
+  start at the flip-flop's shapes (benchmarks/RESULTS.md, "Start-up"). They only enter and leave
+  forward-mode levels, so the graph that calls them is determined by its code and the torch version,
+  which is what the option keys the cache by.
+
 tests/test_cli.py checks that each still exists, and that no other module uses a private Lightning
 or torch name.
 
@@ -86,14 +96,20 @@ def operator_schema(target: Any) -> Any:
     return getattr(target, "_schema", None)
 
 
+# torch.func's forward-mode bookkeeping, which AOTAutograd's cache may store graphs of (see above)
+FORWARD_MODE_BOOKKEEPING = tuple(f"torch._functorch.predispatch.{name}" for name in (
+    "_jvp_increment_nesting", "_jvp_decrement_nesting", "_enter_dual_level", "_exit_dual_level"))
+
+
 def compile_options(mode: str) -> dict:
     """torch.compile's options for `mode` ("default", "reduce-overhead", "max-autotune"), with random
-    numbers drawn by torch's generator as in eager code, and repeated expressions merged (see the
-    module docstring)."""
+    numbers drawn by torch's generator as in eager code, repeated expressions merged, and the
+    forward-mode graphs kept in AOTAutograd's on-disk cache (see the module docstring)."""
     from torch._inductor import list_mode_options
 
     return {**list_mode_options(mode), "fallback_random": True,
-            "post_grad_custom_pre_pass": common_subexpressions_pass()}
+            "post_grad_custom_pre_pass": common_subexpressions_pass(),
+            "unsafe_marked_cacheable_functions": {name: torch.__version__ for name in FORWARD_MODE_BOOKKEEPING}}
 
 
 def attached_trainer(module: L.LightningModule) -> L.Trainer | None:

@@ -311,10 +311,17 @@ def test_the_private_lightning_names_we_rely_on_still_exist():
     for owner, attribute in compat.PRIVATE_ATTRIBUTES.items():
         instance = module if owner is L.LightningModule else owner(device="cpu")
         assert hasattr(instance, attribute), f"{owner.__name__}.{attribute} is gone from Lightning: update compat."
-    assert compat.compile_options("default") == {"fallback_random": True,
-                                                 "post_grad_custom_pre_pass": compat.common_subexpressions_pass()}
+    assert compat.compile_options("default") == {
+        "fallback_random": True, "post_grad_custom_pre_pass": compat.common_subexpressions_pass(),
+        "unsafe_marked_cacheable_functions": {name: torch.__version__ for name in compat.FORWARD_MODE_BOOKKEEPING}}
     from torch._inductor import config as inductor_config  # the option names must be inductor's
-    assert {"fallback_random", "post_grad_custom_pre_pass"} <= set(inductor_config.get_config_copy())
+    assert {"fallback_random", "post_grad_custom_pre_pass", "unsafe_marked_cacheable_functions"} <= set(
+        inductor_config.get_config_copy())
+    import importlib  # the forward-mode bookkeeping functions compat names for that cache
+
+    for name in compat.FORWARD_MODE_BOOKKEEPING:
+        module, function = name.rsplit(".", 1)
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{name} is gone from torch"
     assert compat.compile_options("max-autotune")["max_autotune"] is True
     assert compat.operator_schema(torch.ops.aten.add_.Tensor).is_mutable, "an operator's schema, as compat reads it"
     state = (torch.zeros(2), {"h": torch.ones(3)})  # torch's private pytree functions, as compat uses them

@@ -119,3 +119,27 @@ def test_the_compiled_windows_run_the_pass():
     options = compat.compile_options("default")
     assert options["post_grad_custom_pre_pass"] is compat.common_subexpressions_pass()
     assert compat.common_subexpressions_pass().uuid()  # keys inductor's cache on disk
+
+
+def test_a_compiled_window_of_forward_mode_is_kept_in_torchs_cache_on_disk():
+    """A compiled window's graph calls torch.func's forward-mode bookkeeping; AOTAutograd's on-disk
+    cache refuses graphs that call functions it does not know, and then every new process traced the
+    window again. With compat's options the window is cached (missed, then saved), never bypassed."""
+    from torch._dynamo.utils import counters
+
+    from lightning_sofo import SOFO, SOFOEngine
+    from lightning_sofo.tangents import sample_tangents, step_generator
+    from lightning_sofo.timeloop import clear_compiled
+
+    torch.manual_seed(0)
+    model = VanillaRNN(3, 5, 2)
+    batch = (torch.randn(3, 6, 3), torch.randn(3, 6, 2), torch.ones(3, 6, 1))
+    optimizer = SOFO(model.parameters(), tangents=3)
+    tangents = sample_tangents(optimizer.named_params(), 3, step_generator(0, 0, torch.device("cpu")))
+    clear_compiled()
+    torch._dynamo.reset()
+    counters.clear()
+    SOFOEngine(compile_steps=3, tangent_chunk=0).sketch_function(model, batch, optimizer)(tangents)
+    aot = counters["aot_autograd"]
+    assert aot["autograd_cache_bypass"] == 0, "AOTAutograd's cache refused the forward-mode window"
+    assert aot["autograd_cache_hit"] + aot["autograd_cache_saved"] >= 1
