@@ -9,7 +9,8 @@ machine, or a new torch), the same again with the cache the first run filled, an
 (compile_steps 0), so a faster start is never bought with a slower step unseen; --windows adds
 shorter compiled windows, each with its own empty cache and then that cache. Two more rows give
 torch's own floor on this machine: a fresh process that only imports torch and compiles a one-line
-function, with an empty and then a warm compile cache (no compiled engine can start sooner).
+function, with an empty and then a warm compile cache (no compiled engine can start sooner). It
+also counts the graphs torch compiles in one process as the trial length T changes.
 Writes a section of benchmarks/RESULTS.md.
 
     python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--windows 5 10] [--no-write]
@@ -73,6 +74,34 @@ def compile_floor(cache: str) -> float:
     return time.time() - launched
 
 
+RECOMPILES = """
+import sys, torch
+from torch._dynamo.utils import counters
+from lightning_sofo import SOFO, SOFOEngine
+from lightning_sofo.models import VanillaRNN
+from lightning_sofo.tangents import sample_tangents, step_generator
+torch.manual_seed(0)
+model = VanillaRNN(3, 64, 3)
+optimizer = SOFO(model.parameters(), tangents=128)
+tangents = sample_tangents(optimizer.named_params(), 128, step_generator(0, 0, torch.device("cpu")))
+engine = SOFOEngine(compile_steps=20)
+for t in map(int, sys.argv[1:]):
+    batch = (torch.randn(16, t, 3), torch.randn(16, t, 3), torch.ones(16, t, 1))
+    engine.sketch_function(model, batch, optimizer)(tangents)
+    print(t, counters["stats"]["unique_graphs"], flush=True)
+"""
+
+
+def recompiles(cache: str, lengths: tuple[int, ...] = (200, 130, 260, 200)) -> list[tuple[int, int]]:
+    """In one fresh process, the flip-flop config's engine (N = 64, K = 128, B = 16, windows of 20
+    steps) sketching trials of each length in turn: [(T, graphs compiled so far)]. A new T should
+    compile nothing new (only a shorter last window runs eagerly)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    done = subprocess.run([sys.executable, "-c", RECOMPILES, *map(str, lengths)], env=env, check=True,
+                          capture_output=True, text=True)
+    return [tuple(map(int, line.split())) for line in done.stdout.split("\n") if line.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="flipflop_sofo")
@@ -92,6 +121,7 @@ def main() -> None:
             result = run(args.config, args.steps, cache, extra)
             rows.append(f"| {label} | {result['start']:.1f} | {1e3 * result['steady']:.0f} |")
             print(rows[-1], flush=True)
+        counts = recompiles(cache)
     with tempfile.TemporaryDirectory() as cache:
         for label in ("torch alone: a one-line function compiled, empty compile cache",
                       "torch alone: a one-line function compiled, cache on disk"):
@@ -112,6 +142,10 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from results import publish
 
+    lengths = ", ".join(f"T = {t}: {graphs}" for t, graphs in counts)
+    note += (f" Graphs compiled in one process as the trial length changes (the flip-flop config's engine, "
+             f"graphs so far after each sketch): {lengths}.")
+    print(note)
     publish(f"Start-up: {args.config} (cpu)", table + "\n\n" + note, write=not args.no_write)
 
 
