@@ -40,4 +40,13 @@ $TQ --tasks context_integration_long --stage labels --seeds 0 1 2 --iterations 2
 # 8. HF where it is dearest, and the remaining seeds
 $TQ --tasks kalman_n100 double_reach_b256 --stage labels --seeds 0 --iterations 100 --labels "HF:damping 0.1"
 $TQ --tasks double_reach_b256 kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
+# 9. the authors' Kalman network on every seed, and where its compute and the B = 256 arm's should go
+$TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.3, damping 0.0001" "Adam:lr 0.01, clip 1"
+$TQ --tasks kalman_n100 double_reach_b256 --stage labels --seeds 1 2 --iterations 100 --labels "HF:damping 0.1"
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 64 x B 128"
+$TQ --tasks kalman_n100 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.3, damping 0.0001 + K 32 x B 32"
+# 10. the 10-bit flip-flop at the SOFO authors' size (hours per SOFO run: each run saves its progress
+#     every 10 minutes and continues from it, so this stage spans sessions)
+$TQ --tasks flipflop10_authors --stage labels --seeds 0 --iterations 5000 --labels "SOFO:lr 0.3, damping 0.0001" \
+    "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1" "Adam:lr 0.0001" "SOFO:lr 0.3, damping 1e-05"
 echo "training study plan: done"
