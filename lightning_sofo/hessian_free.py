@@ -65,7 +65,7 @@ def conjugate_gradient(operator: Operator, rhs: Tensor, initial: Tensor, max_ite
 
     Stops early by Martens' relative-progress rule: at iteration i, with k = max(10, i / 10),
     stop when phi(x_i) < 0 and (phi(x_i) - phi(x_{i-k})) / phi(x_i) < k * tolerance; also when
-    the residual vanishes or a direction has no positive curvature.
+    the residual vanishes, a direction has no positive curvature, or the step overflows.
     phi is tracked for free from the residual r = rhs - A x: phi(x) = -1/2 x.(rhs + r).
     """
     x = initial.clone()
@@ -79,10 +79,11 @@ def conjugate_gradient(operator: Operator, rhs: Tensor, initial: Tensor, max_ite
     for iteration in range(1, max_iterations + 1):
         product = operator(direction)
         curvature = direction @ product
-        if not bool(curvature > 0) or not bool(squared > 0):
+        step = squared / curvature
+        # no positive curvature, a vanished residual, or an overflow (inf / inf): stop at the last iterate
+        if not bool(curvature > 0) or not bool(squared > 0) or not bool(torch.isfinite(step)):
             iteration -= 1
             break
-        step = squared / curvature
         x = x + step * direction
         residual = residual - step * product
         new_squared = residual @ residual
@@ -186,6 +187,21 @@ class HessianFree(torch.optim.Optimizer):
         self.last_step: HessianFreeStepInfo | None = None
         self._problem: BatchLoss | None = None
 
+    def check_run(self, accumulate_grad_batches: int = 1, world_size: int = 1) -> None:
+        """Refuse the runs whose steps it cannot take as defined: each step's gradient, Gauss-Newton
+        products and line search must come from one batch, on every process alike."""
+        name = type(self).__name__
+        if accumulate_grad_batches > 1:
+            raise ValueError(
+                f"{name} cannot accumulate gradients (accumulate_grad_batches={accumulate_grad_batches}): its "
+                "Gauss-Newton products and line search see one batch, the accumulated gradient several. Set "
+                "accumulate_grad_batches=1 and raise the DataModule's batch_size instead.")
+        if world_size > 1:
+            raise ValueError(
+                f"{name} runs on one process (this run has {world_size}): its CG solve and line search on each "
+                "process's own batch would move the processes' parameters apart. Train it with devices=1, or "
+                "use SOFO (strategy='sofo_ddp') for a multi-process run.")
+
     def bind(self, problem: BatchLoss) -> None:
         """The current batch's loss as pure functions of the parameters (curvature.BatchLoss, e.g.
         from SOFOModule.gauss_newton_problem); used by the next `step` only."""
@@ -252,7 +268,11 @@ class HessianFree(torch.optim.Optimizer):
         previous = state.get("cg_solution")
         initial = self.cg_decay * previous if previous is not None else torch.zeros_like(theta)
         result = conjugate_gradient(damped, -gradient, initial, self.max_cg_iterations, self.cg_tolerance)
-        state["cg_solution"] = result.solution
+        # a non-finite solution (overflow in the products) must not become every later step's warm start
+        if bool(torch.isfinite(result.solution).all()):
+            state["cg_solution"] = result.solution
+        else:
+            state.pop("cg_solution", None)
         iterates = result.iterates if self.backtracking else result.iterates[-1:]
         index, loss_after = backtrack(iterates, loss_at)
         chosen, direction, phi = iterates[index]
@@ -261,14 +281,17 @@ class HessianFree(torch.optim.Optimizer):
         ratio = (loss_after - loss_before) / predicted if predicted < 0 and math.isfinite(loss_after) else math.nan
         lr = self.param_groups[0]["lr"]
         size = self._step_size(loss_at, direction, gradient, loss_before, lr, known={1.0: loss_after})
+        if not bool(torch.isfinite(size * direction).all()):
+            size = 0.0
         if size == 0.0:
             self.rejected_steps += 1
         if self.adapt_damping:  # no step taken, or an undefined rho, counts as a failed model: lambda rises
             failed = size == 0.0 or not math.isfinite(ratio)
             self.damping = self.damping_rule(damping, -math.inf if failed else ratio)
-        update = size * direction
-        for p, p_update in zip(params, unflatten(update, point).values()):
-            p.add_(p_update.to(p.dtype))
+        update = size * direction if size != 0.0 else torch.zeros_like(direction)  # 0 * inf would be NaN
+        if size != 0.0:
+            for p, p_update in zip(params, unflatten(update, point).values()):
+                p.add_(p_update.to(p.dtype))
         self.last_step = HessianFreeStepInfo(loss_before, damping, result.iterations, chosen, ratio, size,
                                              float(update.norm()))
 
@@ -278,7 +301,7 @@ class HessianFree(torch.optim.Optimizer):
         Armijo search from lr. 0 when no tried alpha lowers the loss (no worse step is kept).
         `known` holds losses already evaluated, {alpha: loss at alpha * direction}."""
         slope = float(gradient @ direction)
-        if slope >= 0:  # not a descent direction (CG stopped at once on a flat or non-finite problem)
+        if not slope < 0:  # not a descent direction (CG stopped at once on a flat or non-finite problem)
             return 0.0
         alpha = lr
         for _ in range(LINE_SEARCH_TRIES if self.line_search else 1):

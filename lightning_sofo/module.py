@@ -220,6 +220,7 @@ class SOFOModule(L.LightningModule):
         step, stream = self.trainer.global_step if attached else 0, f"train/{micro_batch}"
         for optimizer in self.trainer.optimizers if attached else []:
             if isinstance(optimizer, HessianFree):  # its Gauss-Newton products need this batch's loss function
+                optimizer.check_run(self.trainer.accumulate_grad_batches, self.trainer.world_size)
                 optimizer.bind(self.gauss_newton_problem(batch, step, stream))
         with self.noise_draws(step, stream=stream):
             loss = self.training_objective(batch)

@@ -133,6 +133,42 @@ def test_nonfinite_gradient_leaves_the_parameters_untouched():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_conjugate_gradient_stops_before_an_overflowing_step():
+    """inf / inf would make the step NaN: CG keeps its last finite iterate instead."""
+    diagonal = torch.linspace(1.0, 2.0, 6, dtype=torch.float64)  # positive: |r|^2 and d.A d both overflow to +inf
+    result = conjugate_gradient(lambda v: diagonal * v, torch.full((6,), 1e200, dtype=torch.float64),
+                                torch.zeros(6, dtype=torch.float64), 20)
+    assert result.iterations == 0
+    assert all(bool(torch.isfinite(x).all()) for _, x, _ in result.iterates)
+
+
+def test_an_overflowing_problem_with_finite_loss_and_gradient_leaves_the_parameters_untouched():
+    """float32: the loss (2e38) and gradient are finite, but |g|^2 and the curvature overflow. No step
+    is taken, no NaN reaches the parameters or the warm start, and the damping rises."""
+    model = LinearModel(inputs=1, outputs=1)
+    batch = {"inputs": torch.full((1, 1), 1e-3), "targets": torch.full((1, 1), 1.5e19)}
+    optimizer = HessianFree(model.parameters(), damping=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    _hf_step(model, optimizer, batch)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    info = optimizer.last_step
+    assert math.isfinite(info.loss) and info.step_size == 0.0 and info.update_norm == 0.0
+    assert optimizer.rejected_steps == 1 and optimizer.damping > 1.0
+    assert all(bool(torch.isfinite(t).all()) for state in optimizer.state.values() for t in state.values())
+
+
+def test_on_a_quadratic_the_model_is_exact_so_rho_is_one_and_the_damping_falls():
+    """A linear model under the squared error: L(theta + d) - L(theta) = q(d) exactly, so the
+    Levenberg-Marquardt ratio is 1 (> 3/4) and lambda shrinks by 2/3."""
+    torch.manual_seed(6)
+    model = LinearModel().double()
+    batch = {"inputs": torch.randn(30, 6, dtype=torch.float64), "targets": torch.randn(30, 2, dtype=torch.float64)}
+    optimizer = HessianFree(model.parameters(), damping=0.5, max_cg_iterations=3, line_search=False)
+    _hf_step(model, optimizer, batch)
+    assert optimizer.last_step.reduction_ratio == pytest.approx(1.0, abs=1e-9)
+    assert optimizer.damping == pytest.approx(0.5 * 2 / 3)
+
+
 def test_resumed_run_takes_the_same_steps():
     torch.manual_seed(6)
     model = TinyRNN().double()
@@ -199,6 +235,25 @@ def test_strategy_sofo_refuses_hessian_free():
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises((RuntimeError, TypeError, ValueError), match="SOFO"):
         trainer.fit(HFRNN(), _loader())
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradient_accumulation_is_refused_with_the_fix(accumulate):
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    if accumulate == 1:
+        trainer.fit(HFRNN(), _loader())
+        assert trainer.global_step == 2
+    else:
+        with pytest.raises(ValueError, match="accumulate_grad_batches=1"):
+            trainer.fit(HFRNN(), _loader())
+
+
+def test_more_than_one_process_is_refused_with_the_fix():
+    optimizer = HessianFree(TinyRNN().parameters())
+    optimizer.check_run(accumulate_grad_batches=1, world_size=1)
+    with pytest.raises(ValueError, match="devices=1"):
+        optimizer.check_run(accumulate_grad_batches=1, world_size=2)
 
 
 def test_models_with_penalties_are_refused_with_the_reason():
