@@ -349,27 +349,41 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.stem + ".partial.pt")
 
 
+def run_fingerprint(task_name: str, setting: Setting) -> str:
+    """What a run's file name does not say but its steps depend on: the task's sizes, the method's
+    full options (HF's CG budget among them) and how SOFO runs the model."""
+    engine = ENGINE if setting.method == "SOFO" else {}
+    return json.dumps([task_name, TASKS[task_name].sizes, setting.method, setting.options, engine],
+                      sort_keys=True, default=str)
+
+
 def save_partial(path: Path, progress: dict, model, optimizer) -> None:
-    """Write a run's progress (iteration, training seconds, curve so far, model, optimizer and torch's
-    random state) atomically: a run stopped while writing keeps its previous save."""
+    """Write a run's progress (iteration, training seconds, curve so far, its fingerprint, model,
+    optimizer and torch's random state) atomically: a run stopped while writing keeps its previous save."""
     import torch
 
     target = partial_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     torch.save({**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state()}, temporary)
     os.replace(temporary, target)
 
 
-def load_partial(path: Path, model, optimizer) -> dict | None:
-    """The saved progress of the run at `path`, with its model and optimizer restored, or None."""
+def load_partial(path: Path, model, optimizer, fingerprint: str) -> dict | None:
+    """The saved progress of the run at `path`, with its model and optimizer restored, or None
+    (also when it was saved by a run of other settings: that save is set aside, not used)."""
     import torch
 
     source = partial_path(path)
     if not source.exists():
         return None
     saved = torch.load(source, weights_only=False)
+    if saved.get("fingerprint", fingerprint) != fingerprint:  # saves older than the fingerprint carry none
+        stale = source.with_name(source.name + ".stale")
+        os.replace(source, stale)
+        print(f"{source}: saved by a run of other settings; moved to {stale.name}, starting afresh", flush=True)
+        return None
     model.load_state_dict(saved.pop("model"))
     optimizer.load_state_dict(saved.pop("optimizer"))
     torch.set_rng_state(saved.pop("rng"))
@@ -388,7 +402,8 @@ def run(job) -> dict:
     compile_seconds = warm_up(task_name, setting) if setting.method == "SOFO" else 0.0
     task, model, optimizer, clip = build(task_name, setting, seed)
     val = task.fixed_set("val")
-    progress = load_partial(path, model, optimizer) or {
+    fingerprint = run_fingerprint(task_name, setting)
+    progress = load_partial(path, model, optimizer, fingerprint) or {
         "iteration": 0, "elapsed": 0.0, "curve": [(0, 0.0, validation_loss(model, val))], "resumed_at": []}
     if progress["iteration"]:
         progress["resumed_at"].append(progress["iteration"])
@@ -408,7 +423,7 @@ def run(job) -> dict:
             curve.append((iteration, elapsed, validation_loss(model, val)))
         if time.monotonic() - last_save >= PARTIAL_EVERY_SECONDS and iteration < iterations:
             save_partial(path, {"iteration": iteration, "elapsed": elapsed, "curve": curve,
-                                "resumed_at": progress["resumed_at"]}, model, optimizer)
+                                "resumed_at": progress["resumed_at"], "fingerprint": fingerprint}, model, optimizer)
             last_save = time.monotonic()
     final = curve[-1][2]
     diverged = diverged or not math.isfinite(final)
@@ -422,7 +437,9 @@ def run(job) -> dict:
         resumed_at=progress["resumed_at"],
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, default=str))
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a run stopped while writing leaves no half file
+    temporary.write_text(json.dumps(result, default=str))
+    os.replace(temporary, path)
     partial_path(path).unlink(missing_ok=True)
     return result
 

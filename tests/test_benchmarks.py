@@ -3,6 +3,7 @@ and their measurements mean what the tables say."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -277,3 +278,15 @@ def test_training_quality_run_stopped_midway_continues_where_it_saved(monkeypatc
     assert [(i, loss) for i, _, loss in resumed["curve"]] == [(i, loss) for i, _, loss in whole["curve"]]
     assert resumed["final_loss"] == whole["final_loss"]
     assert path.exists() and not tq.partial_path(path).exists()
+
+    # a save made under other settings (here another task description) is set aside, not continued
+    monkeypatch.setattr(tq, "OUT", tmp_path / "changed")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        tq.run(job)
+    monkeypatch.setitem(tq.TASKS, "kalman", dataclasses.replace(tq.TASKS["kalman"], sizes="other sizes"))
+    monkeypatch.setattr(tq, "train_step", step)
+    restarted = tq.run(job)
+    assert restarted["resumed_at"] == [] and restarted["final_loss"] == whole["final_loss"]
+    changed = tq.run_path(*job)
+    assert changed.with_name(changed.stem + ".partial.pt.stale").exists()
