@@ -5,6 +5,8 @@ resumed run that takes the same steps."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import LinearModel, MLP, TinyRNN, explicit_gauss_newton, flat, flat_tangents
@@ -170,6 +172,37 @@ def test_unit_norm_tangents_are_the_authors_gaussian_columns_scaled_to_unit_leng
     grad, ggn = explicit_gauss_newton(model, batch["inputs"], batch["targets"])
     torch.testing.assert_close(sketch.grad, basis.T @ grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sketch.ggn, basis.T @ ggn @ basis, rtol=1e-9, atol=1e-12)
+
+
+def test_with_unit_norm_tangents_the_first_column_is_the_estimate_scaled_to_unit_length():
+    model, batch = _rnn_batch()
+    optimizer = SOFO(model.parameters(), lr=0.3, tangents=4, gradient_tangents=1, tangent_basis="unit_norm",
+                     damping=1e-3)
+    for _ in range(2):
+        optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
+    basis = flat_tangents(optimizer.draw_tangents())
+    estimate = flat({n: optimizer.state[p]["gradient_estimate"] for n, p in model.named_parameters()})
+    assert basis.shape[1] == 5
+    torch.testing.assert_close(basis[:, 0], estimate / estimate.norm(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(basis.norm(dim=0), torch.ones(5, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_a_step_with_a_nonfinite_sketch_leaves_the_estimate_as_it_was():
+    model, batch = _rnn_batch()
+    optimizer = SOFO(model.parameters(), lr=0.3, tangents=4, gradient_tangents=1, damping=1e-3)
+    optimizer.step(SOFOEngine().sketch_function(model, batch, optimizer))
+    before = {n: optimizer.state[p]["gradient_estimate"].clone() for n, p in model.named_parameters()}
+    sketch_function = SOFOEngine().sketch_function(model, batch, optimizer)
+
+    def overflowed(tangents):  # as a sketch whose forward pass overflowed
+        sketch = sketch_function(tangents)
+        return dataclasses.replace(sketch, grad=torch.full_like(sketch.grad, float("inf")))
+
+    with pytest.warns(UserWarning):
+        optimizer.step(overflowed)
+    assert optimizer.last_step.skipped
+    for n, p in model.named_parameters():
+        assert torch.equal(optimizer.state[p]["gradient_estimate"], before[n])
 
 
 @pytest.mark.parametrize("settings, message", [
