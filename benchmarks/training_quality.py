@@ -342,6 +342,15 @@ def run_path(task_name: str, setting: Setting, seed: int, iterations: int) -> Pa
 
 
 PARTIAL_EVERY_SECONDS = 600.0  # a run in progress is saved this often, so a stopped study loses minutes
+# A step whose wall-clock exceeds PAUSE_FACTOR x its thread's CPU time + PAUSE_SLACK seconds was stopped
+# from outside (SIGSTOP while the machine is needed, a suspended laptop): its CPU time is what it cost.
+# One thread per run, so a busy neighbour costs at most about 2x, far below the factor.
+PAUSE_FACTOR, PAUSE_SLACK = 5.0, 1.0
+
+
+def step_seconds(wall: float, cpu: float) -> float:
+    """The training time a step is charged: its wall-clock, or its CPU time when it was paused."""
+    return cpu if wall > PAUSE_FACTOR * cpu + PAUSE_SLACK else wall
 
 
 def partial_path(path: Path) -> Path:
@@ -408,13 +417,16 @@ def run(job) -> dict:
     if progress["iteration"]:
         progress["resumed_at"].append(progress["iteration"])
     curve, elapsed, diverged = progress["curve"], progress["elapsed"], False
+    paused = progress.get("paused_seconds", 0.0)
     checkpoints = {round(iterations * (i + 1) / EVALUATIONS) for i in range(EVALUATIONS)}
     last_save = time.monotonic()
     for iteration in range(progress["iteration"] + 1, iterations + 1):
         batch = training_batch(task, task_name, seed, iteration - 1)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         loss = train_step(model, optimizer, batch, clip)
-        elapsed += time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+        elapsed += step_seconds(wall, cpu)
+        paused += wall - step_seconds(wall, cpu)
         if not math.isfinite(loss) and setting.method == "Adam":
             diverged = True  # backprop wrote the non-finite step into the parameters
             curve.append((iteration, elapsed, math.nan))
@@ -422,7 +434,7 @@ def run(job) -> dict:
         if iteration in checkpoints:
             curve.append((iteration, elapsed, validation_loss(model, val)))
         if time.monotonic() - last_save >= PARTIAL_EVERY_SECONDS and iteration < iterations:
-            save_partial(path, {"iteration": iteration, "elapsed": elapsed, "curve": curve,
+            save_partial(path, {"iteration": iteration, "elapsed": elapsed, "curve": curve, "paused_seconds": paused,
                                 "resumed_at": progress["resumed_at"], "fingerprint": fingerprint}, model, optimizer)
             last_save = time.monotonic()
     final = curve[-1][2]
@@ -434,7 +446,7 @@ def run(job) -> dict:
         diverged=diverged, metrics={} if diverged else final_metrics(model, task, val),
         skipped_steps=getattr(optimizer, "skipped_steps", 0), rejected_steps=getattr(optimizer, "rejected_steps", 0),
         compile_seconds=compile_seconds, machine=f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
-        resumed_at=progress["resumed_at"],
+        resumed_at=progress["resumed_at"], paused_seconds=paused,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a run stopped while writing leaves no half file

@@ -240,6 +240,34 @@ def test_startup_clock_times_the_first_and_the_steady_steps(tmp_path):
     assert 0 < result["steady"] < result["start"]
 
 
+def test_training_quality_step_time_leaves_out_a_pause(monkeypatch, tmp_path):
+    """A step stopped from outside (SIGSTOP: wall-clock passes, no CPU time) is charged its CPU time,
+    and the pause is reported; a step that computes is charged its wall-clock."""
+    import time
+
+    import training_quality as tq
+
+    assert tq.step_seconds(wall=0.30, cpu=0.29) == 0.30
+    assert tq.step_seconds(wall=0.60, cpu=0.29) == 0.60  # a busy neighbour on the core: still wall-clock
+    assert tq.step_seconds(wall=600.0, cpu=0.29) == 0.29
+    monkeypatch.setattr(tq, "EVALUATIONS", 2)
+    monkeypatch.setattr(tq, "LINEAR_FILTER_ROWS", 20_000)
+    monkeypatch.setattr(tq, "OUT", tmp_path)
+    monkeypatch.setitem(tq.TASKS, "kalman", _tiny_kalman(tq))
+    step = tq.train_step
+
+    def paused_at_three(model, optimizer, batch, clip, calls=[]):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(1.5)  # no CPU time, as a stopped process
+        return step(model, optimizer, batch, clip)
+
+    monkeypatch.setattr(tq, "train_step", paused_at_three)
+    result = tq.run(("kalman", {s.label: s for s in tq.SWEEP}["lr 0.01, clip 1"], 0, 4))
+    assert 1.4 < result["paused_seconds"] < 1.6
+    assert result["curve"][-1][1] < 1.0
+
+
 @pytest.mark.parametrize("label", ["lr 0.5, adaptive", "lr 0.01, clip 1"])
 def test_training_quality_run_stopped_midway_continues_where_it_saved(monkeypatch, tmp_path, label):
     """A long study run saves its progress as it trains; stopped (here by an error at iteration 5)
