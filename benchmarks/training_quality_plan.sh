@@ -50,6 +50,9 @@ $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "S
 $TQ --tasks double_reach_b256 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 64 x B 128"
 $TQ --tasks kalman_n100 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$KN100 + K 32 x B 32"
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 100 --labels "HF:damping 0.1"
+# the authors' arm used K = 256: more tangents at B = 256 (4x an iteration's compute; HF's early iterations
+# are 2x below SOFO's and Adam's at 100, so the subspace is the suspect)
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 128"
 # 10. the 10-bit flip-flop at the SOFO authors' size (hours per SOFO run: each run saves its progress
 #     every 10 minutes and continues from it, so this stage spans sessions)
 $TQ --tasks flipflop10_authors --stage labels --seeds 0 --iterations 5000 --labels "SOFO:lr 0.3, damping 0.0001" \
