@@ -371,12 +371,10 @@ def save_partial(path: Path, progress: dict, model, optimizer) -> None:
     optimizer and torch's random state) atomically: a run stopped while writing keeps its previous save."""
     import torch
 
-    target = partial_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    torch.save({**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state()}, temporary)
-    os.replace(temporary, target)
+    from lightning_sofo.checkpoints import AtomicCheckpointIO
+
+    AtomicCheckpointIO().save_checkpoint({**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                          "rng": torch.get_rng_state()}, partial_path(path))
 
 
 def load_partial(path: Path, model, optimizer, fingerprint: str) -> dict | None:
@@ -425,8 +423,8 @@ def run(job) -> dict:
         start, start_cpu = time.perf_counter(), time.thread_time()
         loss = train_step(model, optimizer, batch, clip)
         wall, cpu = time.perf_counter() - start, time.thread_time() - start_cpu
-        elapsed += step_seconds(wall, cpu)
-        paused += wall - step_seconds(wall, cpu)
+        charged = step_seconds(wall, cpu)
+        elapsed, paused = elapsed + charged, paused + wall - charged
         if not math.isfinite(loss) and setting.method == "Adam":
             diverged = True  # backprop wrote the non-finite step into the parameters
             curve.append((iteration, elapsed, math.nan))

@@ -281,14 +281,13 @@ class HessianFree(torch.optim.Optimizer):
         ratio = (loss_after - loss_before) / predicted if predicted < 0 and math.isfinite(loss_after) else math.nan
         lr = self.param_groups[0]["lr"]
         size = self._step_size(loss_at, direction, gradient, loss_before, lr, known={1.0: loss_after})
-        if not bool(torch.isfinite(size * direction).all()):
-            size = 0.0
-        if size == 0.0:
+        update = size * direction
+        if size == 0.0 or not bool(torch.isfinite(update).all()):  # no step (and 0 * inf would be NaN)
+            size, update = 0.0, torch.zeros_like(direction)
             self.rejected_steps += 1
         if self.adapt_damping:  # no step taken, or an undefined rho, counts as a failed model: lambda rises
             failed = size == 0.0 or not math.isfinite(ratio)
             self.damping = self.damping_rule(damping, -math.inf if failed else ratio)
-        update = size * direction if size != 0.0 else torch.zeros_like(direction)  # 0 * inf would be NaN
         if size != 0.0:
             for p, p_update in zip(params, unflatten(update, point).values()):
                 p.add_(p_update.to(p.dtype))
