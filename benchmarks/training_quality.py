@@ -583,7 +583,10 @@ def linear_filter_mse(task_name: str, rows: int | None = None) -> tuple[float, f
         fitted.append(design(task.draw("train", index)))
         fitted_rows += len(fitted[-1][0])
         index += 1
-    weights = torch.linalg.lstsq(torch.cat([x for x, _ in fitted]), torch.cat([t for _, t in fitted]).unsqueeze(-1)).solution
+    # the SVD driver: the minimum-norm solution, the same on every call even when trials shorter than
+    # the lags leave columns of zeros (the default QR driver's answer then varies from call to call)
+    weights = torch.linalg.lstsq(torch.cat([x for x, _ in fitted]), torch.cat([t for _, t in fitted]).unsqueeze(-1),
+                                 driver="gelsd").solution
     error = oracle = count = 0.0
     for batch in task.fixed_set("val"):
         x, target = design(batch)
@@ -600,7 +603,8 @@ def loss_at_seconds(run, seconds: float) -> float:
     return points[-1] if points else math.nan
 
 
-def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str | None:
+def report_task(task_name: str, sweep_iterations: int, iterations: int, plot: bool = True) -> str | None:
+    """The task's section of the report from its saved runs; with `plot`, also its PNG under OUT."""
     runs = load_runs(task_name)
     if not runs:
         return None
@@ -650,7 +654,8 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int) -> str |
         longer = longer_runs_table(runs, sweep_iterations, iterations)
         if longer:
             parts.append("Other budgets (e.g. SOFO run for as long as Adam's runs took on this CPU):\n\n" + longer + "\n")
-        plot_task(task_name, groups)
+        if plot:
+            plot_task(task_name, groups)
         parts.append(f"![{task_name}](training_quality/{task_name}.png)\n")
     return "\n".join(parts)
 
@@ -759,10 +764,10 @@ def sweep_budget(task_name: str, sweep_iterations: int | None) -> int:
     return sweep_iterations or TASKS[task_name].sweep_iterations
 
 
-def report(tasks, sweep_iterations: int | None, iterations: int) -> str:
+def report(tasks, sweep_iterations: int | None, iterations: int, plot: bool = True) -> str:
     import torch
 
-    sections = [s for s in (report_task(t, sweep_budget(t, sweep_iterations), TASKS[t].iterations or iterations)
+    sections = [s for s in (report_task(t, sweep_budget(t, sweep_iterations), TASKS[t].iterations or iterations, plot)
                             for t in tasks) if s]
     intro = (f"Measured on {platform.machine()} CPU (2 cores, two to four runs at a time, one thread each, so "
              "the seconds are inflated, alike for both methods), "
@@ -786,7 +791,8 @@ def main():
                         help="the sweep's budget (default: each task's own, 500 for most)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="only rebuild tables and plots from saved runs")
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--no-write", action="store_true",
+                        help="do not update RESULTS.md or the plots; print only the tables of --tasks")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     if not args.report:
@@ -819,8 +825,9 @@ def main():
             for r in pool.imap_unordered(run, jobs):
                 print(f"{r['task']:13s} {r['method']:4s} {r['label']:40s} seed {r['seed']}: {r['iterations']} it, "
                       f"val loss {r['final_loss']:.4g}, {r['seconds_per_iteration']:.3f} s/it", flush=True)
-    tasks = [t for t in TASKS if load_runs(t)]
-    text = report(tasks, args.sweep_iterations, args.iterations)
+    # a stage run with --no-write (one of several in a queue) reports on its own tasks only
+    tasks = [t for t in (args.tasks if args.no_write else TASKS) if load_runs(t)]
+    text = report(tasks, args.sweep_iterations, args.iterations, plot=not args.no_write)
     print(text)
     if not args.no_write:
         from results import remove_section, write_section

@@ -205,7 +205,10 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     assert optimizer.tangents == splits[0].options["tangents"]
     for setting in [splits[0]] + [s for s in tq.settings_for_seeds("kalman", 2) if "tangent" in s.label]:
         assert math.isfinite(tq.run(("kalman", setting, 0, 2))["final_loss"])
+    quiet = tq.report_task("kalman", 2, 2, plot=False)  # a queued stage's printout (--no-write) draws nothing
+    assert not (tmp_path / "kalman.png").exists()
     text = tq.report_task("kalman", 2, 2)
+    assert text == quiet and (tmp_path / "kalman.png").is_file()
     assert "| HF initial damping" in text and "Where SOFO's compute goes" in text
 
 
