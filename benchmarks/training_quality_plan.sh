@@ -47,7 +47,11 @@ $TQ --tasks double_reach_b256 --stage labels --seeds 1 2 --iterations 2000 --lab
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:$KN100 + gradient tangent"
 # 9. the authors' Kalman network on every seed, and where its compute and the B = 256 arm's should go
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:$KN100" "Adam:lr 0.01, clip 1"
-$TQ --tasks double_reach_b256 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 64 x B 128"
+# the arm at B = 256: HF says its subspace falls short, and the B = 16 arm broke below 16 trials, so the
+# splits with more tangents and at least 32 trials on seed 0 first, then the best of them on seeds 1 and 2
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 \
+    --labels "SOFO:lr 0.5, adaptive + K 64 x B 128" "SOFO:lr 0.5, adaptive + K 128 x B 64" "SOFO:lr 0.5, adaptive + K 256 x B 32"
+$TQ --tasks double_reach_b256 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 64 x B 128"
 $TQ --tasks kalman_n100 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$KN100 + K 32 x B 32"
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 100 --labels "HF:damping 0.1"
 # the authors' arm used K = 256: more tangents at B = 256 (4x an iteration's compute; HF's early iterations
