@@ -660,24 +660,80 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int, plot: bo
     return "\n".join(parts)
 
 
-def split_table(task_name: str, runs, iterations: int) -> str:
-    """One row per K x B split of the task's budget that has runs at `iterations` (the task's own
-    split is the plain setting the other splits were run with)."""
+def split_groups(task_name: str, runs, iterations: int) -> dict[str, list[dict]]:
+    """{"K k x B b": SOFO's runs at that split and `iterations`} for the splits that have runs (the
+    task's own split: the plain setting the other splits were run with)."""
     spec = TASKS[task_name]
     done = [r for r in runs if r["iterations"] == iterations and r["method"] == "SOFO"]
     by_split = {name: [r for r in done if r["label"].endswith(f" + {name}")] for name in splits(task_name)}
     bases = {r["label"].rsplit(" + ", 1)[0] for group in by_split.values() for r in group}
-    rows = []
+    groups = {}
     for name, options in splits(task_name).items():
-        own = options["tangents"] == spec.tangents
-        group = [r for r in done if r["label"] in bases] if own else by_split[name]
+        group = [r for r in done if r["label"] in bases] if options["tangents"] == spec.tangents else by_split[name]
         if group:
-            seconds = statistics.mean(r["seconds_per_iteration"] for r in group)
-            rows.append(f"| {name}{' (the task’s own)' if own else ''} | {len(group)} | "
-                        f"{mean_sd([final_loss(r) for r in group])} | {seconds:.3f} |")
-    if len(rows) < 2:
+            groups[name] = group
+    return groups
+
+
+def split_table(task_name: str, runs, iterations: int) -> str:
+    """One row per K x B split of the task's budget that has runs at `iterations`, with the seconds per
+    iteration measured side by side (`--stage step-times`) where they were."""
+    groups = split_groups(task_name, runs, iterations)
+    if len(groups) < 2:
         return ""
-    return "\n".join(["| split | seeds | final val loss | s / iteration |", "|---|---|---|---|"] + rows)
+    side_by_side = load_step_times(task_name)
+    own = f"K {TASKS[task_name].tangents} x B"
+    rows = ["| split | seeds | final val loss | s / iteration (in the run) | s / iteration side by side |",
+            "|---|---|---|---|---|"]
+    for name, group in groups.items():
+        timed = side_by_side.get("seconds_per_iteration", {}).get(group[0]["label"])
+        rows.append(f"| {name}{' (the task’s own)' if name.startswith(own + ' ') else ''} | {len(group)} | "
+                    f"{mean_sd([final_loss(r) for r in group])} | "
+                    f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f} | "
+                    f"{'' if timed is None else f'{timed:.3f}'} |")
+    if side_by_side:
+        rows.append(f"\nSide by side: {side_by_side['note']}")
+    return "\n".join(rows)
+
+
+def step_times_path(task_name: str) -> Path:
+    return OUT / "step_times" / f"{task_name}.json"
+
+
+def load_step_times(task_name: str) -> dict:
+    path = step_times_path(task_name)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def side_by_side_step_times(task_name: str, settings: list[Setting], rounds: int = 8, warmup: int = 3) -> dict:
+    """Median seconds of one training iteration of each setting on seed 0's batches, measured in one
+    process with the settings taking turns (`rounds` iterations each, after `warmup` that compile and
+    are not counted), so that a neighbour's load falls alike on all of them: the fair comparison of
+    the cost of K x B splits, whose runs' own seconds were measured at different times."""
+    import torch
+
+    from lightning_sofo import SOFOEngine
+
+    torch.set_num_threads(1)
+    built = []
+    for setting in settings:
+        task, model, optimizer, _ = build(task_name, setting, 0)
+        engine = SOFOEngine(**ENGINE) if setting.method == "SOFO" else None
+        batches = [training_batch(task, task_name, 0, i) for i in range(warmup + rounds)]
+        for batch in batches[:warmup]:
+            train_step(model, optimizer, batch, setting.options.get("clip"), engine)
+        built.append((setting, model, optimizer, engine, batches[warmup:]))
+    seconds: dict[str, list[float]] = {s.label: [] for s in settings}
+    for round_ in range(rounds):
+        for setting, model, optimizer, engine, batches in built:
+            start = time.perf_counter()
+            train_step(model, optimizer, batches[round_], setting.options.get("clip"), engine)
+            seconds[setting.label].append(time.perf_counter() - start)
+    return {"seconds_per_iteration": {label: statistics.median(v) for label, v in seconds.items()},
+            "note": f"the median of {rounds} iterations of each split, the splits taking turns in one process "
+                    f"(one thread, after {warmup} iterations that compile), on {platform.machine()} CPU with "
+                    f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, beside whatever else ran then "
+                    "(alike for every split)."}
 
 
 def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:
@@ -779,9 +835,11 @@ def report(tasks, sweep_iterations: int | None, iterations: int, plot: bool = Tr
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["kalman", "double_reach"], choices=list(TASKS))
-    parser.add_argument("--stage", choices=["sweep", "hf-sweep", "seeds", "splits", "labels"], default="sweep",
+    parser.add_argument("--stage", choices=["sweep", "hf-sweep", "seeds", "splits", "labels", "step-times"],
+                        default="sweep",
                         help="sweep: SOFO and Adam settings on seed 0; hf-sweep: HF's damping on seed 0; seeds: each "
-                             "method's best and SOFO's options on --seeds; splits: SOFO's best at every K x B split")
+                             "method's best and SOFO's options on --seeds; splits: SOFO's best at every K x B split; "
+                             "step-times: the seconds per iteration of the splits run so far, side by side")
     parser.add_argument("--labels", nargs="+", help="with --stage labels: these settings (method, label) as 'SOFO:lr 1, damping 1e-05'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS),
@@ -802,6 +860,14 @@ def main():
                 settings, seeds, iterations = SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
             elif args.stage == "hf-sweep":
                 settings, seeds, iterations = HF_SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
+            elif args.stage == "step-times":
+                groups = split_groups(task_name, load_runs(task_name), args.iterations)
+                settings = [Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
+                timed = side_by_side_step_times(task_name, settings)
+                step_times_path(task_name).parent.mkdir(exist_ok=True)
+                step_times_path(task_name).write_text(json.dumps(timed, indent=1))
+                print(task_name, timed["seconds_per_iteration"], flush=True)
+                continue
             elif args.stage == "splits":
                 settings, seeds = split_settings(task_name, sweep_budget(task_name, args.sweep_iterations)), args.seeds
                 iterations = args.iterations

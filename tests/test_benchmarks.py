@@ -4,6 +4,7 @@ and their measurements mean what the tables say."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -205,6 +206,16 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     assert optimizer.tangents == splits[0].options["tangents"]
     for setting in [splits[0]] + [s for s in tq.settings_for_seeds("kalman", 2) if "tangent" in s.label]:
         assert math.isfinite(tq.run(("kalman", setting, 0, 2))["final_loss"])
+    groups = tq.split_groups("kalman", tq.load_runs("kalman"), 2)
+    assert list(groups) == [splits[0].label.split(" + ")[1], "K 4 x B 4"]  # the split run, the task's own
+    timed_settings = [tq.Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
+    timed = tq.side_by_side_step_times("kalman", timed_settings, rounds=2, warmup=1)
+    assert set(timed["seconds_per_iteration"]) == {s.label for s in timed_settings}
+    assert all(0 < v < 60 for v in timed["seconds_per_iteration"].values())
+    tq.step_times_path("kalman").parent.mkdir()
+    tq.step_times_path("kalman").write_text(json.dumps(timed))
+    table = tq.split_table("kalman", tq.load_runs("kalman"), 2)
+    assert f"{timed['seconds_per_iteration'][splits[0].label]:.3f} |" in table and "taking turns" in table
     quiet = tq.report_task("kalman", 2, 2, plot=False)  # a queued stage's printout (--no-write) draws nothing
     assert not (tmp_path / "kalman.png").exists()
     text = tq.report_task("kalman", 2, 2)
