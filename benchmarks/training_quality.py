@@ -683,14 +683,17 @@ def split_table(task_name: str, runs, iterations: int) -> str:
         return ""
     side_by_side = load_step_times(task_name)
     own = f"K {TASKS[task_name].tangents} x B"
-    rows = ["| split | seeds | final val loss | s / iteration (in the run) | s / iteration side by side |",
-            "|---|---|---|---|---|"]
+    header = "| split | seeds | final val loss | s / iteration (in the run) |" + (" s / iteration side by side |"
+                                                                               if side_by_side else "")
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, group in groups.items():
-        timed = side_by_side.get("seconds_per_iteration", {}).get(group[0]["label"])
-        rows.append(f"| {name}{' (the task’s own)' if name.startswith(own + ' ') else ''} | {len(group)} | "
-                    f"{mean_sd([final_loss(r) for r in group])} | "
-                    f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f} | "
-                    f"{'' if timed is None else f'{timed:.3f}'} |")
+        cells = [f"{name}{' (the task’s own)' if name.startswith(own + ' ') else ''}", str(len(group)),
+                 mean_sd([final_loss(r) for r in group]),
+                 f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f}"]
+        if side_by_side:
+            timed = side_by_side["seconds_per_iteration"].get(group[0]["label"])
+            cells.append("not timed" if timed is None else f"{timed:.3f}")
+        rows.append("| " + " | ".join(cells) + " |")
     if side_by_side:
         rows.append(f"\nSide by side: {side_by_side['note']}")
     return "\n".join(rows)

@@ -212,6 +212,7 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     timed = tq.side_by_side_step_times("kalman", timed_settings, rounds=2, warmup=1)
     assert set(timed["seconds_per_iteration"]) == {s.label for s in timed_settings}
     assert all(0 < v < 60 for v in timed["seconds_per_iteration"].values())
+    assert "side by side" not in tq.split_table("kalman", tq.load_runs("kalman"), 2)  # nothing timed yet
     tq.step_times_path("kalman").parent.mkdir()
     tq.step_times_path("kalman").write_text(json.dumps(timed))
     table = tq.split_table("kalman", tq.load_runs("kalman"), 2)
