@@ -864,7 +864,7 @@ def main():
             elif args.stage == "hf-sweep":
                 settings, seeds, iterations = HF_SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
             elif args.stage == "step-times":
-                groups = split_groups(task_name, load_runs(task_name), args.iterations)
+                groups = split_groups(task_name, load_runs(task_name), TASKS[task_name].iterations or args.iterations)
                 settings = [Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
                 timed = side_by_side_step_times(task_name, settings)
                 step_times_path(task_name).parent.mkdir(exist_ok=True)
