@@ -54,6 +54,8 @@ $TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 \
 $TQ --tasks double_reach_b256 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 64 x B 128"
 # the splits' cost per iteration, measured side by side (their runs' own seconds were taken beside different jobs)
 $TQ --tasks double_reach_b256 --stage step-times
+# per second against Adam: clipped Adam given about the seconds of SOFO's 2,000 iterations at K 64 x B 128 (about 35 min each)
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 1 2 --iterations 8000 --labels "Adam:lr 0.003, clip 1"
 $TQ --tasks kalman_n100 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$KN100 + K 32 x B 32"
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 100 --labels "HF:damping 0.1"
 # the authors' arm used K = 256: more tangents at B = 256 (4x an iteration's compute; HF's early iterations
