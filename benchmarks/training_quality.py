@@ -446,12 +446,18 @@ def run(job) -> dict:
         compile_seconds=compile_seconds, machine=f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
         resumed_at=progress["resumed_at"], paused_seconds=paused,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a run stopped while writing leaves no half file
-    temporary.write_text(json.dumps(result, default=str))
-    os.replace(temporary, path)
+    write_json_atomically(path, result)
     partial_path(path).unlink(missing_ok=True)
     return result
+
+
+def write_json_atomically(path: Path, data) -> None:
+    """Write `data` as JSON to `path` by way of a temporary file: a process stopped while writing
+    leaves no half file that a later report would read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, default=str))
+    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -867,8 +873,7 @@ def main():
                 groups = split_groups(task_name, load_runs(task_name), TASKS[task_name].iterations or args.iterations)
                 settings = [Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
                 timed = side_by_side_step_times(task_name, settings)
-                step_times_path(task_name).parent.mkdir(exist_ok=True)
-                step_times_path(task_name).write_text(json.dumps(timed, indent=1))
+                write_json_atomically(step_times_path(task_name), timed)
                 print(task_name, timed["seconds_per_iteration"], flush=True)
                 continue
             elif args.stage == "splits":
