@@ -666,16 +666,21 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int, plot: bo
     return "\n".join(parts)
 
 
+def own_split(task_name: str) -> str:
+    """The name ("K k x B b") of the split the task itself trains at (None if it is not among the splits)."""
+    return next((name for name, options in splits(task_name).items() if options["tangents"] == TASKS[task_name].tangents), None)
+
+
 def split_groups(task_name: str, runs, iterations: int) -> dict[str, list[dict]]:
     """{"K k x B b": SOFO's runs at that split and `iterations`} for the splits that have runs (the
     task's own split: the plain setting the other splits were run with)."""
-    spec = TASKS[task_name]
     done = [r for r in runs if r["iterations"] == iterations and r["method"] == "SOFO"]
     by_split = {name: [r for r in done if r["label"].endswith(f" + {name}")] for name in splits(task_name)}
     bases = {r["label"].rsplit(" + ", 1)[0] for group in by_split.values() for r in group}
     groups = {}
-    for name, options in splits(task_name).items():
-        group = [r for r in done if r["label"] in bases] if options["tangents"] == spec.tangents else by_split[name]
+    own = own_split(task_name)
+    for name in splits(task_name):
+        group = [r for r in done if r["label"] in bases] if name == own else by_split[name]
         if group:
             groups[name] = group
     return groups
@@ -688,12 +693,12 @@ def split_table(task_name: str, runs, iterations: int) -> str:
     if len(groups) < 2:
         return ""
     side_by_side = load_step_times(task_name)
-    own = f"K {TASKS[task_name].tangents} x B"
+    own = own_split(task_name)
     header = "| split | seeds | final val loss | s / iteration (in the run) |" + (" s / iteration side by side |"
                                                                                if side_by_side else "")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for name, group in groups.items():
-        cells = [f"{name}{' (the task’s own)' if name.startswith(own + ' ') else ''}", str(len(group)),
+        cells = [f"{name}{' (the task’s own)' if name == own else ''}", str(len(group)),
                  mean_sd([final_loss(r) for r in group]),
                  f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f}"]
         if side_by_side:
