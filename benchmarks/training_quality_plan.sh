@@ -3,6 +3,10 @@
 # (2 workers, one thread each). Runs already saved are skipped, so rerunning this script resumes the study
 # where it stopped; `python benchmarks/training_quality.py --report` rebuilds the tables from whatever finished.
 #   bash benchmarks/training_quality_plan.sh            # from the repository root, in its own venv
+# A run in progress saves its state every 10 minutes beside its result, as <result>.partial.pt; git ignores
+# these files, so a machine that is not kept loses them. To carry a run over to another machine, commit its
+# save (`git add -f benchmarks/training_quality/<task>/<run>.partial.pt`) and remove it from git once the
+# run's result is saved: the run continues from the save wherever the study is started again.
 set -u
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
