@@ -21,6 +21,12 @@ def write_section(title: str, body: str) -> None:
     RESULTS.write_text(text.rstrip() + "\n")
 
 
+def read_section(title: str) -> str:
+    """The body of the named section of RESULTS.md ("" when there is none)."""
+    match = _section(title).search(RESULTS.read_text()) if RESULTS.exists() else None
+    return match.group(0).split("\n", 1)[1].strip() if match else ""
+
+
 def publish(title: str, body: str, write: bool = True) -> None:
     """Print a benchmark's table and note, and (write) make them the named section of RESULTS.md."""
     print(body)

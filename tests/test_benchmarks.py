@@ -333,3 +333,31 @@ def test_training_quality_run_stopped_midway_continues_where_it_saved(monkeypatc
     assert restarted["resumed_at"] == [] and restarted["final_loss"] == whole["final_loss"]
     changed = tq.run_path(*job)
     assert changed.with_name(changed.stem + ".partial.pt.stale").exists()
+
+
+def test_config_step_time_runs_each_config_with_its_own_trainer_and_keeps_other_rows(monkeypatch, tmp_path):
+    """A config that trains with SOFOStrategy is timed under it whatever its file is called (the
+    authors' variants are not named *_sofo), and timing some configs keeps the others' rows."""
+    import config_step_time as cst
+    import results
+
+    from lightning_sofo.cli import BUNDLED_CONFIGS
+
+    text = (BUNDLED_CONFIGS / "lorenz_sofo.yaml").read_text()
+    for old, new in [("hidden_size: 128", "hidden_size: 8"), ("batch_size: 128", "batch_size: 4"),
+                     ("val_trials: 256", "val_trials: 4"), ("tangents: 128", "tangents: 4"), ("n_steps: 32", "n_steps: 5")]:
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "lorenz_variant.yaml"
+    config.write_text(text)
+    kept = "| flipflop_adam.yaml | SingleDeviceStrategy | 0.06 | 0.056 | 2000 | 2 min | 2026-11-22 |"
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
+    results.write_section(cst.TITLE, "old note\n\n" + "\n".join(cst.HEADER + [kept]))
+    monkeypatch.setattr(cst, "STEPS", 3)
+    cst.main([config])
+    table = results.read_section(cst.TITLE)
+    assert kept in table and "old note" not in table
+    row = next(line for line in table.splitlines() if line.startswith("| lorenz_variant.yaml |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "SOFOStrategy" and float(cells[3]) > 0 and cells[4] == "2000"
+    assert table.index("flipflop_adam.yaml") < table.index("lorenz_variant.yaml")  # sorted by config
