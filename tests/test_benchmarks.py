@@ -361,3 +361,17 @@ def test_config_step_time_runs_each_config_with_its_own_trainer_and_keeps_other_
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "SOFOStrategy" and float(cells[3]) > 0 and cells[4] == "2000"
     assert table.index("flipflop_adam.yaml") < table.index("lorenz_variant.yaml")  # sorted by config
+
+
+def test_loss_at_equal_seconds_leaves_out_runs_not_yet_evaluated():
+    """At a wall-clock before a run's first evaluation after its start, the run has no loss to report
+    (its initial loss would read as a result); later, the last evaluation at or before that time."""
+    import training_quality as tq
+
+    slow = {"curve": [(0, 0.0, 0.35), (100, 95.0, 2e-5), (200, 190.0, 1e-5)]}
+    fast = {"curve": [(0, 0.0, 0.35), (10, 5.0, 1e-3), (20, 10.0, 5e-4)]}
+    assert tq.loss_at_seconds(slow, 63.0) is None
+    assert tq.loss_at_seconds(slow, 95.0) == 2e-5 and tq.loss_at_seconds(fast, 63.0) == 5e-4
+    assert tq.loss_at_seconds_cell([slow], 63.0) == "not evaluated by then"
+    assert tq.loss_at_seconds_cell([slow, fast], 63.0) == "0.0005 ± 0 (1 of 2 not evaluated by then)"
+    assert tq.loss_at_seconds_cell([slow, slow], 200.0) == "1e-05 ± 0"
