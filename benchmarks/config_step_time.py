@@ -56,7 +56,7 @@ def time_config(path: Path, steps: int = STEPS) -> tuple[str, float, float]:
     cli = SOFOCLI(run=False, args=["--config", str(path), "--trainer.max_steps", str(steps),
                                    "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
                                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-                                   "--trainer.limit_val_batches", "0"])
+                                   "--trainer.limit_val_batches", "0"], save_config_callback=None)
     timer = StepTimer()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -76,17 +76,17 @@ def merged_rows(new: dict[str, str]) -> list[str]:
 
 def main(paths: list[Path]) -> None:
     torch.set_num_threads(torch.get_num_threads())
-    today = datetime.date.today().isoformat()
+    measured = f"{datetime.date.today().isoformat()}, {torch.get_num_threads()} thread(s)"
     new = {}
     for path in paths:
         name = path.name
         strategy, first, step = time_config(path, STEPS)
         planned = planned_steps(path)
         estimate = f"{step * planned / 60:.0f} min" if planned else "no max_steps"
-        new[name] = f"| {name} | {strategy} | {first:.2f} | {step:.3f} | {planned or ''} | {estimate} | {today} |"
+        new[name] = f"| {name} | {strategy} | {first:.2f} | {step:.3f} | {planned or ''} | {estimate} | {measured} |"
         print(new[name], flush=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    note = (f"Measured on {machine}; CPU only, full config sizes, each config run by the trainer it builds, "
+    machine = f"{platform.machine()}, torch {torch.__version__}"
+    note = (f"Measured on {machine} (the threads each config ran on: beside its date); CPU only, full config sizes, each config run by the trainer it builds, "
             f"{STEPS} steps each (median of steps 2-{STEPS}); validation not included.")
     write_section(TITLE, note + "\n\n" + "\n".join(HEADER + merged_rows(new)))
 

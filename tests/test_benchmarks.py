@@ -350,11 +350,15 @@ def test_config_step_time_runs_each_config_with_its_own_trainer_and_keeps_other_
         text = text.replace(old, new)
     config = tmp_path / "lorenz_variant.yaml"
     config.write_text(text)
-    kept = "| flipflop_adam.yaml | SingleDeviceStrategy | 0.06 | 0.056 | 2000 | 2 min | 2026-11-22 |"
+    kept = "| flipflop_adam.yaml | SingleDeviceStrategy | 0.06 | 0.056 | 2000 | 2 min | 2026-11-22, 2 thread(s) |"
     monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
     results.write_section(cst.TITLE, "old note\n\n" + "\n".join(cst.HEADER + [kept]))
     monkeypatch.setattr(cst, "STEPS", 3)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     cst.main([config])
+    assert list(workdir.iterdir()) == []  # timing writes no config.yaml, logs or checkpoints
     table = results.read_section(cst.TITLE)
     assert kept in table and "old note" not in table
     row = next(line for line in table.splitlines() if line.startswith("| lorenz_variant.yaml |"))
