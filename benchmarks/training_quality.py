@@ -678,7 +678,7 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int, plot: bo
     return "\n".join(parts)
 
 
-def own_split(task_name: str) -> str:
+def own_split(task_name: str) -> str | None:
     """The name ("K k x B b") of the split the task itself trains at (None if it is not among the splits)."""
     return next((name for name, options in splits(task_name).items() if options["tangents"] == TASKS[task_name].tangents), None)
 
