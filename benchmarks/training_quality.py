@@ -258,7 +258,8 @@ def build(task_name: str, setting: Setting, seed: int):
     model.train()
     options = dict(setting.options)
     batch_size = options.pop("batch_size", None)
-    if batch_size is not None:  # a K x B split: this run's trials come in batches of its own size
+    if batch_size is not None:  # a K x B split: this run's training trials come in batches of its own size
+        task.fixed_set("val")  # drawn first, at the task's own batch size: every split is scored on the same trials
         task.batch_size = batch_size
     if setting.method == "Adam":
         clip = options.pop("clip")
@@ -341,6 +342,10 @@ def run_path(task_name: str, setting: Setting, seed: int, iterations: int) -> Pa
     return OUT / task_name / f"{slug}__seed{seed}__it{iterations}.json"
 
 
+# How every run's validation trials are drawn (recorded in its result). Split runs saved without it
+# drew theirs in batches of their own size: other trials than the task's wherever that size is below
+# the task's validation set.
+VALIDATION = "the task's own validation trials"
 PARTIAL_EVERY_SECONDS = 600.0  # a run in progress is saved this often, so a stopped study loses minutes
 # A step whose wall-clock exceeds PAUSE_FACTOR x its thread's CPU time + PAUSE_SLACK seconds was stopped
 # from outside (SIGSTOP while the machine is needed, a suspended laptop): its CPU time is what it cost.
@@ -362,7 +367,8 @@ def run_fingerprint(task_name: str, setting: Setting) -> str:
     """What a run's file name does not say but its steps depend on: the task's sizes, the method's
     full options (HF's CG budget among them) and how SOFO runs the model."""
     engine = ENGINE if setting.method == "SOFO" else {}
-    return json.dumps([task_name, TASKS[task_name].sizes, setting.method, setting.options, engine],
+    scored = [VALIDATION] if "batch_size" in setting.options else []  # a split's saves from before VALIDATION: set aside
+    return json.dumps([task_name, TASKS[task_name].sizes, setting.method, setting.options, engine] + scored,
                       sort_keys=True, default=str)
 
 
@@ -444,7 +450,7 @@ def run(job) -> dict:
         diverged=diverged, metrics={} if diverged else final_metrics(model, task, val),
         skipped_steps=getattr(optimizer, "skipped_steps", 0), rejected_steps=getattr(optimizer, "rejected_steps", 0),
         compile_seconds=compile_seconds, machine=f"{platform.machine()} CPU, torch {torch.__version__}, 1 thread",
-        resumed_at=progress["resumed_at"], paused_seconds=paused,
+        resumed_at=progress["resumed_at"], paused_seconds=paused, validation=VALIDATION,
     )
     write_json_atomically(path, result)
     partial_path(path).unlink(missing_ok=True)
@@ -652,7 +658,8 @@ def report_task(task_name: str, sweep_iterations: int, iterations: int, plot: bo
             cells += [mean_sd([r["metrics"].get(m, math.nan) for r in group], 3) for m in metrics]
             lines.append("| " + " | ".join(cells) + " |")
         if task_name.startswith("kalman"):
-            oracle = [r["metrics"]["oracle_mse"] for g in groups.values() for r in g if "oracle_mse" in r["metrics"]]
+            oracle = [r["metrics"]["oracle_mse"] for g in groups.values() for r in g
+                      if "oracle_mse" in r["metrics"] and not scored_on_other_trials(task_name, r)]
             if oracle:
                 lines.append(f"| oracle Kalman filter (floor) | | {statistics.mean(oracle):.4g} | | | | | 1 |")
                 mse, ratio = linear_filter_mse(task_name)
@@ -709,17 +716,34 @@ def split_table(task_name: str, runs, iterations: int) -> str:
     header = "| split | seeds | final val loss | s / iteration (in the run) |" + (" s / iteration side by side |"
                                                                                if side_by_side else "")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    marked = False
     for name, group in groups.items():
-        cells = [f"{name}{' (the task’s own)' if name == own else ''}", str(len(group)),
+        other_trials = any(scored_on_other_trials(task_name, r) for r in group)
+        marked = marked or other_trials
+        cells = [f"{name}{' (the task’s own)' if name == own else ''}{' *' if other_trials else ''}", str(len(group)),
                  mean_sd([final_loss(r) for r in group]),
                  f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f}"]
         if side_by_side:
             timed = side_by_side["seconds_per_iteration"].get(group[0]["label"])
             cells.append("not timed" if timed is None else f"{timed:.3f}")
         rows.append("| " + " | ".join(cells) + " |")
+    if marked:
+        rows.append("\n\\* scored on validation trials drawn in batches of the split's own size (runs saved before "
+                    "the harness drew every split's validation trials at the task's own batch size): the same "
+                    "number of trials from the same distribution, but not the same trials as the other rows'.")
     if side_by_side:
         rows.append(f"\nSide by side: {side_by_side['note']}")
     return "\n".join(rows)
+
+
+def scored_on_other_trials(task_name: str, run: dict) -> bool:
+    """Whether a split run was scored on other validation trials than the task's own: saved before
+    VALIDATION, at a batch size that cuts the validation set into other batches."""
+    batch_size = run["options"].get("batch_size")
+    if batch_size is None or run.get("validation") == VALIDATION:
+        return False
+    task = TASKS[task_name].make_task(0)
+    return min(batch_size, task.val_trials) != min(task.batch_size, task.val_trials)
 
 
 def step_times_path(task_name: str) -> Path:

@@ -204,6 +204,9 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     task, _, optimizer, _ = tq.build("kalman", splits[0], 0)
     assert task.draw("train", 0)["inputs"].shape[0] == splits[0].options["batch_size"]
     assert optimizer.tangents == splits[0].options["tangents"]
+    own_val, split_val = tq.build("kalman", sofo, 0)[0].fixed_set("val"), task.fixed_set("val")
+    assert len(own_val) == len(split_val) == 2  # the validation trials: the task's own, in its own batches
+    assert all(torch.equal(a["targets"], b["targets"]) for a, b in zip(own_val, split_val))
     for setting in [splits[0]] + [s for s in tq.settings_for_seeds("kalman", 2) if "tangent" in s.label]:
         assert math.isfinite(tq.run(("kalman", setting, 0, 2))["final_loss"])
     groups = tq.split_groups("kalman", tq.load_runs("kalman"), 2)
@@ -217,6 +220,15 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     tq.step_times_path("kalman").write_text(json.dumps(timed))
     table = tq.split_table("kalman", tq.load_runs("kalman"), 2)
     assert f"{timed['seconds_per_iteration'][splits[0].label]:.3f} |" in table and "taking turns" in table
+    assert " *" not in table and "own size" not in table  # every run scored on the task's own trials
+    saved = tq.run_path("kalman", splits[0], 0, 2)
+    older = json.loads(saved.read_text())
+    del older["validation"]  # a split run saved before the harness scored splits on the task's own trials
+    saved.write_text(json.dumps(older))
+    marked = tq.split_table("kalman", tq.load_runs("kalman"), 2)
+    assert f"{splits[0].label.split(' + ')[1]} * |" in marked and "in batches of the split's own size" in marked
+    # a split's progress saved before then is set aside, not continued on other validation trials
+    assert tq.VALIDATION in tq.run_fingerprint("kalman", splits[0]) and tq.VALIDATION not in tq.run_fingerprint("kalman", sofo)
     quiet = tq.report_task("kalman", 2, 2, plot=False)  # a queued stage's printout (--no-write) draws nothing
     assert not (tmp_path / "kalman.png").exists()
     text = tq.report_task("kalman", 2, 2)
