@@ -718,9 +718,10 @@ def split_table(task_name: str, runs, iterations: int) -> str:
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     marked = False
     for name, group in groups.items():
-        other_trials = any(scored_on_other_trials(task_name, r) for r in group)
-        marked = marked or other_trials
-        cells = [f"{name}{' (the task’s own)' if name == own else ''}{' *' if other_trials else ''}", str(len(group)),
+        other_trials = sum(scored_on_other_trials(task_name, r) for r in group)
+        marked = marked or other_trials > 0
+        mark = "" if not other_trials else " *" if other_trials == len(group) else f" * ({other_trials} of {len(group)} runs)"
+        cells = [f"{name}{' (the task’s own)' if name == own else ''}{mark}", str(len(group)),
                  mean_sd([final_loss(r) for r in group]),
                  f"{statistics.mean(r['seconds_per_iteration'] for r in group):.3f}"]
         if side_by_side:
@@ -733,6 +734,12 @@ def split_table(task_name: str, runs, iterations: int) -> str:
                     "number of trials from the same distribution, but not the same trials as the other rows'.")
     if side_by_side:
         rows.append(f"\nSide by side: {side_by_side['note']}")
+        adam, own_label = side_by_side.get("adam"), groups.get(own, [{}])[0].get("label")
+        own_seconds = side_by_side["seconds_per_iteration"].get(own_label)
+        if adam and own_seconds:
+            rows.append(f"Adam ({adam['label']}) timed in the same turns: {adam['seconds_per_iteration']:.3f} s per "
+                        f"iteration, so one iteration of the task's own split costs "
+                        f"{own_seconds / adam['seconds_per_iteration']:.1f} of Adam's.")
     return "\n".join(rows)
 
 
@@ -755,11 +762,23 @@ def load_step_times(task_name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def step_time_settings(task_name: str, iterations: int) -> list[Setting]:
+    """What `--stage step-times` times: each K x B split run at `iterations`, and the tuned Adam
+    setting (the best on seed 0 at `iterations`), the per-second reference."""
+    runs = load_runs(task_name)
+    settings = [Setting("SOFO", g[0]["label"], g[0]["options"]) for g in split_groups(task_name, runs, iterations).values()]
+    adam = best_settings(runs, iterations).get("Adam")
+    return settings + [Setting("Adam", r["label"], r["options"]) for r in runs
+                       if r["method"] == "Adam" and r["label"] == adam and r["seed"] == 0][:1]
+
+
 def side_by_side_step_times(task_name: str, settings: list[Setting], rounds: int = 8, warmup: int = 3) -> dict:
     """Median seconds of one training iteration of each setting on seed 0's batches, measured in one
     process with the settings taking turns (`rounds` iterations each, after `warmup` that compile and
     are not counted), so that a neighbour's load falls alike on all of them: the fair comparison of
-    the cost of K x B splits, whose runs' own seconds were measured at different times."""
+    the cost of K x B splits, and of a split against Adam, whose runs' own seconds were measured at
+    different times. SOFO settings are keyed by label under "seconds_per_iteration"; an Adam setting
+    among them is reported apart, under "adam" ({"label", "seconds_per_iteration"})."""
     import torch
 
     from lightning_sofo import SOFOEngine
@@ -779,8 +798,11 @@ def side_by_side_step_times(task_name: str, settings: list[Setting], rounds: int
             start = time.perf_counter()
             train_step(model, optimizer, batches[round_], setting.options.get("clip"), engine)
             seconds[setting.label].append(time.perf_counter() - start)
-    return {"seconds_per_iteration": {label: statistics.median(v) for label, v in seconds.items()},
-            "note": f"the median of {rounds} iterations of each split, the splits taking turns in one process "
+    medians = {s.label: statistics.median(seconds[s.label]) for s in settings if s.method != "Adam"}
+    adam = [{"label": s.label, "seconds_per_iteration": statistics.median(seconds[s.label])}
+            for s in settings if s.method == "Adam"]
+    return {"seconds_per_iteration": medians, **({"adam": adam[0]} if adam else {}),
+            "note": f"the median of {rounds} iterations of each setting, the settings taking turns in one process "
                     f"(one thread, after {warmup} iterations that compile), on {platform.machine()} CPU with "
                     f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, beside whatever else ran then "
                     "(alike for every split)."}
@@ -911,8 +933,7 @@ def main():
             elif args.stage == "hf-sweep":
                 settings, seeds, iterations = HF_SWEEP, [0], sweep_budget(task_name, args.sweep_iterations)
             elif args.stage == "step-times":
-                groups = split_groups(task_name, load_runs(task_name), TASKS[task_name].iterations or args.iterations)
-                settings = [Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
+                settings = step_time_settings(task_name, TASKS[task_name].iterations or args.iterations)
                 timed = side_by_side_step_times(task_name, settings)
                 write_json_atomically(step_times_path(task_name), timed)
                 print(task_name, timed["seconds_per_iteration"], flush=True)

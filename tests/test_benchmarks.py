@@ -212,14 +212,18 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     groups = tq.split_groups("kalman", tq.load_runs("kalman"), 2)
     assert list(groups) == [splits[0].label.split(" + ")[1], "K 4 x B 4"]  # the split run, the task's own
     timed_settings = [tq.Setting("SOFO", g[0]["label"], g[0]["options"]) for g in groups.values()]
-    timed = tq.side_by_side_step_times("kalman", timed_settings, rounds=2, warmup=1)
-    assert set(timed["seconds_per_iteration"]) == {s.label for s in timed_settings}
+    assert tq.step_time_settings("kalman", 2) == timed_settings + [adam]  # the splits and tuned Adam
+    timed = tq.side_by_side_step_times("kalman", tq.step_time_settings("kalman", 2), rounds=2, warmup=1)
+    assert set(timed["seconds_per_iteration"]) == {s.label for s in timed_settings}  # Adam reported apart
+    assert timed["adam"]["label"] == adam.label and 0 < timed["adam"]["seconds_per_iteration"] < 60
     assert all(0 < v < 60 for v in timed["seconds_per_iteration"].values())
     assert "side by side" not in tq.split_table("kalman", tq.load_runs("kalman"), 2)  # nothing timed yet
     tq.step_times_path("kalman").parent.mkdir()
     tq.step_times_path("kalman").write_text(json.dumps(timed))
     table = tq.split_table("kalman", tq.load_runs("kalman"), 2)
     assert f"{timed['seconds_per_iteration'][splits[0].label]:.3f} |" in table and "taking turns" in table
+    ratio = timed["seconds_per_iteration"][groups["K 4 x B 4"][0]["label"]] / timed["adam"]["seconds_per_iteration"]
+    assert f"Adam ({adam.label}) timed in the same turns" in table and f"costs {ratio:.1f} of Adam's" in table
     assert " *" not in table and "own size" not in table  # every run scored on the task's own trials
     saved = tq.run_path("kalman", splits[0], 0, 2)
     older = json.loads(saved.read_text())
@@ -227,6 +231,11 @@ def test_training_quality_runs_hf_the_new_options_and_k_by_b_splits(monkeypatch,
     saved.write_text(json.dumps(older))
     marked = tq.split_table("kalman", tq.load_runs("kalman"), 2)
     assert f"{splits[0].label.split(' + ')[1]} * |" in marked and "in batches of the split's own size" in marked
+    newer = dict(older, seed=1, validation=tq.VALIDATION)  # a second seed saved since: only one run is marked
+    tq.run_path("kalman", splits[0], 1, 2).write_text(json.dumps(newer))
+    mixed = tq.split_table("kalman", tq.load_runs("kalman"), 2)
+    assert f"{splits[0].label.split(' + ')[1]} * (1 of 2 runs) | 2 |" in mixed
+    tq.run_path("kalman", splits[0], 1, 2).unlink()
     # a split's progress saved before then is set aside, not continued on other validation trials
     assert tq.VALIDATION in tq.run_fingerprint("kalman", splits[0]) and tq.VALIDATION not in tq.run_fingerprint("kalman", sofo)
     quiet = tq.report_task("kalman", 2, 2, plot=False)  # a queued stage's printout (--no-write) draws nothing
