@@ -62,6 +62,10 @@ $TQ --tasks double_reach_b256 --stage step-times
 $TQ --tasks double_reach_b256 --stage labels --seeds 0 1 2 --iterations 8000 --labels "Adam:lr 0.003, clip 1"
 $TQ --tasks kalman_n100 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$KN100 + K 32 x B 32"
 $TQ --tasks kalman_n100 --stage labels --seeds 1 2 --iterations 100 --labels "HF:damping 0.1"
+# where SOFO wins: does its compute go better to tangents or trials there too (the main job's config
+# follows the winner), and HF's seeds 1 and 2 on the choice read out at the end (5 min each)
+$TQ --tasks context_integration --stage splits --seeds 0 1 2 --iterations 2000
+$TQ --tasks context_decision --stage labels --seeds 1 2 --iterations 300 --labels "HF:damping 0.1"
 # the authors' arm used K = 256: more tangents at B = 256 (4x an iteration's compute; HF's early iterations
 # are 2x below SOFO's and Adam's at 100, so the subspace is the suspect)
 $TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 128"
