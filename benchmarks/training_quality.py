@@ -805,7 +805,7 @@ def side_by_side_step_times(task_name: str, settings: list[Setting], rounds: int
             "note": f"the median of {rounds} iterations of each setting, the settings taking turns in one process "
                     f"(one thread, after {warmup} iterations that compile), on {platform.machine()} CPU with "
                     f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, beside whatever else ran then "
-                    "(alike for every split)."}
+                    "(alike for every setting)."}
 
 
 def longer_runs_table(runs, sweep_iterations: int, iterations: int) -> str:
