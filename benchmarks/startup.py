@@ -13,12 +13,21 @@ function, with an empty and then a warm compile cache (no compiled engine can st
 also counts the graphs torch compiles in one process as the trial length T changes.
 Writes a section of benchmarks/RESULTS.md.
 
+--whole-command times the README's command itself instead (`sofo fit --config <config>`, every step,
+validation, logs, figures and checkpoints), each run a fresh process from launch to exit: with an
+empty compile cache, with the cache that run filled, and again beside a busy neighbour (one thread
+of dense products, benchmarks/threads.py). Each row also gives the first step's time, the last
+validation metrics, and how busy the machine was with other work during the run (from /proc/stat,
+so a row measured beside someone else's job says so). Writes its own section.
+
     python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--windows 5 10] [--no-write]
+    python benchmarks/startup.py --whole-command [--config context_integration_sofo] [--no-write]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -42,6 +51,101 @@ class StepClock(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         with open(self.path, "a") as file:
             file.write(f"{time.time()}\n")
+
+
+class FinalMetrics(L.Callback):
+    """Writes the Trainer's metrics at the end of fit (the last validation's among them) to `path` as JSON."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_fit_end(self, trainer, module) -> None:
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
+        Path(self.path).write_text(json.dumps(metrics))
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of the whole machine since boot, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def whole_command(config: str, cache: str, busy: bool, extra: tuple[str, ...] = ()) -> dict:
+    """Run `sofo fit --config <config>` to its end in a fresh process, in an empty folder (its logs and
+    checkpoints land there). Returns {"total": s from launch to exit, "first_step": s from launch to the
+    end of step 1, "steps", "metrics": the Trainer's metrics at the end, "others_cores": the mean number
+    of cores busy with work other than this command (and its neighbour) during the run, or None}."""
+    sys.path.insert(0, str(HERE))
+    from threads import start_neighbour
+
+    with tempfile.TemporaryDirectory() as folder:
+        clock, final = Path(folder) / "steps.txt", Path(folder) / "final.json"
+        sofo = str(Path(sys.executable).with_name("sofo"))
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(HERE)}
+        command = [sofo, "fit", "--config", config, "--trainer.callbacks+", "startup.StepClock",
+                   "--trainer.callbacks.path", str(clock), "--trainer.callbacks+", "startup.FinalMetrics",
+                   "--trainer.callbacks.path", str(final), *extra]
+        neighbour = start_neighbour() if busy else None
+        try:
+            ticks_before, own_before = cpu_ticks(), os.times()
+            launched = time.time()
+            subprocess.run(command, cwd=folder, env=env, check=True, capture_output=True)
+            total = time.time() - launched
+            ticks_after, own_after = cpu_ticks(), os.times()
+        finally:
+            if neighbour is not None:
+                neighbour.kill()
+                neighbour.wait()
+        ends = [float(line) for line in clock.read_text().split()]
+        metrics = json.loads(final.read_text())
+    others = None
+    if ticks_before and ticks_after:
+        busy_ticks, all_ticks = (after - before for after, before in zip(ticks_after, ticks_before))
+        cores = all_ticks / (total * os.sysconf("SC_CLK_TCK"))  # ticks count every core
+        own = (own_after.children_user + own_after.children_system
+               - own_before.children_user - own_before.children_system) / total
+        machine = cores * busy_ticks / all_ticks
+        others = max(0.0, machine - own - (1.0 if busy else 0.0))
+    return {"total": total, "first_step": ends[0] - launched, "steps": len(ends), "metrics": metrics,
+            "others_cores": others}
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def whole_command_table(config: str) -> tuple[str, str]:
+    """The whole-command rows (empty cache, cache on disk, cache on disk beside a busy neighbour) and a note."""
+    rows, metric_names = [], None
+    with tempfile.TemporaryDirectory() as cache:
+        for label, busy in (("empty compile cache", False), ("compile cache on disk", False),
+                            ("compile cache on disk, beside a busy neighbour", True)):
+            result = whole_command(config, cache, busy)
+            validation = {name: value for name, value in result["metrics"].items() if name.startswith("val")}
+            metric_names = metric_names or sorted(validation)
+            others = "-" if result["others_cores"] is None else f"{result['others_cores']:.1f}"
+            rows.append(f"| {label} | {minutes(result['total'])} | {result['first_step']:.1f} | {result['steps']} | "
+                        + " | ".join(f"{validation.get(name, float('nan')):.3g}" for name in metric_names)
+                        + f" | {others} |")
+            print(rows[-1], flush=True)
+    header = ("| run | launch to exit | launch to the end of step 1 (s) | steps | "
+              + " | ".join(f"final {name}" for name in metric_names) + " | other work (cores busy) |")
+    table = header + "\n|" + "---|" * (5 + len(metric_names)) + "\n" + "\n".join(rows)
+    import torch
+
+    note = (f"`sofo fit --config {config}` as the README gives it, run to its end (its own steps, validation, "
+            f"TensorBoard logs, figures and checkpoints), each row a fresh process in an empty folder; "
+            f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, the strategy's default "
+            "threads. The rows share one new TORCHINDUCTOR_CACHE_DIR, so the first starts without a compile cache "
+            "and the others with the one it filled. The busy neighbour is one thread of dense products "
+            "(benchmarks/threads.py) for the whole run. \"Other work\" is the mean number of cores that "
+            "processes other than the command (and its neighbour) kept busy during the run, from /proc/stat: "
+            f"0.0 is a machine to itself. Measured {time.strftime('%Y-%m-%d')}.")
+    return table, note
 
 
 def run(config: str, steps: int, cache: str, extra: list[str]) -> dict:
@@ -109,7 +213,16 @@ def main() -> None:
     parser.add_argument("--windows", nargs="*", type=int, default=[],
                         help="also these compiled window lengths (compile_steps), each with its own empty cache")
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
+    parser.add_argument("--whole-command", action="store_true",
+                        help="time the config's whole `sofo fit` run instead (its own section)")
     args = parser.parse_args()
+    if args.whole_command:
+        table, note = whole_command_table(args.config)
+        sys.path.insert(0, str(HERE))
+        from results import publish
+
+        publish(f"Whole command: {args.config} (cpu)", table + "\n\n" + note, write=not args.no_write)
+        return
     import torch
 
     rows = []

@@ -276,6 +276,22 @@ def test_startup_clock_times_the_first_and_the_steady_steps(tmp_path):
     assert 0 < result["steady"] < result["start"]
 
 
+def test_startup_whole_command_runs_the_config_to_its_end(tmp_path):
+    """--whole-command runs `sofo fit` to its end and reads back its time, its first step's, its last
+    validation metrics, and how busy the rest of the machine was; the busy neighbour is stopped after."""
+    import startup
+
+    tiny = ("--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.strategy.compile_steps", "0",
+            "--data.init_args.batch_size", "4", "--data.init_args.val_trials", "4", "--data.init_args.n_steps", "20",
+            "--model.init_args.hidden_size", "8", "--optimizer.init_args.tangents", "4")
+    result = startup.whole_command("flipflop_sofo", str(tmp_path / "cache"), busy=True, extra=tiny)
+    assert result["steps"] == 6
+    assert 0 < result["first_step"] < result["total"]
+    assert result["metrics"]["val_loss"] > 0 and "val/bit_accuracy" in result["metrics"]
+    assert result["others_cores"] is None or result["others_cores"] >= 0
+    assert startup.minutes(83.4) == "1 min 23 s"
+
+
 def test_training_quality_step_time_leaves_out_a_pause(monkeypatch, tmp_path):
     """A step stopped from outside (SIGSTOP: wall-clock passes, no CPU time) is charged its CPU time,
     and the pause is reported; a step that computes is charged its wall-clock."""
