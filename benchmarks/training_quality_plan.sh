@@ -75,4 +75,19 @@ $TQ --tasks flipflop10_authors --stage labels --seeds 0 --iterations 5000 --labe
     "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1" "Adam:lr 0.0001" "SOFO:lr 0.3, damping 1e-05"
 # Adam's runs there take minutes: its best two on every seed
 $TQ --tasks flipflop10_authors --stage labels --seeds 1 2 --iterations 5000 --labels "Adam:lr 0.01, clip 1" "Adam:lr 0.003, clip 1"
+# 11. what each task still lacks of the study's five methods (plain and gradient-informed SOFO, the best
+#     split, HF, clipped Adam) and the authors' unit-norm tangents, and the splits' remaining seeds
+$TQ --tasks flipflop10 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:$FF10 + K 16 x B 128" "SOFO:$FF10 + K 32 x B 64"
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 256 x B 32"
+$TQ --tasks double_reach_b256 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + K 128 x B 64"
+# the neighbours of context integration at the base task's best split (K 256 x B 16), with unit-norm tangents
+$TQ --tasks context_integration_4 context_integration_long --stage labels --seeds 0 1 2 --iterations 2000 \
+    --labels "SOFO:lr 0.5, adaptive + K 256 x B 16" "SOFO:lr 0.5, adaptive + unit-norm tangents"
+$TQ --tasks context_decision --stage labels --seeds 0 1 2 --iterations 2000 \
+    --labels "SOFO:lr 0.1, damping 0.001 + K 256 x B 16" "SOFO:lr 0.1, damping 0.001 + unit-norm tangents"
+$TQ --tasks context_integration_long --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + gradient tangent"
+$TQ --tasks context_integration_4 context_integration_long --stage labels --seeds 0 1 2 --iterations 300 --labels "HF:damping 0.1"
+$TQ --tasks flipflop10 --stage labels --seeds 1 2 --iterations 2000 --labels "SOFO:$FF10 + K 128"
+$TQ --tasks kalman_n100 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:$KN100 + unit-norm tangents"
+$TQ --tasks double_reach_b256 --stage labels --seeds 0 1 2 --iterations 2000 --labels "SOFO:lr 0.5, adaptive + unit-norm tangents"
 echo "training study plan: done"
