@@ -528,6 +528,17 @@ def split_settings(task_name: str, sweep_iterations: int) -> list[Setting]:
             for name, extra in splits(task_name).items() if name != own]
 
 
+def labelled_settings(task_name: str) -> dict[str, Setting]:
+    """Every setting `--stage labels` can run on a task, by its label "METHOD:label": the sweeps' settings,
+    HF's, the SOFO authors' Adam, and each SOFO setting combined with an option, a diagnostic or one of
+    the task's K x B splits ("SOFO:lr 0.5, adaptive + K 128 x B 32")."""
+    variants = {**OPTIONS, **DIAGNOSTICS, **splits(task_name)}
+    combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
+                for s in SWEEP if s.method == "SOFO" for name, extra in variants.items()]
+    authors = [authors_adam(label) for label in {label for _, label in FAMILIES.values()} if label]
+    return {f"{s.method}:{s.label}": s for s in authors + SWEEP + HF_SWEEP + combined}
+
+
 def authors_adam(label: str) -> Setting:
     """The SOFO authors' Adam setting ("lr 1e-05", no clipping), swept or not."""
     return Setting("Adam", label, dict(lr=float(label.split()[1]), clip=None))
@@ -944,11 +955,11 @@ def main():
             elif args.stage == "seeds":
                 settings, seeds, iterations = settings_for_seeds(task_name, sweep_budget(task_name, args.sweep_iterations), args.options), args.seeds, args.iterations
             else:
-                variants = {**OPTIONS, **DIAGNOSTICS, **splits(task_name)}
-                combined = [Setting("SOFO", f"{s.label} + {name}", dict(s.options, **extra))
-                            for s in SWEEP if s.method == "SOFO" for name, extra in variants.items()]
-                authors = [authors_adam(label) for label in {label for _, label in FAMILIES.values()} if label]
-                known = {f"{s.method}:{s.label}": s for s in authors + SWEEP + HF_SWEEP + combined}
+                known = labelled_settings(task_name)
+                unknown = [label for label in args.labels if label not in known]
+                if unknown:
+                    parser.error(f"--labels: no setting {unknown} for {task_name}; a label is 'METHOD:label' as the "
+                                 "tables print it, e.g. 'SOFO:lr 0.5, adaptive + K 128 x B 32' or 'Adam:lr 0.01, clip 1'")
                 settings, seeds, iterations = [known[x] for x in args.labels], args.seeds, args.iterations
             jobs += [(task_name, s, seed, iterations) for seed in seeds for s in settings
                      if not run_path(task_name, s, seed, iterations).exists()]

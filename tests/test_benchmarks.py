@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -416,3 +417,30 @@ def test_loss_at_equal_seconds_leaves_out_runs_not_yet_evaluated():
     assert tq.loss_at_seconds_cell([slow], 63.0) == "not evaluated by then"
     assert tq.loss_at_seconds_cell([slow, fast], 63.0) == "0.0005 ± 0 (1 of 2 not evaluated by then)"
     assert tq.loss_at_seconds_cell([slow, slow], 200.0) == "1e-05 ± 0"
+
+
+def test_training_quality_plan_names_only_settings_the_harness_knows():
+    """Every `--stage labels` line of benchmarks/training_quality_plan.sh names tasks and labels that the
+    harness runs, so a queued run cannot fail hours into a session on a typo."""
+    import shlex
+
+    import training_quality as tq
+
+    plan = (Path(__file__).resolve().parents[1] / "benchmarks" / "training_quality_plan.sh").read_text()
+    variables = dict(re.findall(r'^(\w+)="([^"]*)"', plan, re.M))
+    lines = plan.replace("\\\n", " ").split("\n")
+    checked = 0
+    for line in lines:
+        if not line.startswith("$TQ") or "--stage labels" not in line:
+            continue
+        for name, value in variables.items():
+            line = line.replace(f"${name}", value)
+        words = shlex.split(line)
+        tasks = words[words.index("--tasks") + 1: words.index("--stage")]
+        labels = words[words.index("--labels") + 1:]
+        for task in tasks:
+            assert task in tq.TASKS, task
+            known = tq.labelled_settings(task)
+            assert [label for label in labels if label not in known] == [], (task, labels)
+            checked += len(labels)
+    assert checked > 50
