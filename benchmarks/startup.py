@@ -21,7 +21,7 @@ validation metrics, and how busy the machine was with other work during the run 
 so a row measured beside someone else's job says so). Writes its own section.
 
     python benchmarks/startup.py [--config flipflop_sofo] [--steps 40] [--windows 5 10] [--no-write]
-    python benchmarks/startup.py --whole-command [--config context_integration_sofo] [--no-write]
+    python benchmarks/startup.py --whole-command [--config context_integration_sofo] [--target 'val/mse<=1e-5']
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import statistics
 import subprocess
@@ -53,15 +54,34 @@ class StepClock(L.Callback):
             file.write(f"{time.time()}\n")
 
 
-class FinalMetrics(L.Callback):
-    """Writes the Trainer's metrics at the end of fit (the last validation's among them) to `path` as JSON."""
+class ValidationClock(L.Callback):
+    """Appends one JSON line per validation to `path`: {"time": time.time() (s), "step": the global
+    step, and the Trainer's metrics then (the validation's among them)}."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def on_fit_end(self, trainer, module) -> None:
+    def on_validation_end(self, trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items() if value.numel() == 1}
-        Path(self.path).write_text(json.dumps(metrics))
+        with open(self.path, "a") as file:
+            file.write(json.dumps({"time": time.time(), "step": trainer.global_step, **metrics}) + "\n")
+
+
+TARGET = re.compile(r"^(?P<metric>[\w/.]+)\s*(?P<direction>>=|<=)\s*(?P<value>[-+0-9.eE]+)$")
+
+
+def reached(validations: list[dict], target: str) -> dict | None:
+    """The first validation at which `target` ("val/bit_accuracy>=0.99" or "val/mse<=1e-5") holds, else None."""
+    match = TARGET.match(target)
+    if match is None:
+        raise ValueError(f"--target {target!r}: write METRIC>=VALUE or METRIC<=VALUE, e.g. 'val/bit_accuracy>=0.99'")
+    metric, value = match["metric"], float(match["value"])
+    for validation in validations:
+        if metric in validation and (validation[metric] >= value if match["direction"] == ">=" else validation[metric] <= value):
+            return validation
+    return None
 
 
 def cpu_ticks() -> tuple[int, int] | None:
@@ -77,18 +97,19 @@ def cpu_ticks() -> tuple[int, int] | None:
 def whole_command(config: str, cache: str, busy: bool, extra: tuple[str, ...] = ()) -> dict:
     """Run `sofo fit --config <config>` to its end in a fresh process, in an empty folder (its logs and
     checkpoints land there). Returns {"total": s from launch to exit, "first_step": s from launch to the
-    end of step 1, "steps", "metrics": the Trainer's metrics at the end, "others_cores": the mean number
-    of cores busy with work other than this command (and its neighbour) during the run, or None}."""
+    end of step 1, "steps", "validations": [{"time": s from launch, "step", metrics...}] in order,
+    "others_cores": the mean number of cores busy with work other than this command (and its
+    neighbour) during the run, or None}."""
     sys.path.insert(0, str(HERE))
     from threads import start_neighbour
 
     with tempfile.TemporaryDirectory() as folder:
-        clock, final = Path(folder) / "steps.txt", Path(folder) / "final.json"
+        clock, validations = Path(folder) / "steps.txt", Path(folder) / "validations.jsonl"
         sofo = str(Path(sys.executable).with_name("sofo"))
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(HERE)}
         command = [sofo, "fit", "--config", config, "--trainer.callbacks+", "startup.StepClock",
-                   "--trainer.callbacks.path", str(clock), "--trainer.callbacks+", "startup.FinalMetrics",
-                   "--trainer.callbacks.path", str(final), *extra]
+                   "--trainer.callbacks.path", str(clock), "--trainer.callbacks+", "startup.ValidationClock",
+                   "--trainer.callbacks.path", str(validations), *extra]
         neighbour = start_neighbour() if busy else None
         try:
             ticks_before, own_before = cpu_ticks(), os.times()
@@ -101,7 +122,9 @@ def whole_command(config: str, cache: str, busy: bool, extra: tuple[str, ...] = 
                 neighbour.kill()
                 neighbour.wait()
         ends = [float(line) for line in clock.read_text().split()]
-        metrics = json.loads(final.read_text())
+        curve = [json.loads(line) for line in validations.read_text().split("\n") if line.strip()]
+    for validation in curve:
+        validation["time"] -= launched
     others = None
     if ticks_before and ticks_after:
         busy_ticks, all_ticks = (after - before for after, before in zip(ticks_after, ticks_before))
@@ -110,7 +133,7 @@ def whole_command(config: str, cache: str, busy: bool, extra: tuple[str, ...] = 
                - own_before.children_user - own_before.children_system) / total
         machine = cores * busy_ticks / all_ticks
         others = max(0.0, machine - own - (1.0 if busy else 0.0))
-    return {"total": total, "first_step": ends[0] - launched, "steps": len(ends), "metrics": metrics,
+    return {"total": total, "first_step": ends[0] - launched, "steps": len(ends), "validations": curve,
             "others_cores": others}
 
 
@@ -118,23 +141,30 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-def whole_command_table(config: str) -> tuple[str, str]:
-    """The whole-command rows (empty cache, cache on disk, cache on disk beside a busy neighbour) and a note."""
+def whole_command_table(config: str, target: str | None = None) -> tuple[str, str]:
+    """The whole-command rows (empty cache, cache on disk, cache on disk beside a busy neighbour) and a
+    note; with `target`, also when the run's validation first met it."""
     rows, metric_names = [], None
     with tempfile.TemporaryDirectory() as cache:
         for label, busy in (("empty compile cache", False), ("compile cache on disk", False),
                             ("compile cache on disk, beside a busy neighbour", True)):
             result = whole_command(config, cache, busy)
-            validation = {name: value for name, value in result["metrics"].items() if name.startswith("val")}
+            final = result["validations"][-1] if result["validations"] else {}
+            validation = {name: value for name, value in final.items() if name.startswith("val")}
             metric_names = metric_names or sorted(validation)
             others = "-" if result["others_cores"] is None else f"{result['others_cores']:.1f}"
-            rows.append(f"| {label} | {minutes(result['total'])} | {result['first_step']:.1f} | {result['steps']} | "
+            met = ""
+            if target:
+                first = reached(result["validations"], target)
+                met = " | not met" if first is None else f" | {minutes(first['time'])} (step {first['step']})"
+            rows.append(f"| {label} | {minutes(result['total'])} | {result['first_step']:.1f} | {result['steps']}{met} | "
                         + " | ".join(f"{validation.get(name, float('nan')):.3g}" for name in metric_names)
                         + f" | {others} |")
             print(rows[-1], flush=True)
     header = ("| run | launch to exit | launch to the end of step 1 (s) | steps | "
+              + (f"launch to {target} | " if target else "")
               + " | ".join(f"final {name}" for name in metric_names) + " | other work (cores busy) |")
-    table = header + "\n|" + "---|" * (5 + len(metric_names)) + "\n" + "\n".join(rows)
+    table = header + "\n|" + "---|" * (5 + bool(target) + len(metric_names)) + "\n" + "\n".join(rows)
     import torch
 
     note = (f"`sofo fit --config {config}` as the README gives it, run to its end (its own steps, validation, "
@@ -215,9 +245,11 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; do not update RESULTS.md")
     parser.add_argument("--whole-command", action="store_true",
                         help="time the config's whole `sofo fit` run instead (its own section)")
+    parser.add_argument("--target", help="with --whole-command: also the time to the first validation that meets "
+                        "this, e.g. 'val/bit_accuracy>=0.99'")
     args = parser.parse_args()
     if args.whole_command:
-        table, note = whole_command_table(args.config)
+        table, note = whole_command_table(args.config, args.target)
         sys.path.insert(0, str(HERE))
         from results import publish
 

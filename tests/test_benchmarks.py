@@ -288,9 +288,17 @@ def test_startup_whole_command_runs_the_config_to_its_end(tmp_path):
     result = startup.whole_command("flipflop_sofo", str(tmp_path / "cache"), busy=True, extra=tiny)
     assert result["steps"] == 6
     assert 0 < result["first_step"] < result["total"]
-    assert result["metrics"]["val_loss"] > 0 and "val/bit_accuracy" in result["metrics"]
+    assert [validation["step"] for validation in result["validations"]] == [3, 6]
+    assert all(0 < validation["time"] < result["total"] for validation in result["validations"])
+    assert result["validations"][-1]["val_loss"] > 0 and "val/bit_accuracy" in result["validations"][-1]
     assert result["others_cores"] is None or result["others_cores"] >= 0
     assert startup.minutes(83.4) == "1 min 23 s"
+    curve = [{"step": 3, "val/mse": 0.5}, {"step": 6, "val/mse": 0.1}, {"step": 9, "val/mse": 0.01}]
+    assert startup.reached(curve, "val/mse<=0.1")["step"] == 6
+    assert startup.reached(curve, "val/mse>=0.5")["step"] == 3
+    assert startup.reached(curve, "val/mse<=0.001") is None
+    with pytest.raises(ValueError, match="METRIC>=VALUE"):
+        startup.reached(curve, "val/mse=0.1")
 
 
 def test_training_quality_step_time_leaves_out_a_pause(monkeypatch, tmp_path):
