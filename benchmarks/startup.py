@@ -249,6 +249,11 @@ def main() -> None:
                         "this, e.g. 'val/bit_accuracy>=0.99'")
     args = parser.parse_args()
     if args.whole_command:
+        if args.target:
+            try:
+                reached([], args.target)  # a malformed target fails here, not after the runs
+            except ValueError as error:
+                parser.error(str(error))
         table, note = whole_command_table(args.config, args.target)
         sys.path.insert(0, str(HERE))
         from results import publish
